@@ -1,0 +1,33 @@
+//! factoryd: a build-and-import worker daemon.
+//!
+//! A control plane publishes *image source jobs* to NATS JetStream; factoryd agents pull them
+//! and either import an image from a registry or build one from a Dockerfile through BuildKit,
+//! then store or push it and publish a result. Each job takes this journey (ARCHITECTURE §1):
+//!
+//! ```text
+//! JetStream ─▶ receive ─▶ resolve ─▶ fetch ─▶ seal ─▶ build | import ─▶ export ─▶ report ─▶ settle
+//!  (queue)      Job      Credentials  Source  SealedContext  Image      StoredImage  Result   ack/nak/term
+//! ```
+//!
+//! # Layout
+//!
+//! * [`cli`] — the command line; [`app`] — the composition root behind each command.
+//! * [`config`] — raw TOML mirror → validated [`config::Config`], reporting every problem.
+//! * [`job`] — the wire format: [`job::Job`] with Cycle-compatible origins, and the result.
+//! * [`reference`] — the image reference grammar (docker.io, `library/`, `:latest`, digests).
+//! * [`error`] — [`error::JobError`] and the classes that drive the queue.
+//! * [`pipeline`] — the stages; today the pure disposition (ack / nak / term) decision.
+//! * [`secret`] — a credential type that prints and serialises as `<redacted>`.
+//! * [`problems`] — validation reports with the path of each field at fault.
+//! * [`telemetry`] — logging set-up.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod job;
+pub mod pipeline;
+pub mod problems;
+pub mod reference;
+pub mod secret;
+pub mod telemetry;

@@ -1,0 +1,35 @@
+//! Logging set-up. Later issues add typed events and the Prometheus registry here.
+//!
+//! Logs go to stderr, so that commands which print a result (`validate`, `run`) keep stdout
+//! for it. The format is human text on a terminal and JSON otherwise when `auto`.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogStyle {
+    Auto,
+    Text,
+    Json,
+}
+
+/// Installs the global subscriber. `level` is an `EnvFilter` directive (`info`, `factoryd=debug`).
+pub fn init(style: LogStyle, level: &str) {
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = match style {
+        LogStyle::Json => true,
+        LogStyle::Text => false,
+        LogStyle::Auto => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests) keeps the first subscriber.
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}
