@@ -24,9 +24,11 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod egress;
 pub mod error;
 pub mod job;
 pub mod pipeline;
+pub mod ports;
 pub mod problems;
 pub mod reference;
 pub mod secret;

@@ -9,24 +9,28 @@
 //! with each secret shown as `<redacted>`. The serialised form is the wire form, normalised.
 
 mod decode;
+mod event;
+mod redact;
 mod result;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::reference::{Reference, RegistryUrl};
 use crate::secret::Secret;
 
 pub use decode::{decode, decode_value, normalise_source_path, MAX_JOB_BYTES};
+pub use event::{EventEnvelope, JobEvent};
+pub use redact::{Redactor, MASK};
 pub use result::{ErrorInfo, ImageInfo, JobResult, Revision, Status, Timings};
 
 /// The wire format version this worker reads and writes.
 pub const WIRE_VERSION: u32 = 1;
 
 /// Which queue a job belongs to; builds and imports have their own slots and retry budgets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Build,
@@ -112,6 +116,31 @@ impl Job {
             }
         }
         out.retain(|s| !s.is_empty());
+        out
+    }
+
+    /// The user names that go with the job's secrets (for redacting Basic auth headers).
+    pub fn usernames(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        match &self.origin {
+            Origin::DockerHub(o) => out.extend(o.username.as_deref()),
+            Origin::DockerRegistry(o) => out.extend(o.username.as_deref()),
+            Origin::OciRegistry(o) => match &o.auth {
+                Some(OciAuth::User { username, .. }) => out.push(username),
+                Some(OciAuth::Provider(_)) => out.push("AWS"),
+                _ => {}
+            },
+            Origin::DockerFile(o) => {
+                if let BuildSource::Repo(GitRepo {
+                    auth: Some(GitAuth::Http { username, .. }),
+                    ..
+                }) = &o.source
+                {
+                    out.push(username);
+                }
+                out.extend(o.credentials.iter().map(|c| c.username.as_str()));
+            }
+        }
         out
     }
 }
