@@ -2,3 +2,4 @@
 //! on free loopback ports and stopped on drop. One test binary, one module per area.
 
 mod cli;
+mod support;
