@@ -33,3 +33,6 @@ pub mod problems;
 pub mod reference;
 pub mod secret;
 pub mod telemetry;
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+pub mod worker;

@@ -1,4 +1,174 @@
-//! The job pipeline (ARCHITECTURE §1). Stages arrive with the issues that implement them; for
-//! now this holds the pure decision of what happens to a message once its job has run.
+//! The job pipeline (ARCHITECTURE §1): one function, [`run_job`], takes a job through its
+//! stages in order, so reading it top to bottom tells what happens to a job.
+//!
+//! ```text
+//! resolve ─▶ fetch (+ seal) ─▶ build (+ export)      docker-file jobs
+//! resolve ─▶ import (+ export)                        registry jobs
+//! ```
+//!
+//! Where a technology streams one stage into the next (a registry import writes to the
+//! destination as it reads; a fetcher seals straight from the fetched objects), the two stages
+//! are one port call, and the pipeline reports the stage the call began in. Queue handling
+//! (claims, heartbeats, results, settling) is the worker's; this module knows nothing of it.
 
+pub mod claim;
+pub mod destination;
 pub mod disposition;
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use crate::error::{JobError, Stage};
+use crate::job::{ImageInfo, Job, JobEvent, Origin, Revision, Timings};
+use crate::ports::{
+    BasicAuth, BuildRequest, Builder, CredentialResolver, Destination, Fetcher, ImportRequest,
+    Importer, StageContext,
+};
+
+pub use destination::DestinationSettings;
+
+/// The adapters the stages run on, chosen by `app.rs` (real) or a test (fakes).
+#[derive(Clone)]
+pub struct Stages {
+    pub fetcher: Arc<dyn Fetcher>,
+    pub builder: Arc<dyn Builder>,
+    pub resolver: Arc<dyn CredentialResolver>,
+    pub importer: Arc<dyn Importer>,
+    /// Node-level registry credentials for `FROM` lines (host → credentials); a job's own
+    /// credentials for the same host win.
+    pub node_registry_auth: Vec<(String, BasicAuth)>,
+    /// Hosts reachable over plain HTTP (`registries.insecure`).
+    pub insecure_registries: Vec<String>,
+    pub destinations: DestinationSettings,
+}
+
+/// What a successful job produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutput {
+    pub image: ImageInfo,
+    pub revision: Option<Revision>,
+    pub timings: Timings,
+}
+
+/// Runs one attempt of `job` through its stages. Cancellation arrives through `cx.cancel`;
+/// every stage observes it.
+pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<JobOutput, JobError> {
+    let started = Instant::now();
+    let mut timings = Timings::default();
+
+    enter(cx, Stage::Resolve)?;
+    let destination = stages.destinations.resolve(job)?;
+
+    let (image, revision) = match &job.origin {
+        Origin::DockerFile(docker_file) => {
+            enter(cx, Stage::Fetch)?;
+            let t = Instant::now();
+            let fetched = stages.fetcher.fetch(docker_file, cx).await?;
+            timings.fetch = elapsed_ms(t);
+
+            enter(cx, Stage::Build)?;
+            let t = Instant::now();
+            let request = BuildRequest {
+                context: fetched.context,
+                options: job.build.clone().unwrap_or_default(),
+                registry_auth: build_registry_auth(
+                    &stages.node_registry_auth,
+                    &docker_file.credentials,
+                ),
+                destination,
+            };
+            let image = stages.builder.build(request, cx).await?;
+            timings.build = elapsed_ms(t);
+            (image, fetched.revision)
+        }
+        origin => {
+            let source = import_source(origin);
+            let auth = stages.resolver.resolve(origin, false, cx).await?;
+
+            enter(cx, Stage::Import)?;
+            let t = Instant::now();
+            let request = ImportRequest {
+                origin,
+                plain_http: plain_http(origin, &source, &stages.insecure_registries),
+                source,
+                auth,
+                resolver: stages.resolver.as_ref(),
+                destination,
+            };
+            let image = stages.importer.import(request, cx).await?;
+            timings.import = elapsed_ms(t);
+            (image, None)
+        }
+    };
+    timings.total = elapsed_ms(started);
+    Ok(JobOutput {
+        image,
+        revision,
+        timings,
+    })
+}
+
+/// Announces a stage, unless the job was cancelled in between.
+fn enter(cx: &StageContext, stage: Stage) -> Result<(), JobError> {
+    if cx.cancel.is_cancelled() {
+        return Err(JobError::cancelled(stage));
+    }
+    cx.emit(JobEvent::Stage { stage });
+    Ok(())
+}
+
+fn elapsed_ms(since: Instant) -> u64 {
+    since.elapsed().as_millis() as u64
+}
+
+fn import_source(origin: &Origin) -> crate::reference::Reference {
+    match origin {
+        Origin::DockerHub(o) => o.target.clone(),
+        Origin::DockerRegistry(o) => o.target.clone(),
+        Origin::OciRegistry(o) => o.target.clone(),
+        Origin::DockerFile(_) => unreachable!("docker-file jobs are built, not imported"),
+    }
+}
+
+/// Plain HTTP to the source registry: when the job's url says `http://` or the host is
+/// configured insecure.
+fn plain_http(origin: &Origin, source: &crate::reference::Reference, insecure: &[String]) -> bool {
+    use crate::reference::Scheme;
+    let explicit = match origin {
+        Origin::DockerRegistry(o) => o.registry.scheme == Some(Scheme::Http),
+        Origin::OciRegistry(o) => o.registry.scheme == Some(Scheme::Http),
+        _ => false,
+    };
+    explicit || insecure.iter().any(|h| h == source.registry())
+}
+
+/// The credentials for a build's `FROM` lines: the job's, then the node's for other hosts.
+fn build_registry_auth(
+    node: &[(String, BasicAuth)],
+    job: &[crate::job::RegistryCredential],
+) -> Vec<(String, BasicAuth)> {
+    let mut out: Vec<(String, BasicAuth)> = job
+        .iter()
+        .map(|c| {
+            (
+                c.url.clone(),
+                BasicAuth {
+                    username: c.username.clone(),
+                    password: c.token.clone(),
+                },
+            )
+        })
+        .collect();
+    for (host, auth) in node {
+        if !out.iter().any(|(h, _)| h == host) {
+            out.push((host.clone(), auth.clone()));
+        }
+    }
+    out
+}
+
+/// For callers that only need the destination a job would be stored at.
+pub fn destination_of(job: &Job, stages: &Stages) -> Result<Destination, JobError> {
+    stages.destinations.resolve(job)
+}

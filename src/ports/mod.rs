@@ -7,6 +7,7 @@
 
 pub mod builder;
 pub mod importer;
+pub mod queue;
 pub mod source;
 
 use std::path::PathBuf;
@@ -19,6 +20,10 @@ use crate::secret::Secret;
 
 pub use builder::{BuildRequest, Builder};
 pub use importer::{CredentialResolver, ImportRequest, Importer};
+pub use queue::{
+    CancelRequests, Conflict, Delivery, DeliveryHandle, EventBus, JobQueue, JobStates, QueueError,
+    ResultSink,
+};
 pub use source::{ContextWriter, FetchedSource, Fetcher, SealedContext};
 
 /// Receives a job's progress events. Emitting never blocks and never fails the job: a sink
@@ -39,6 +44,8 @@ impl EventSink for NoEvents {
 #[derive(Clone)]
 pub struct StageContext {
     pub job_id: String,
+    /// 1-based attempt number (the queue's delivery count).
+    pub attempt: u32,
     /// Fires on a cancel request, the job's timeout, or the worker's shutdown. Stages must stop
     /// their *work* (kill the build, abort the transfer), not only stop waiting.
     pub cancel: CancellationToken,

@@ -1,0 +1,406 @@
+//! Pipeline tier: the worker loop over in-memory fakes, with paused time.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use super::*;
+use crate::pipeline::claim::mark_cancelled;
+use crate::testing::{
+    Behaviour, MemCancels, MemEvents, MemQueue, MemResults, MemStates, ScriptedStages, Settled,
+};
+
+const ACK_WAIT: Duration = Duration::from_secs(60);
+
+struct Rig {
+    queue: MemQueue,
+    states: MemStates,
+    results: MemResults,
+    events: MemEvents,
+    cancels: MemCancels,
+    stages: ScriptedStages,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<()>>,
+    worker: Arc<Worker>,
+    work_root: tempfile::TempDir,
+}
+
+fn settings(work_root: &std::path::Path) -> WorkerSettings {
+    WorkerSettings {
+        name: "node-a".into(),
+        build_slots: 1,
+        import_slots: 4,
+        work_root: work_root.to_owned(),
+        grace_period: Duration::from_secs(10),
+        default_job_timeout: Duration::from_secs(3600),
+        max_job_timeout: Duration::from_secs(7200),
+        retry: RetryPolicy::default(),
+        heartbeat: ACK_WAIT / 3,
+        lease: ACK_WAIT,
+        pull_wait: Duration::from_secs(30),
+    }
+}
+
+fn rig_with(tweak: impl FnOnce(&mut WorkerSettings)) -> Rig {
+    let work_root = tempfile::tempdir().unwrap();
+    let mut s = settings(work_root.path());
+    tweak(&mut s);
+    let queue = MemQueue::new(ACK_WAIT, 5);
+    let states = MemStates::new();
+    let results = MemResults::new();
+    let events = MemEvents::new();
+    let cancels = MemCancels::new();
+    let stages = ScriptedStages::new();
+    let ports = QueuePorts {
+        queue: Arc::new(queue.clone()),
+        states: Arc::new(states.clone()),
+        results: Arc::new(results.clone()),
+        events: Arc::new(events.clone()),
+        cancels: Arc::new(cancels.clone()),
+    };
+    let worker = Worker::new(s, ports, stages.stages(work_root.path().join("store")));
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(Arc::clone(&worker).run(shutdown.clone()));
+    Rig {
+        queue,
+        states,
+        results,
+        events,
+        cancels,
+        stages,
+        shutdown,
+        handle: Some(handle),
+        worker,
+        work_root,
+    }
+}
+
+fn rig() -> Rig {
+    rig_with(|_| {})
+}
+
+fn import_job(id: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "v": 1, "id": id, "source_id": "src",
+        "origin": {"type": "docker-hub", "details": {"target": "busybox:1"}}
+    }))
+    .unwrap()
+}
+
+impl Rig {
+    fn publish(&self, id: &str) {
+        assert!(self.queue.publish(Kind::Import, id, import_job(id)));
+    }
+
+    async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.handle.take() {
+            h.await.unwrap();
+        }
+    }
+
+    fn settles(&self, id: &str) -> Vec<Settle> {
+        self.queue
+            .settled()
+            .into_iter()
+            .filter(|s: &Settled| s.job_id == id)
+            .map(|s| s.settle)
+            .collect()
+    }
+
+    fn workspaces_left(&self) -> usize {
+        std::fs::read_dir(self.work_root.path())
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name() != "store")
+            .count()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn success_publishes_a_result_then_acks() {
+    let mut r = rig();
+    r.publish("j1");
+    let results = r.results.wait_for(1).await;
+    assert_eq!(results[0].status, Status::Succeeded);
+    assert_eq!(results[0].attempt, 1);
+    assert_eq!(results[0].worker, "node-a");
+    assert!(results[0].image.is_some());
+    r.stop().await;
+    assert_eq!(r.settles("j1"), [Settle::Ack]);
+    assert_eq!(r.queue.pending(), 0);
+    assert_eq!(r.states.record("j1").unwrap()["state"], "succeeded");
+    assert_eq!(r.workspaces_left(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failure_is_retried_after_a_delay_then_succeeds() {
+    let mut r = rig();
+    r.stages
+        .script("j1", vec![Behaviour::Transient, Behaviour::Succeed]);
+    r.publish("j1");
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results.len(), 1, "no result for the failed attempt");
+    assert_eq!(results[0].status, Status::Succeeded);
+    assert_eq!(results[0].attempt, 2);
+    let settles = r.settles("j1");
+    assert_eq!(settles.len(), 2);
+    let Settle::Nak { delay } = settles[0] else {
+        panic!("{settles:?}")
+    };
+    assert!(delay >= Duration::from_secs(30) && delay <= Duration::from_secs(33));
+    assert_eq!(settles[1], Settle::Ack);
+    assert!(r
+        .events
+        .for_job("j1")
+        .iter()
+        .any(|e| matches!(e, JobEvent::Retrying { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn permanent_failure_publishes_failed_and_terms() {
+    let mut r = rig();
+    r.stages.script("j1", vec![Behaviour::Permanent]);
+    r.publish("j1");
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].status, Status::Failed);
+    let error = results[0].error.as_ref().unwrap();
+    assert_eq!(error.class, ErrorClass::Permanent);
+    assert_eq!(error.stage, Stage::Import);
+    assert_eq!(r.settles("j1"), [Settle::Term]);
+    assert_eq!(r.stages.runs("j1"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn transient_failures_until_the_budget_is_spent_end_failed_never_silently() {
+    let mut r = rig();
+    r.stages.script("j1", vec![Behaviour::Transient]);
+    r.publish("j1");
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].status, Status::Failed);
+    assert_eq!(results[0].attempt, 4);
+    let error = results[0].error.as_ref().unwrap();
+    assert!(
+        error
+            .message
+            .starts_with("retries exhausted after 4 attempts"),
+        "{}",
+        error.message
+    );
+    let settles = r.settles("j1");
+    assert_eq!(settles.len(), 4);
+    assert!(matches!(settles[0], Settle::Nak { .. }));
+    assert_eq!(settles[3], Settle::Term);
+    assert_eq!(r.stages.runs("j1"), 4, "budget (4) below max_deliver (5)");
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_during_the_job_stops_the_stage_and_publishes_cancelled() {
+    let mut r = rig();
+    r.stages.script("j1", vec![Behaviour::WaitForCancel]);
+    r.publish("j1");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(r.stages.runs("j1"), 1, "the job is running");
+    r.cancels.cancel("j1").await;
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].status, Status::Cancelled);
+    assert_eq!(r.settles("j1"), [Settle::Term]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_mark_set_during_the_job_is_seen_at_the_next_heartbeat() {
+    let mut r = rig();
+    r.stages.script("j1", vec![Behaviour::WaitForCancel]);
+    r.publish("j1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // No core message: only the mark in the state store (a missed cancel message).
+    assert!(mark_cancelled(&r.states, "j1").await.unwrap());
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].status, Status::Cancelled);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancel_before_start_wins_without_running_the_job() {
+    let mut r = rig();
+    assert!(mark_cancelled(&r.states, "j1").await.unwrap());
+    r.publish("j1");
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].status, Status::Cancelled);
+    assert_eq!(r.stages.runs("j1"), 0);
+    assert_eq!(r.settles("j1"), [Settle::Term]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_published_again_after_it_ended_is_answered_from_its_record() {
+    let mut r = rig();
+    r.publish("j1");
+    let first = r.results.wait_for(1).await;
+    r.publish("j1");
+    let both = r.results.wait_for(2).await;
+    r.stop().await;
+    assert_eq!(r.stages.runs("j1"), 1, "executed once");
+    assert_eq!(both[1], first[0], "the same result, re-published");
+    assert_eq!(r.worker.stats().duplicates, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_job_published_twice_while_queued_is_deduplicated() {
+    let mut r = rig_with(|s| s.import_slots = 1);
+    r.stages
+        .script("j0", vec![Behaviour::Sleep(Duration::from_secs(10))]);
+    r.publish("j0");
+    r.publish("j1");
+    assert!(!r.queue.publish(Kind::Import, "j1", import_job("j1")));
+    r.results.wait_for(2).await;
+    r.stop().await;
+    assert_eq!(r.results.for_job("j1").len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn job_timeout_cancels_the_stage_and_fails_permanently() {
+    let mut r = rig();
+    r.stages.script("t1", vec![Behaviour::WaitForCancel]);
+    let job = json!({"v": 1, "id": "t1", "source_id": "s", "timeout_secs": 5,
+        "origin": {"type": "docker-hub", "details": {"target": "busybox"}}});
+    r.queue
+        .publish(Kind::Import, "t1", serde_json::to_vec(&job).unwrap());
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    let error = results[0].error.as_ref().unwrap();
+    assert_eq!(error.code, ErrorCode::Timeout);
+    assert_eq!(error.class, ErrorClass::Permanent);
+    assert_eq!(r.settles("t1"), [Settle::Term]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_after_the_grace_period_hands_the_job_back_without_a_result() {
+    let mut r = rig_with(|s| s.grace_period = Duration::from_secs(2));
+    r.stages.script("j1", vec![Behaviour::WaitForCancel]);
+    r.publish("j1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.stop().await;
+    assert!(r.results.all().is_empty());
+    assert_eq!(
+        r.settles("j1"),
+        [Settle::Nak {
+            delay: Duration::ZERO
+        }]
+    );
+    assert_eq!(r.states.record("j1").unwrap()["state"], "pending");
+    assert_eq!(r.workspaces_left(), 0, "workspace removed on shutdown too");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_a_job_finish_within_the_grace_period() {
+    let mut r = rig_with(|s| s.grace_period = Duration::from_secs(30));
+    r.stages
+        .script("j1", vec![Behaviour::Sleep(Duration::from_secs(5))]);
+    r.publish("j1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.stop().await;
+    assert_eq!(r.results.for_job("j1")[0].status, Status::Succeeded);
+    assert_eq!(r.settles("j1"), [Settle::Ack]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_stage_fails_the_attempt_not_the_worker() {
+    let mut r = rig();
+    r.stages
+        .script("j1", vec![Behaviour::Panic, Behaviour::Succeed]);
+    r.publish("j1");
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].status, Status::Succeeded);
+    assert_eq!(results[0].attempt, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_message_fails_on_its_subject_id_and_is_termed() {
+    let mut r = rig();
+    r.queue.publish(Kind::Import, "bad-1", &b"{\"v\": 1}"[..]);
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].job_id, "bad-1");
+    assert_eq!(results[0].status, Status::Failed);
+    assert_eq!(
+        results[0].error.as_ref().unwrap().code,
+        ErrorCode::InvalidJob
+    );
+    assert_eq!(r.settles("bad-1"), [Settle::Term]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_result_that_cannot_be_published_is_published_on_redelivery_without_rerunning() {
+    let mut r = rig();
+    r.results
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    r.publish("j1");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(r.stages.runs("j1"), 1);
+    assert!(
+        r.settles("j1").is_empty(),
+        "not settled before the result is out"
+    );
+    r.results
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].status, Status::Succeeded);
+    assert_eq!(r.stages.runs("j1"), 1, "answered from the stored record");
+    assert_eq!(r.settles("j1"), [Settle::Ack]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn slots_bound_the_jobs_running_at_once() {
+    let mut r = rig_with(|s| s.import_slots = 2);
+    for i in 0..5 {
+        r.stages.script(
+            &format!("j{i}"),
+            vec![Behaviour::Sleep(Duration::from_secs(10))],
+        );
+        r.publish(&format!("j{i}"));
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let started: u32 = (0..5).map(|i| r.stages.runs(&format!("j{i}"))).sum();
+    assert_eq!(started, 2);
+    r.results.wait_for(5).await;
+    r.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_delivery_of_a_job_running_elsewhere_is_put_back() {
+    let mut r = rig();
+    // Another worker holds a live lease on j1.
+    let other = Claims {
+        states: &r.states,
+        worker: "node-b",
+        lease: ACK_WAIT,
+        now_ms: r.worker.now_ms(),
+    };
+    assert!(matches!(
+        other.claim("j1", 1).await.unwrap(),
+        ClaimOutcome::Claimed { .. }
+    ));
+    r.publish("j1");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let settles = r.settles("j1");
+    assert!(
+        matches!(settles.as_slice(), [Settle::Nak { delay }] if *delay > Duration::from_secs(50)),
+        "{settles:?}"
+    );
+    assert_eq!(r.stages.runs("j1"), 0);
+    // Once node-b's lease lapses, this worker takes the job over.
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].worker, "node-a");
+    assert_eq!(r.stages.runs("j1"), 1);
+}
