@@ -10,6 +10,8 @@ packages=(
   build-essential pkg-config
   # Integration: tests spawn the real binary and git fixtures.
   git
+  # Integration (worker_nats): JetStream servers and a 3-node cluster.
+  nats-server
 )
 
 missing=()

@@ -9,7 +9,8 @@ scripts/install-test-deps.sh
 
 echo "== format and lints"
 cargo fmt --all -- --check
-cargo clippy --locked --all-targets -- -D warnings
+cargo clippy --locked --all-targets --features test-util -- -D warnings
 
 echo "== unit, pipeline and integration tests"
-cargo test --locked --all-targets
+# test-util builds the in-memory fakes and the scripted test worker the integration tests spawn.
+cargo test --locked --all-targets --features test-util

@@ -1,19 +1,38 @@
-//! Composition root: turns a parsed command into work. For now it runs the checks of
-//! `factoryd validate`; the worker's start-up and shutdown arrive with `serve`.
+//! Composition root: turns a parsed command into work. It builds the adapters from the
+//! configuration, owns start-up and shutdown, and maps outcomes to exit codes.
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::cli::ValidateArgs;
-use crate::config;
-use crate::job;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use futures_util::StreamExt;
+use tracing::{error, info, warn};
 
-/// `EX_DATAERR`-style exit for invalid input, as the contract fixes it (64).
+use crate::adapters::nats::{self, ConnectionState, Nats};
+use crate::adapters::unavailable::NotInThisBuild;
+use crate::cli::{ServeArgs, SubmitArgs, ValidateArgs};
+use crate::config::{self, Config, ConfigError};
+use crate::job::{self, EventEnvelope, JobEvent, JobResult, Status};
+use crate::pipeline::{DestinationSettings, Stages};
+use crate::telemetry::{self, LogStyle};
+use crate::worker::{QueuePorts, Worker, WorkerSettings};
+
+/// Invalid input (a job or a config), as the contract fixes it.
 pub const EXIT_INVALID: u8 = 64;
+/// `EX_UNAVAILABLE`: NATS (or another service) cannot be reached.
+pub const EXIT_UNAVAILABLE: u8 = 69;
 /// `EX_NOINPUT`: a named file cannot be read.
 pub const EXIT_NO_INPUT: u8 = 66;
+/// `EX_TEMPFAIL`: gave up waiting for a result.
+pub const EXIT_WAIT_TIMEOUT: u8 = 75;
+/// A job that ended `failed`.
+pub const EXIT_JOB_FAILED: u8 = 1;
+/// A job that ended `cancelled`.
+pub const EXIT_JOB_CANCELLED: u8 = 2;
 
 pub fn version_line() -> String {
     format!(
@@ -21,6 +40,347 @@ pub fn version_line() -> String {
         env!("CARGO_PKG_VERSION"),
         job::WIRE_VERSION
     )
+}
+
+/// The multi-threaded runtime every async command runs on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("factoryd: cannot start the async runtime: {e}");
+            std::process::exit(i32::from(EXIT_UNAVAILABLE));
+        }
+    }
+}
+
+/// Loads the config or says why not, with the exit code to use.
+pub fn load_config(path: Option<&Path>, env: &HashMap<String, String>) -> Result<Config, ExitCode> {
+    match config::load(path, env) {
+        Ok(c) => Ok(c),
+        Err(ConfigError::Invalid(problems)) => {
+            eprintln!("config: {} problem(s):", problems.len());
+            for p in problems.iter() {
+                eprintln!("  {p}");
+            }
+            Err(ExitCode::from(EXIT_INVALID))
+        }
+        Err(e) => {
+            eprintln!("config: {e}");
+            Err(ExitCode::from(EXIT_NO_INPUT))
+        }
+    }
+}
+
+pub fn init_logs(config: &Config, env: &HashMap<String, String>) {
+    let style = match config.log.format {
+        config::LogFormat::Text => LogStyle::Text,
+        config::LogFormat::Json => LogStyle::Json,
+        // Under systemd, stderr goes to the journal: structured lines.
+        config::LogFormat::Auto if env.contains_key("JOURNAL_STREAM") => LogStyle::Json,
+        config::LogFormat::Auto => LogStyle::Auto,
+    };
+    telemetry::init(style, &config.log.level);
+}
+
+/// The stages of a production worker: the real adapters where this build has them.
+pub fn production_stages(config: &Config) -> Stages {
+    let none = Arc::new(NotInThisBuild);
+    Stages {
+        fetcher: none.clone(),
+        builder: none.clone(),
+        resolver: none.clone(),
+        importer: none,
+        node_registry_auth: Vec::new(),
+        insecure_registries: config.registries.insecure.clone(),
+        destinations: DestinationSettings::new(config.destination.clone()),
+    }
+}
+
+/// `factoryd serve`.
+pub fn serve(args: &ServeArgs, env: &HashMap<String, String>) -> ExitCode {
+    let config = match load_config(args.config.as_deref(), env) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logs(&config, env);
+    let stages = production_stages(&config);
+    runtime().block_on(run_serve(config, stages))
+}
+
+/// Runs a worker until SIGTERM/SIGINT; shared by `serve` and the scripted test worker.
+pub async fn run_serve(config: Config, stages: Stages) -> ExitCode {
+    let shutdown = crate::shutdown::on_signals();
+    let state = Arc::new(ConnectionState::default());
+    let name = config.worker.name.clone();
+    info!(worker = %name, servers = config.nats.servers.len(), "Starting factoryd.");
+    remove_stale_workspaces(&config.worker.work_root);
+
+    let client = tokio::select! {
+        _ = shutdown.cancelled() => return ExitCode::SUCCESS,
+        c = nats::connect(&config.nats, &name, Arc::clone(&state), true) => c,
+    };
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "Cannot connect to NATS.");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let nats = tokio::select! {
+        _ = shutdown.cancelled() => return ExitCode::SUCCESS,
+        n = Nats::open(client.clone(), &config.nats) => n,
+    };
+    let nats = match nats {
+        Ok(n) => Arc::new(n),
+        Err(e) => {
+            error!(error = %e, "Cannot set up the JetStream assets.");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let ports = QueuePorts {
+        queue: nats.clone(),
+        states: nats.clone(),
+        results: nats.clone(),
+        events: nats.clone(),
+        cancels: nats.clone(),
+    };
+    let settings = WorkerSettings::from_config(&config);
+    let worker = Worker::new(settings, ports, stages);
+    info!(
+        build_slots = config.worker.build_slots,
+        import_slots = config.worker.import_slots,
+        "Ready: pulling jobs."
+    );
+    worker.run(shutdown).await;
+    if let Err(e) = client.flush().await {
+        warn!(error = %e, "Cannot flush NATS on exit.");
+    }
+    ExitCode::SUCCESS
+}
+
+/// Workspaces left by a crashed process are removed at start-up; each worker owns its
+/// `work_root`.
+fn remove_stale_workspaces(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => info!(path = %path.display(), "Removed a stale workspace."),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "Cannot remove a stale workspace.")
+                }
+            }
+        }
+    }
+}
+
+/// `factoryd submit`.
+pub fn submit(args: &SubmitArgs, env: &HashMap<String, String>) -> ExitCode {
+    let config = match load_config(args.config.as_deref(), env) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    // A command line tool: only problems go to stderr besides its own lines.
+    let mut quiet = config.clone();
+    quiet.log.level = "warn".to_owned();
+    init_logs(&quiet, env);
+    runtime().block_on(run_submit(args, config))
+}
+
+async fn run_submit(args: &SubmitArgs, config: Config) -> ExitCode {
+    let state = Arc::new(ConnectionState::default());
+    let connected = nats::connect(&config.nats, "submit", state, false).await;
+    let nats = match connected {
+        Ok(client) => Nats::open(client, &config.nats).await,
+        Err(e) => Err(e),
+    };
+    let nats = match nats {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("submit: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+
+    if let Some(job_id) = &args.cancel {
+        return match nats.cancel(job_id).await {
+            Ok(true) => {
+                eprintln!("cancel requested for job {job_id}");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                eprintln!("job {job_id} has already ended; nothing to cancel");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("submit: {e}");
+                ExitCode::from(EXIT_UNAVAILABLE)
+            }
+        };
+    }
+
+    let Some(path) = &args.job else {
+        eprintln!("submit: give a job file, or --cancel JOB_ID");
+        return ExitCode::from(EXIT_INVALID);
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", path.display());
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
+    };
+    let job = match job::decode(&bytes) {
+        Ok(j) => j,
+        Err(problems) => {
+            eprintln!("{}: {} problem(s):", path.display(), problems.len());
+            for p in problems.iter() {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+
+    let wait = args.wait || args.follow;
+    // Subscribe before publishing, so nothing is missed.
+    let follow = if wait {
+        let results = nats
+            .follow(
+                &nats.names.results_stream,
+                nats.names.result_subject(&job.id),
+                DeliverPolicy::LastPerSubject,
+            )
+            .await;
+        let events = if args.follow {
+            Some(
+                nats.follow(
+                    &nats.names.events_stream,
+                    nats.names.event_subject(&job.id),
+                    DeliverPolicy::All,
+                )
+                .await,
+            )
+        } else {
+            None
+        };
+        match (results, events.transpose()) {
+            (Ok(r), Ok(e)) => Some((r, e)),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("submit: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        }
+    } else {
+        None
+    };
+
+    match nats.publish_job(job.kind(), &job.id, bytes.into()).await {
+        Ok(true) => eprintln!("published {} job {}", job.kind(), job.id),
+        Ok(false) => eprintln!(
+            "job {} was already published within the duplicate window; following that one",
+            job.id
+        ),
+        Err(e) => {
+            eprintln!("submit: {e}");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    }
+    let Some((mut results, mut events)) = follow else {
+        println!("{}", job.id);
+        return ExitCode::SUCCESS;
+    };
+
+    let live = std::io::stderr().is_terminal();
+    let deadline = tokio::time::sleep(Duration::from_secs(args.wait_timeout_secs));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => {
+                if live { eprintln!(); }
+                eprintln!("submit: no result for job {} after {} s", job.id, args.wait_timeout_secs);
+                return ExitCode::from(EXIT_WAIT_TIMEOUT);
+            }
+            Some(msg) = next_message(&mut events) => {
+                if let Ok(envelope) = serde_json::from_slice::<EventEnvelope>(&msg) {
+                    show_event(&envelope, live);
+                }
+            }
+            msg = results.next() => {
+                let Some(Ok(msg)) = msg else {
+                    eprintln!("submit: lost the result subscription");
+                    return ExitCode::from(EXIT_UNAVAILABLE);
+                };
+                let Ok(result) = serde_json::from_slice::<JobResult>(&msg.payload) else {
+                    continue;
+                };
+                if live { eprintln!(); }
+                let text = serde_json::to_string_pretty(&result).unwrap_or_default();
+                let _ = writeln!(std::io::stdout(), "{text}");
+                return ExitCode::from(match result.status {
+                    Status::Succeeded => 0,
+                    Status::Failed => EXIT_JOB_FAILED,
+                    Status::Cancelled => EXIT_JOB_CANCELLED,
+                });
+            }
+        }
+    }
+}
+
+async fn next_message(
+    events: &mut Option<async_nats::jetstream::consumer::pull::Ordered>,
+) -> Option<bytes::Bytes> {
+    match events {
+        Some(stream) => match stream.next().await {
+            Some(Ok(m)) => Some(m.payload.clone()),
+            _ => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// One event as a line; on a terminal, progress updates rewrite one status line.
+fn show_event(envelope: &EventEnvelope, live: bool) {
+    let line = match &envelope.event {
+        JobEvent::Started { kind, worker } => {
+            format!("attempt {}: {kind} started on {worker}", envelope.attempt)
+        }
+        JobEvent::Stage { stage } => format!("stage {stage}"),
+        JobEvent::Progress {
+            stage,
+            item,
+            done_bytes,
+            total_bytes,
+        } => {
+            let total = total_bytes.map(|t| format!(" of {t}")).unwrap_or_default();
+            let text = format!("{stage} {item}: {done_bytes}{total} bytes");
+            if live {
+                eprint!("\r\x1b[2K{text}");
+                return;
+            }
+            text
+        }
+        JobEvent::Log { lines } => lines.join("\n"),
+        JobEvent::Warning { code, message } => format!("warning ({code}): {message}"),
+        JobEvent::Retrying { error, delay_ms } => format!(
+            "attempt {} failed ({}, {}): {}; retrying in {} s",
+            envelope.attempt,
+            error.class,
+            error.code,
+            error.message,
+            delay_ms / 1000
+        ),
+        JobEvent::Finished { status } => format!("finished: {}", status.as_str()),
+    };
+    if live {
+        eprint!("\r\x1b[2K");
+    }
+    eprintln!("{line}");
 }
 
 /// Checks the config and each job; prints every problem to stderr, and each valid job,
@@ -39,7 +399,7 @@ pub fn validate(args: &ValidateArgs, env: &HashMap<String, String>) -> ExitCode 
                     .unwrap_or(Path::new(config::DEFAULT_CONFIG_PATH));
                 eprintln!("config {}: valid", shown.display());
             }
-            Err(config::ConfigError::Invalid(problems)) => {
+            Err(ConfigError::Invalid(problems)) => {
                 eprintln!("config: {} problem(s):", problems.len());
                 for p in problems.iter() {
                     eprintln!("  {p}");

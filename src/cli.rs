@@ -1,7 +1,7 @@
-//! The command line: `factoryd validate | version`.
+//! The command line: `factoryd serve | submit | validate | version`.
 //!
-//! Subcommands arrive with the issues that give them meaning (`serve`, `run`, `submit`); none
-//! is declared before it works.
+//! Subcommands arrive with the issues that give them meaning (`run` arrives with builds and
+//! imports); none is declared before it works.
 
 use std::path::PathBuf;
 
@@ -20,11 +20,46 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the worker: pull jobs from NATS JetStream until SIGTERM/SIGINT, then drain.
+    Serve(ServeArgs),
+    /// Publish a job (or a cancel request) and optionally follow it to its result. Exits 0 when
+    /// the job succeeded (or without --wait/--follow, once published), 1 failed, 2 cancelled,
+    /// 64 invalid job, 69 NATS unreachable, 75 no result within --wait-timeout-secs.
+    Submit(SubmitArgs),
     /// Check a config file and/or job files without starting anything. Exits 0 when all are
     /// valid, 64 when any is invalid (every problem is listed), 66 when a file cannot be read.
     Validate(ValidateArgs),
     /// Print the version and the job wire format version.
     Version,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config file (default /etc/factoryd/factoryd.toml when it exists).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The job file (JSON, wire format v1).
+    #[arg(value_name = "JOB.json", required_unless_present = "cancel")]
+    pub job: Option<PathBuf>,
+    /// Config file: its [nats] section says where to publish.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Wait for the result and print it as JSON on stdout.
+    #[arg(long)]
+    pub wait: bool,
+    /// Like --wait, and show the job's progress events on stderr as they come.
+    #[arg(long)]
+    pub follow: bool,
+    /// How long --wait/--follow wait for the result.
+    #[arg(long, value_name = "SECS", default_value_t = 7200)]
+    pub wait_timeout_secs: u64,
+    /// Request the cancellation of a job instead of publishing one.
+    #[arg(long, value_name = "JOB_ID", conflicts_with_all = ["job", "wait", "follow"])]
+    pub cancel: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -21,6 +21,7 @@
 //! * [`problems`] — validation reports with the path of each field at fault.
 //! * [`telemetry`] — logging set-up.
 
+pub mod adapters;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -32,6 +33,7 @@ pub mod ports;
 pub mod problems;
 pub mod reference;
 pub mod secret;
+pub mod shutdown;
 pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;

@@ -1,18 +1,20 @@
-//! `factoryd`: thin entry point. CLI → telemetry → the command → exit code.
+//! `factoryd`: thin entry point. CLI → the command (which loads config and sets up logging)
+//! → exit code.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 
+use factoryd::app;
 use factoryd::cli::{Cli, Command};
-use factoryd::{app, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(telemetry::LogStyle::Auto, "warn");
     // The process environment is read here, once, and injected everywhere else.
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     match cli.command {
+        Command::Serve(args) => app::serve(&args, &env),
+        Command::Submit(args) => app::submit(&args, &env),
         Command::Validate(args) => app::validate(&args, &env),
         Command::Version => {
             println!("{}", app::version_line());

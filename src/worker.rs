@@ -54,8 +54,9 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
-    pub fn from_config(config: &crate::config::Config, ack_wait: Duration) -> Self {
+    pub fn from_config(config: &crate::config::Config) -> Self {
         let w = &config.worker;
+        let ack_wait = config.nats.ack_wait;
         WorkerSettings {
             name: w.name.clone(),
             build_slots: w.build_slots,

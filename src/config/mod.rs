@@ -239,6 +239,9 @@ pub struct NatsConfig {
     /// Extra CA bundle for TLS to the servers, on top of the system roots.
     pub tls_ca_file: Option<PathBuf>,
     pub connect_timeout: Duration,
+    /// How long a job message may go unacknowledged before redelivery; a running job sends an
+    /// in-progress ack every third of it, and its claim lease lasts this long.
+    pub ack_wait: Duration,
 }
 
 /// How to authenticate to NATS: at most one method, each given as files to read at connect time.
@@ -715,6 +718,7 @@ fn validate_nats(raw: &raw::RawNats, p: &mut Problems) -> NatsConfig {
             1,
             MAX_CONNECT_TIMEOUT_SECS,
         ),
+        ack_wait: seconds(p, "nats.ack_wait_secs", raw.ack_wait_secs, 3, 3600),
     }
 }
 

@@ -46,6 +46,7 @@ pub struct RawNats {
     pub password_file: String,
     pub tls_ca_file: String,
     pub connect_timeout_secs: u64,
+    pub ack_wait_secs: u64,
 }
 
 impl Default for RawNats {
@@ -61,6 +62,7 @@ impl Default for RawNats {
             password_file: String::new(),
             tls_ca_file: String::new(),
             connect_timeout_secs: 10,
+            ack_wait_secs: 60,
         }
     }
 }

@@ -47,7 +47,8 @@ impl Behaviour {
 
 /// Per-job scripts, by attempt (the last entry repeats). Jobs without a script succeed.
 /// With a script directory, `<dir>/<job_id>` holds a comma-separated script, read at each
-/// attempt (so several worker processes share it).
+/// attempt (so several worker processes share it), and `<dir>/<job_id>.runs` gets one line per
+/// attempt that ran.
 #[derive(Clone, Default)]
 pub struct ScriptedStages {
     scripts: Arc<Mutex<HashMap<String, Vec<Behaviour>>>>,
@@ -117,6 +118,17 @@ impl ScriptedStages {
             .unwrap_or_else(|e| e.into_inner())
             .entry(cx.job_id.clone())
             .or_default() += 1;
+        if let Some(dir) = &self.dir {
+            // One line per run, so tests in another process can count executions.
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(format!("{}.runs", cx.job_id)))
+            {
+                let _ = writeln!(f, "{}", cx.attempt);
+            }
+        }
         match self.behaviour(&cx.job_id, cx.attempt) {
             Behaviour::Succeed => Ok(image(&cx.job_id)),
             Behaviour::Permanent => Err(JobError::new(

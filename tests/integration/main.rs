@@ -3,3 +3,5 @@
 
 mod cli;
 mod support;
+#[cfg(feature = "test-util")]
+mod worker_nats;

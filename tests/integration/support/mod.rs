@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod nats;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

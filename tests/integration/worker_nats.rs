@@ -1,0 +1,402 @@
+//! The worker against a real `nats-server -js`: the scripted test worker (`factoryd serve` with
+//! fake stages) as real processes, killed and signalled; jobs and results through JetStream.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::DeliverPolicy;
+use bytes::Bytes;
+use factoryd::adapters::nats::{self, ConnectionState, Nats};
+use factoryd::job::{JobResult, Kind, Status};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use crate::support::nats::{cluster, write_config, NatsServer};
+use crate::support::ChildGuard;
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    servers: Vec<String>,
+    replicas: u32,
+}
+
+impl Fleet {
+    fn new(servers: Vec<String>, replicas: u32, dir: tempfile::TempDir) -> Fleet {
+        std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
+        Fleet {
+            dir,
+            servers,
+            replicas,
+        }
+    }
+
+    fn scripts(&self) -> PathBuf {
+        self.dir.path().join("scripts")
+    }
+
+    fn script(&self, job_id: &str, script: &str) {
+        std::fs::write(self.scripts().join(job_id), script).unwrap();
+    }
+
+    /// Attempts of `job_id` that reached the main stage, in any worker.
+    fn runs(&self, job_id: &str) -> usize {
+        std::fs::read_to_string(self.scripts().join(format!("{job_id}.runs")))
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    }
+
+    fn config(&self, name: &str, grace_secs: u32) -> PathBuf {
+        write_config(
+            self.dir.path(),
+            name,
+            &self.servers,
+            self.replicas,
+            &format!("grace_period_secs = {grace_secs}"),
+        )
+    }
+
+    fn worker(&self, name: &str, grace_secs: u32) -> ChildGuard {
+        let config = self.config(name, grace_secs);
+        let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_factoryd-testworker"));
+        cmd.arg("--config")
+            .arg(&config)
+            .arg("--script-dir")
+            .arg(self.scripts())
+            .env_clear()
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        ChildGuard::spawn(name, &mut cmd)
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    async fn client(&self) -> Nats {
+        let config = factoryd::config::load(Some(&self.config("client", 30)), &HashMap::new())
+            .expect("client config");
+        let state = std::sync::Arc::new(ConnectionState::default());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let attempt = async {
+                let client = nats::connect(&config.nats, "test", state.clone(), false).await?;
+                Nats::open(client, &config.nats).await
+            };
+            match attempt.await {
+                Ok(n) => return n,
+                // A fresh cluster needs a moment to elect its JetStream meta leader.
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("client not ready yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("cannot open NATS: {e}"),
+            }
+        }
+    }
+}
+
+fn job(id: &str) -> Bytes {
+    serde_json::to_vec(&json!({
+        "v": 1, "id": id, "source_id": "src",
+        "origin": {"type": "docker-hub", "details": {"target": "busybox:1"}}
+    }))
+    .unwrap()
+    .into()
+}
+
+async fn publish(nats: &Nats, id: &str) -> bool {
+    nats.publish_job(Kind::Import, id, job(id)).await.unwrap()
+}
+
+/// Waits until results for all of `ids` are stored; returns them by job id.
+async fn wait_results(
+    nats: &Nats,
+    ids: &[String],
+    timeout: Duration,
+) -> HashMap<String, JobResult> {
+    let mut stream = nats
+        .follow(
+            &nats.names.results_stream,
+            format!("{}.results.>", nats.names.prefix),
+            DeliverPolicy::All,
+        )
+        .await
+        .unwrap();
+    let mut found = HashMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while ids.iter().any(|id| !found.contains_key(id)) {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(Ok(msg))) => {
+                let r: JobResult = serde_json::from_slice(&msg.payload).unwrap();
+                found.insert(r.job_id.clone(), r);
+            }
+            Ok(other) => panic!("result stream ended: {other:?}"),
+            Err(_) => {
+                let missing: Vec<_> = ids.iter().filter(|id| !found.contains_key(*id)).collect();
+                panic!("no result for {missing:?} after {timeout:?}");
+            }
+        }
+    }
+    found
+}
+
+/// Every stored result was published once: the stream never replaced one (at most one
+/// message per subject, so a second publish that got past de-duplication would bump the
+/// sequence without adding a message).
+async fn assert_one_result_each(nats: &Nats, expected: usize) {
+    let mut stream = nats
+        .js
+        .get_stream(&nats.names.results_stream)
+        .await
+        .unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    assert_eq!(state.messages as usize, expected, "results stored");
+    assert_eq!(state.last_sequence as usize, expected, "results published");
+    let mut dlq = nats.js.get_stream(&nats.names.dlq_stream).await.unwrap();
+    assert_eq!(dlq.info().await.unwrap().state.messages, 0, "dead letters");
+}
+
+async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn single() -> (tempfile::TempDir, NatsServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = NatsServer::start(dir.path());
+    (dir, server)
+}
+
+fn ids(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}{i}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn success_retry_permanent_and_spent_budget_through_a_real_server() {
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    fleet.script("transient-then-ok", "transient,succeed");
+    fleet.script("permanent", "permanent");
+    fleet.script("always-transient", "transient");
+    let _worker = fleet.worker("node-a", 30);
+    let nats = fleet.client().await;
+    let all: Vec<String> = ["ok", "transient-then-ok", "permanent", "always-transient"]
+        .map(String::from)
+        .to_vec();
+    for id in &all {
+        assert!(publish(&nats, id).await);
+    }
+    let results = wait_results(&nats, &all, Duration::from_secs(60)).await;
+
+    assert_eq!(results["ok"].status, Status::Succeeded);
+    assert_eq!(results["transient-then-ok"].status, Status::Succeeded);
+    assert_eq!(results["transient-then-ok"].attempt, 2);
+    assert_eq!(results["permanent"].status, Status::Failed);
+    assert_eq!(results["always-transient"].status, Status::Failed);
+    let exhausted = results["always-transient"].error.as_ref().unwrap();
+    assert!(exhausted
+        .message
+        .starts_with("retries exhausted after 4 attempts"));
+    assert_eq!(fleet.runs("ok"), 1);
+    assert_eq!(fleet.runs("transient-then-ok"), 2);
+    assert_eq!(fleet.runs("permanent"), 1);
+    assert_eq!(fleet.runs("always-transient"), 4);
+    assert_one_result_each(&nats, 4).await;
+    // Every message was settled: the work queue is empty.
+    let mut jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
+    assert_eq!(jobs.info().await.unwrap().state.messages, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_killed_mid_job_is_taken_over_after_its_lease_lapses() {
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    fleet.script("long", "sleep:3000");
+    let mut first = fleet.worker("node-a", 30);
+    let nats = fleet.client().await;
+    assert!(publish(&nats, "long").await);
+    wait_until(
+        "the first worker to start the job",
+        Duration::from_secs(20),
+        || fleet.runs("long") == 1,
+    )
+    .await;
+    // SIGKILL: no nak, no result, the lease is left to lapse.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let _second = fleet.worker("node-b", 30);
+
+    let results = wait_results(&nats, &["long".into()], Duration::from_secs(60)).await;
+    assert_eq!(results["long"].status, Status::Succeeded);
+    assert_eq!(results["long"].worker, "node-b");
+    assert_eq!(results["long"].attempt, 2);
+    assert_eq!(fleet.runs("long"), 2);
+    assert_one_result_each(&nats, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_job_published_twice_runs_once_and_its_result_is_there_both_times() {
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    let _worker = fleet.worker("node-a", 30);
+    let nats = fleet.client().await;
+    assert!(publish(&nats, "twice").await);
+    // Inside the duplicate window: dropped by the server.
+    assert!(!publish(&nats, "twice").await);
+    let first = wait_results(&nats, &["twice".into()], Duration::from_secs(30)).await;
+
+    // After the window (simulated: no message id), the job arrives again once it has ended.
+    nats.js
+        .publish(nats.names.job_subject(Kind::Import, "twice"), job("twice"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while jobs.info().await.unwrap().state.messages > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the repeated job was not settled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = wait_results(&nats, &["twice".into()], Duration::from_secs(30)).await;
+    assert_eq!(again["twice"], first["twice"]);
+    assert_eq!(fleet.runs("twice"), 1, "executed once");
+    assert_one_result_each(&nats, 1).await;
+    assert!(
+        fleet.log("node-a").contains("already ended"),
+        "{}",
+        fleet.log("node-a")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_before_start_and_during_the_job_end_cancelled() {
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    fleet.script("during", "wait-cancel");
+    let _worker = fleet.worker("node-a", 30);
+    let nats = fleet.client().await;
+
+    assert!(nats.cancel("before").await.unwrap());
+    assert!(publish(&nats, "before").await);
+    assert!(publish(&nats, "during").await);
+    wait_until("the job to start", Duration::from_secs(20), || {
+        fleet.runs("during") == 1
+    })
+    .await;
+    assert!(nats.cancel("during").await.unwrap());
+
+    let ids = vec!["before".to_string(), "during".to_string()];
+    let results = wait_results(&nats, &ids, Duration::from_secs(30)).await;
+    assert_eq!(results["before"].status, Status::Cancelled);
+    assert_eq!(results["during"].status, Status::Cancelled);
+    assert_eq!(fleet.runs("before"), 0, "a cancel before the start wins");
+    // Cancelling an ended job says so.
+    assert!(!nats.cancel("during").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_job_hands_it_to_another_worker_and_exits_zero() {
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    fleet.script("handover", "sleep:4000");
+    let mut first = fleet.worker("node-a", 1);
+    let nats = fleet.client().await;
+    assert!(publish(&nats, "handover").await);
+    wait_until(
+        "the first worker to start the job",
+        Duration::from_secs(20),
+        || fleet.runs("handover") == 1,
+    )
+    .await;
+    let _second = fleet.worker("node-b", 30);
+    let status = Command::new("kill")
+        .args(["-TERM", &first.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = first.child.wait().unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", fleet.log("node-a"));
+
+    let results = wait_results(&nats, &["handover".into()], Duration::from_secs(30)).await;
+    assert_eq!(results["handover"].status, Status::Succeeded);
+    assert_eq!(results["handover"].worker, "node-b");
+    assert_one_result_each(&nats, 1).await;
+    let workspaces = std::fs::read_dir(fleet.dir.path().join("work-node-a"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(workspaces, 0, "the first worker removed its workspace");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_server_loses_nothing() {
+    let (dir, mut server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    let all = ids("r", 20);
+    for id in &all {
+        fleet.script(id, "sleep:300");
+    }
+    let _worker = fleet.worker("node-a", 30);
+    {
+        let nats = fleet.client().await;
+        for id in &all {
+            assert!(publish(&nats, id).await);
+        }
+        wait_until("some jobs to run", Duration::from_secs(20), || {
+            all.iter().filter(|id| fleet.runs(id) > 0).count() >= 4
+        })
+        .await;
+    }
+    server.restart();
+    let nats = fleet.client().await;
+    let results = wait_results(&nats, &all, Duration::from_secs(120)).await;
+    assert!(results.values().all(|r| r.status == Status::Succeeded));
+    assert_one_result_each(&nats, all.len()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_three_node_cluster_survives_losing_its_stream_leader_during_50_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path());
+    let urls: Vec<String> = nodes.iter().map(NatsServer::url).collect();
+    let fleet = Fleet::new(urls, 3, dir);
+    let all = ids("c", 50);
+    for id in &all {
+        fleet.script(id, "sleep:200");
+    }
+    let nats = fleet.client().await;
+    let _worker = fleet.worker("node-a", 30);
+    for id in &all {
+        assert!(publish(&nats, id).await);
+    }
+    wait_until("some jobs to run", Duration::from_secs(30), || {
+        all.iter().filter(|id| fleet.runs(id) > 0).count() >= 5
+    })
+    .await;
+    let mut jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
+    let leader = jobs
+        .info()
+        .await
+        .unwrap()
+        .cluster
+        .as_ref()
+        .and_then(|c| c.leader.clone())
+        .expect("the jobs stream has a leader");
+    let node = nodes.iter_mut().find(|n| n.name == leader).unwrap();
+    node.stop();
+    drop(nats);
+
+    let nats = fleet.client().await;
+    let results = wait_results(&nats, &all, Duration::from_secs(180)).await;
+    assert!(results.values().all(|r| r.status == Status::Succeeded));
+    assert_one_result_each(&nats, all.len()).await;
+}
