@@ -170,12 +170,13 @@ impl Worker {
             .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 
-    fn claims(&self) -> Claims<'_> {
+    fn claims(&self, attempt: u32) -> Claims<'_> {
         Claims {
             states: self.ports.states.as_ref(),
             worker: &self.settings.name,
             lease: self.settings.lease,
             now_ms: self.now_ms(),
+            attempt,
         }
     }
 
@@ -368,7 +369,7 @@ impl Worker {
             return;
         }
 
-        let revision = match self.claims().claim(&job.id, attempt).await {
+        let revision = match self.claims(attempt).claim(&job.id).await {
             Ok(ClaimOutcome::Claimed { revision }) => revision,
             Ok(ClaimOutcome::AlreadyDone(result)) => {
                 info!(
@@ -409,7 +410,7 @@ impl Worker {
                 );
                 info!("Job cancelled before it started.");
                 let stored = self
-                    .claims()
+                    .claims(attempt)
                     .finish_cancelled_before_start(&job.id, revision, &result)
                     .await
                     .unwrap_or(false);
@@ -458,6 +459,7 @@ impl Worker {
         let revision = Arc::new(tokio::sync::Mutex::new(revision));
         let heartbeat = tokio::spawn(Arc::clone(&self).heartbeat(
             job.id.clone(),
+            attempt,
             Arc::clone(&revision),
             Arc::clone(&delivery.handle),
             token.clone(),
@@ -526,7 +528,7 @@ impl Worker {
                 fastrand::f64(),
             ),
         };
-        let claims = self.claims();
+        let claims = self.claims(attempt);
         match decision.publish {
             Some(status) => {
                 let result = self.result_of(
@@ -671,6 +673,7 @@ impl Worker {
     async fn heartbeat(
         self: Arc<Self>,
         job_id: String,
+        attempt: u32,
         revision: Arc<tokio::sync::Mutex<u64>>,
         delivery: Arc<dyn DeliveryHandle>,
         token: CancellationToken,
@@ -685,7 +688,7 @@ impl Worker {
                 debug!(job.id = %job_id, error = %e, "In-progress ack failed.");
             }
             let mut rev = revision.lock().await;
-            match self.claims().refresh(&job_id, *rev).await {
+            match self.claims(attempt).refresh(&job_id, *rev).await {
                 Ok(Some((new, cancel))) => {
                     *rev = new;
                     if cancel {

@@ -103,27 +103,37 @@ pub struct Claims<'a> {
     pub worker: &'a str,
     pub lease: Duration,
     pub now_ms: u64,
+    /// The attempt (delivery) this worker claims or holds.
+    pub attempt: u32,
 }
 
 impl Claims<'_> {
-    fn running(&self, attempt: u32, cancel: bool) -> JobRecord {
+    fn running(&self, cancel: bool) -> JobRecord {
         JobRecord {
             state: RecordState::Running,
             worker: Some(self.worker.to_owned()),
-            attempt,
+            attempt: self.attempt,
             lease_until_ms: self.now_ms + self.lease.as_millis() as u64,
             cancel,
             result: None,
         }
     }
 
-    /// Claims `job_id` for attempt `attempt`.
-    pub async fn claim(&self, job_id: &str, attempt: u32) -> Result<ClaimOutcome, QueueError> {
+    /// Claims `job_id` for `self.attempt`.
+    pub async fn claim(&self, job_id: &str) -> Result<ClaimOutcome, QueueError> {
+        // Most jobs are new: try to create the record first, and read only if it exists.
+        if let Ok(revision) = self
+            .states
+            .create(job_id, self.running(false).encode())
+            .await?
+        {
+            return Ok(ClaimOutcome::Claimed { revision });
+        }
         for _ in 0..MAX_CAS_ROUNDS {
             let written = match self.states.get(job_id).await? {
                 None => {
                     self.states
-                        .create(job_id, self.running(attempt, false).encode())
+                        .create(job_id, self.running(false).encode())
                         .await?
                 }
                 Some((bytes, revision)) => {
@@ -148,7 +158,7 @@ impl Claims<'_> {
                     }
                     // Pending, a lapsed lease, or our own record from before a restart.
                     self.states
-                        .update(job_id, self.running(attempt, false).encode(), revision)
+                        .update(job_id, self.running(false).encode(), revision)
                         .await?
                 }
             };
@@ -171,6 +181,13 @@ impl Claims<'_> {
         mut revision: u64,
         change: impl Fn(&mut JobRecord),
     ) -> Result<Option<(u64, JobRecord)>, QueueError> {
+        // Usually nobody wrote since our last write: update blind at our revision, and read
+        // the record only when that conflicts.
+        let mut ours = self.running(false);
+        change(&mut ours);
+        if let Ok(new) = self.states.update(job_id, ours.encode(), revision).await? {
+            return Ok(Some((new, ours)));
+        }
         for _ in 0..MAX_CAS_ROUNDS {
             let Some((bytes, current)) = self.states.get(job_id).await? else {
                 return Ok(None);
@@ -303,4 +320,86 @@ pub async fn stored_result(
         Some((bytes, _)) => JobRecord::decode(&bytes)?.result,
         None => None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemStates;
+
+    fn claims<'a>(states: &'a MemStates, worker: &'a str, now_ms: u64) -> Claims<'a> {
+        Claims {
+            states,
+            worker,
+            lease: Duration::from_secs(60),
+            now_ms,
+            attempt: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lapsed_lease_is_taken_over_and_a_live_one_is_not() {
+        let states = MemStates::new();
+        let a = claims(&states, "a", 1_000);
+        assert!(matches!(a.claim("j").await.unwrap(), ClaimOutcome::Claimed { .. }));
+        let b_early = claims(&states, "b", 30_000);
+        assert!(matches!(
+            b_early.claim("j").await.unwrap(),
+            ClaimOutcome::RunningElsewhere { retry_in } if retry_in == Duration::from_secs(32)
+        ));
+        let b_late = claims(&states, "b", 62_000);
+        assert!(matches!(b_late.claim("j").await.unwrap(), ClaimOutcome::Claimed { .. }));
+        assert_eq!(states.record("j").unwrap()["worker"], "b");
+    }
+
+    #[tokio::test]
+    async fn the_old_owner_cannot_refresh_or_finish_after_a_takeover() {
+        let states = MemStates::new();
+        let a = claims(&states, "a", 0);
+        let ClaimOutcome::Claimed { revision } = a.claim("j").await.unwrap() else {
+            panic!()
+        };
+        let b = claims(&states, "b", 120_000);
+        assert!(matches!(b.claim("j").await.unwrap(), ClaimOutcome::Claimed { .. }));
+        assert_eq!(a.refresh("j", revision).await.unwrap(), None);
+        assert!(!a.release("j", revision).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_cancel_mark_written_during_the_job_survives_a_refresh() {
+        let states = MemStates::new();
+        let a = claims(&states, "a", 0);
+        let ClaimOutcome::Claimed { revision } = a.claim("j").await.unwrap() else {
+            panic!()
+        };
+        assert!(mark_cancelled(&states, "j").await.unwrap());
+        // The blind update conflicts; the re-read keeps the mark and reports it.
+        let (_, cancel) = a.refresh("j", revision).await.unwrap().unwrap();
+        assert!(cancel);
+        assert_eq!(states.record("j").unwrap()["cancel"], true);
+    }
+
+    #[tokio::test]
+    async fn a_cancel_mark_before_any_claim_wins() {
+        let states = MemStates::new();
+        assert!(mark_cancelled(&states, "j").await.unwrap());
+        assert!(matches!(
+            claims(&states, "a", 0).claim("j").await.unwrap(),
+            ClaimOutcome::CancelledBeforeStart { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_released_job_is_claimed_at_once_by_another_worker() {
+        let states = MemStates::new();
+        let a = claims(&states, "a", 0);
+        let ClaimOutcome::Claimed { revision } = a.claim("j").await.unwrap() else {
+            panic!()
+        };
+        assert!(a.release("j", revision).await.unwrap());
+        assert!(matches!(
+            claims(&states, "b", 1).claim("j").await.unwrap(),
+            ClaimOutcome::Claimed { .. }
+        ));
+    }
 }

@@ -385,9 +385,10 @@ async fn a_delivery_of_a_job_running_elsewhere_is_put_back() {
         worker: "node-b",
         lease: ACK_WAIT,
         now_ms: r.worker.now_ms(),
+        attempt: 1,
     };
     assert!(matches!(
-        other.claim("j1", 1).await.unwrap(),
+        other.claim("j1").await.unwrap(),
         ClaimOutcome::Claimed { .. }
     ));
     r.publish("j1");
