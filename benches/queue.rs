@@ -6,7 +6,6 @@
 //! Bounded: a fixed number of jobs per phase, on 127.0.0.1 only.
 
 #[path = "../tests/integration/support/mod.rs"]
-#[allow(dead_code)]
 mod support;
 
 use std::collections::HashMap;
