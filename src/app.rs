@@ -18,8 +18,11 @@ use crate::cli::{ServeArgs, SubmitArgs, ValidateArgs};
 use crate::config::{self, Config, ConfigError};
 use crate::job::{self, EventEnvelope, JobEvent, JobResult, Status};
 use crate::pipeline::{DestinationSettings, Stages};
+use crate::telemetry::http::Health;
+use crate::telemetry::systemd::Notifier;
 use crate::telemetry::{self, LogStyle};
 use crate::worker::{QueuePorts, Worker, WorkerSettings};
+use tokio_util::sync::CancellationToken;
 
 /// Invalid input (a job or a config), as the contract fixes it.
 pub const EXIT_INVALID: u8 = 64;
@@ -107,16 +110,50 @@ pub fn serve(args: &ServeArgs, env: &HashMap<String, String>) -> ExitCode {
     };
     init_logs(&config, env);
     let stages = production_stages(&config);
-    runtime().block_on(run_serve(config, stages))
+    runtime().block_on(run_serve(config, stages, env))
 }
 
 /// Runs a worker until SIGTERM/SIGINT; shared by `serve` and the scripted test worker.
-pub async fn run_serve(config: Config, stages: Stages) -> ExitCode {
+pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, String>) -> ExitCode {
     let shutdown = crate::shutdown::on_signals();
     let state = Arc::new(ConnectionState::default());
     let name = config.worker.name.clone();
+    let systemd = Notifier::from_env(env);
     info!(worker = %name, servers = config.nats.servers.len(), "Starting factoryd.");
     remove_stale_workspaces(&config.worker.work_root);
+
+    // The metrics endpoint comes up first, so /healthz answers and /readyz explains while
+    // NATS is still out of reach.
+    let listener = match telemetry::http::bind(config.metrics.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(listen = %config.metrics.listen, error = %e, "Cannot listen for metrics.");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
+    let health = Arc::new(Health::new(
+        Arc::clone(&state),
+        config.worker.work_root.clone(),
+    ));
+    let http_stop = CancellationToken::new();
+    tokio::spawn(telemetry::http::serve(
+        listener,
+        Arc::clone(&health),
+        http_stop.clone(),
+    ));
+    if let Some(every) = systemd.watchdog_interval() {
+        let pinger = systemd.clone();
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticks.tick() => pinger.watchdog(),
+                }
+            }
+        });
+    }
 
     let client = tokio::select! {
         _ = shutdown.cancelled() => return ExitCode::SUCCESS,
@@ -154,7 +191,22 @@ pub async fn run_serve(config: Config, stages: Stages) -> ExitCode {
         import_slots = config.worker.import_slots,
         "Ready: pulling jobs."
     );
+    systemd.ready();
+    let draining = {
+        let shutdown = shutdown.clone();
+        let health = Arc::clone(&health);
+        let systemd = systemd.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            health
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            systemd.stopping();
+        })
+    };
     worker.run(shutdown).await;
+    let _ = draining.await;
+    http_stop.cancel();
     if let Err(e) = client.flush().await {
         warn!(error = %e, "Cannot flush NATS on exit.");
     }

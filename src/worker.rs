@@ -32,6 +32,7 @@ use crate::ports::{
     CancelRequests, Delivery, DeliveryHandle, EventBus, EventSink, JobQueue, JobStates, ResultSink,
     StageContext,
 };
+use crate::telemetry::metrics;
 
 /// The worker's settings, from `[worker]` and the queue's timings.
 #[derive(Debug, Clone)]
@@ -278,6 +279,8 @@ impl Worker {
                     Err(_) => return,
                 },
             };
+            let free = metrics().slots_free.with_label_values(&[kind.as_str()]);
+            free.set(slots.available_permits() as i64);
             let pulled = tokio::select! {
                 _ = stop.cancelled() => return,
                 pulled = self.ports.queue.pull(kind, self.settings.pull_wait) => pulled,
@@ -286,9 +289,11 @@ impl Worker {
                 Ok(Some(delivery)) => {
                     backoff = Duration::from_millis(100);
                     let me = Arc::clone(&self);
+                    let slots = Arc::clone(&slots);
                     jobs.spawn(async move {
                         me.handle(delivery).await;
                         drop(permit);
+                        free.set(slots.available_permits() as i64);
                     });
                 }
                 Ok(None) => {}
@@ -308,6 +313,10 @@ impl Worker {
     /// One delivery, start to settle.
     async fn handle(self: Arc<Self>, delivery: Delivery) {
         self.count(|s| s.received += 1);
+        metrics()
+            .jobs_received
+            .with_label_values(&[delivery.kind.as_str()])
+            .inc();
         let attempt = delivery.attempt;
         let job = match job::decode(&delivery.payload) {
             Ok(job) if job.id == delivery.subject_job_id && job.kind() == delivery.kind => job,
@@ -455,6 +464,10 @@ impl Worker {
         });
         info!(kind = %job.kind(), "Job started.");
         let started_at = self.now();
+        let in_flight = metrics()
+            .jobs_in_flight
+            .with_label_values(&[job.kind().as_str()]);
+        in_flight.inc();
 
         let revision = Arc::new(tokio::sync::Mutex::new(revision));
         let heartbeat = tokio::spawn(Arc::clone(&self).heartbeat(
@@ -477,6 +490,7 @@ impl Worker {
             .await;
         heartbeat.abort();
         let _ = heartbeat.await;
+        in_flight.dec();
         if let Ok(mut running) = self.running.lock() {
             running.remove(&job.id);
         }
@@ -514,6 +528,31 @@ impl Worker {
         redactor: &Redactor,
     ) {
         let attempt = delivery.attempt;
+        let kind = job.kind().as_str();
+        let seconds = (finished_at - started_at).as_seconds_f64().max(0.0);
+        let record = |outcome: &str| {
+            let m = metrics();
+            m.jobs_completed.with_label_values(&[kind, outcome]).inc();
+            m.job_duration
+                .with_label_values(&[kind, outcome])
+                .observe(seconds);
+        };
+        if let Ok(output) = &outcome {
+            let t = output.timings;
+            for (stage, ms) in [
+                (Stage::Fetch, t.fetch),
+                (Stage::Build, t.build),
+                (Stage::Import, t.import),
+                (Stage::Export, t.export),
+            ] {
+                if ms > 0 {
+                    metrics()
+                        .stage_duration
+                        .with_label_values(&[stage.as_str()])
+                        .observe(ms as f64 / 1000.0);
+                }
+            }
+        }
         let decision = match &outcome {
             Ok(_) => decide(
                 Outcome::Succeeded,
@@ -557,9 +596,14 @@ impl Worker {
                     }
                 }
                 events.emit(JobEvent::Finished { status });
+                let publishing = Instant::now();
                 if self.publish(&result).await {
+                    metrics()
+                        .result_publish_seconds
+                        .observe(publishing.elapsed().as_secs_f64());
                     self.settle(delivery, decision.settle).await;
                 }
+                record(status.as_str());
                 match &outcome {
                     Ok(_) => info!(outcome = status.as_str(), "Job finished."),
                     Err(e) => {
@@ -571,10 +615,18 @@ impl Worker {
                 if let Err(e) = &outcome {
                     if let Settle::Nak { delay } = decision.settle {
                         if e.class == ErrorClass::Transient {
+                            record("retried");
+                            metrics()
+                                .retries
+                                .with_label_values(&[e.stage.as_str(), e.class.as_str()])
+                                .inc();
                             events.emit(JobEvent::Retrying {
                                 error: redacted_info(e, attempt, false, redactor),
                                 delay_ms: delay.as_millis() as u64,
                             });
+                        }
+                        if e.class != ErrorClass::Transient {
+                            record("handed_back");
                         }
                         info!(class = %e.class, code = %e.code, delay_ms = delay.as_millis() as u64, error = %redactor.redact(&e.message), "Attempt failed; handing the job back.");
                     }

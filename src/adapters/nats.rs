@@ -156,6 +156,7 @@ pub async fn connect(
                     async_nats::Event::Disconnected => {
                         state.connected.store(false, Ordering::Relaxed);
                         state.reconnects.fetch_add(1, Ordering::Relaxed);
+                        crate::telemetry::metrics().nats_reconnects.inc();
                         warn!("Disconnected from NATS; reconnecting.");
                     }
                     async_nats::Event::LameDuckMode => {
@@ -718,6 +719,7 @@ impl EventSink for NatsEventSink {
             .is_err()
         {
             self.dropped.fetch_add(1, Ordering::Relaxed);
+            crate::telemetry::metrics().events_dropped.inc();
         }
     }
 }

@@ -341,14 +341,20 @@ mod tests {
     async fn a_lapsed_lease_is_taken_over_and_a_live_one_is_not() {
         let states = MemStates::new();
         let a = claims(&states, "a", 1_000);
-        assert!(matches!(a.claim("j").await.unwrap(), ClaimOutcome::Claimed { .. }));
+        assert!(matches!(
+            a.claim("j").await.unwrap(),
+            ClaimOutcome::Claimed { .. }
+        ));
         let b_early = claims(&states, "b", 30_000);
         assert!(matches!(
             b_early.claim("j").await.unwrap(),
             ClaimOutcome::RunningElsewhere { retry_in } if retry_in == Duration::from_secs(32)
         ));
         let b_late = claims(&states, "b", 62_000);
-        assert!(matches!(b_late.claim("j").await.unwrap(), ClaimOutcome::Claimed { .. }));
+        assert!(matches!(
+            b_late.claim("j").await.unwrap(),
+            ClaimOutcome::Claimed { .. }
+        ));
         assert_eq!(states.record("j").unwrap()["worker"], "b");
     }
 
@@ -360,7 +366,10 @@ mod tests {
             panic!()
         };
         let b = claims(&states, "b", 120_000);
-        assert!(matches!(b.claim("j").await.unwrap(), ClaimOutcome::Claimed { .. }));
+        assert!(matches!(
+            b.claim("j").await.unwrap(),
+            ClaimOutcome::Claimed { .. }
+        ));
         assert_eq!(a.refresh("j", revision).await.unwrap(), None);
         assert!(!a.release("j", revision).await.unwrap());
     }

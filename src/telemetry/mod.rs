@@ -1,9 +1,16 @@
-//! Logging set-up. Later issues add typed events and the Prometheus registry here.
+//! Telemetry: logging set-up, the Prometheus registry and its HTTP endpoints, and systemd
+//! notifications.
 //!
 //! Logs go to stderr, so that commands which print a result (`validate`, `run`) keep stdout
 //! for it. The format is human text on a terminal and JSON otherwise when `auto`.
 
+pub mod http;
+pub mod metrics;
+pub mod systemd;
+
 use std::io::IsTerminal;
+
+pub use metrics::metrics;
 
 use tracing_subscriber::EnvFilter;
 

@@ -36,5 +36,5 @@ fn main() -> ExitCode {
         None => ScriptedStages::new(),
     };
     let stages = scripts.stages(config.destination.path.clone());
-    app::runtime().block_on(app::run_serve(config, stages))
+    app::runtime().block_on(app::run_serve(config, stages, &env))
 }

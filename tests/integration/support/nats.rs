@@ -101,10 +101,12 @@ pub fn write_config(
         "[nats]\nservers = [{}]\nreplicas = {replicas}\nack_wait_secs = 6\n\
          [worker]\nname = \"{name}\"\nwork_root = \"{}\"\n\
          retry_base_delay_secs = 1\nretry_max_delay_secs = 2\n{extra}\n\
-         [destination]\npath = \"{}\"\n[log]\nformat = \"text\"\nlevel = \"info,async_nats=warn\"\n",
+         [destination]\npath = \"{}\"\n[log]\nformat = \"text\"\nlevel = \"info,async_nats=warn\"\n\
+         [metrics]\nlisten = \"127.0.0.1:{}\"\n",
         servers.join(", "),
         dir.join(format!("work-{name}")).display(),
         dir.join("store").display(),
+        free_port(),
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).expect("write config");

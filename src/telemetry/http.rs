@@ -1,0 +1,186 @@
+//! `/metrics`, `/healthz` and `/readyz` on `metrics.listen`.
+//!
+//! A deliberately small HTTP/1.1 responder (GET only, one request per connection, bounded
+//! request size): the endpoints are scraped by Prometheus and probed by load balancers, and a
+//! web framework would be most of the daemon's dependency tree.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::metrics::metrics;
+use crate::adapters::nats::ConnectionState;
+
+/// What `/readyz` checks.
+pub struct Health {
+    pub nats: Arc<ConnectionState>,
+    pub draining: AtomicBool,
+    pub work_root: PathBuf,
+}
+
+impl Health {
+    pub fn new(nats: Arc<ConnectionState>, work_root: PathBuf) -> Self {
+        Health {
+            nats,
+            draining: AtomicBool::new(false),
+            work_root,
+        }
+    }
+
+    /// Every reason the worker is not ready; empty when ready.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if !self.nats.connected.load(Ordering::Relaxed) {
+            reasons.push("not connected to NATS".to_owned());
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            reasons.push("draining for shutdown".to_owned());
+        }
+        if let Err(e) = probe_writable(&self.work_root) {
+            reasons.push(format!(
+                "work root {} not writable: {e}",
+                self.work_root.display()
+            ));
+        }
+        reasons
+    }
+
+    /// Refreshes the gauges that are read rather than counted.
+    pub fn update_gauges(&self) {
+        let m = metrics();
+        m.nats_connected
+            .set(i64::from(self.nats.connected.load(Ordering::Relaxed)));
+        if let Ok(stat) = rustix::fs::statvfs(&self.work_root) {
+            let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+            m.work_root_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".readyz-{}", std::process::id()));
+    std::fs::write(&probe, b"")?;
+    std::fs::remove_file(&probe)
+}
+
+/// Binds `listen` (so a bad address fails start-up) and serves until `stop` fires.
+pub async fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(listen).await
+}
+
+pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: CancellationToken) {
+    loop {
+        let (mut socket, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    warn!(error = %e, "Metrics endpoint cannot accept.");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let health = Arc::clone(&health);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            // Read the request head (we ignore any body), with a deadline.
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = socket.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let mut words = head.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let (status, content_type, body) = respond(method, path, &health);
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            if let Err(e) = socket.write_all(response.as_bytes()).await {
+                debug!(error = %e, "Metrics client went away.");
+            }
+            let _ = socket.shutdown().await;
+        });
+    }
+}
+
+fn respond(method: &str, path: &str, health: &Health) -> (&'static str, &'static str, String) {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if method != "GET" && method != "HEAD" {
+        return ("405 Method Not Allowed", TEXT, "GET only\n".to_owned());
+    }
+    match path.split('?').next().unwrap_or("") {
+        "/metrics" => {
+            health.update_gauges();
+            (
+                "200 OK",
+                "text/plain; version=0.0.4; charset=utf-8",
+                metrics().render(),
+            )
+        }
+        "/healthz" => ("200 OK", TEXT, "ok\n".to_owned()),
+        "/readyz" => {
+            let reasons = health.not_ready();
+            if reasons.is_empty() {
+                ("200 OK", TEXT, "ready\n".to_owned())
+            } else {
+                (
+                    "503 Service Unavailable",
+                    TEXT,
+                    format!("not ready: {}\n", reasons.join("; ")),
+                )
+            }
+        }
+        _ => ("404 Not Found", TEXT, "not found\n".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_each_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let health = Health::new(Arc::new(ConnectionState::default()), dir.path().to_owned());
+        assert_eq!(health.not_ready(), ["not connected to NATS"]);
+        health.nats.connected.store(true, Ordering::Relaxed);
+        assert!(health.not_ready().is_empty());
+        health.draining.store(true, Ordering::Relaxed);
+        assert_eq!(health.not_ready(), ["draining for shutdown"]);
+        let (status, _, _) = respond("GET", "/readyz", &health);
+        assert_eq!(status, "503 Service Unavailable");
+        let (status, _, body) = respond("GET", "/metrics", &health);
+        assert_eq!(status, "200 OK");
+        assert!(body.contains("factoryd_work_root_free_bytes"));
+        assert_eq!(
+            respond("POST", "/metrics", &health).0,
+            "405 Method Not Allowed"
+        );
+        assert_eq!(respond("GET", "/nope", &health).0, "404 Not Found");
+    }
+}
