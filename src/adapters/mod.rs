@@ -1,0 +1,4 @@
+//! Adapters: one module per technology, each implementing ports (ARCHITECTURE §2) and
+//! classifying its library's errors into [`crate::error::ErrorClass`] at its boundary.
+
+pub mod oci_layout;
