@@ -131,10 +131,7 @@ fn malformed(what: &str) -> JobError {
     )
 }
 
-fn sdk_error<E, R>(
-    err: SdkError<E, R>,
-    redactor: &Redactor,
-) -> JobError
+fn sdk_error<E, R>(err: SdkError<E, R>, redactor: &Redactor) -> JobError
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug + 'static,

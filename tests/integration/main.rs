@@ -2,4 +2,5 @@
 //! on free loopback ports and stopped on drop. One test binary, one module per area.
 
 mod cli;
+mod import_auth;
 mod support;

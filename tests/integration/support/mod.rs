@@ -5,6 +5,10 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+pub mod import;
+pub mod registry;
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
