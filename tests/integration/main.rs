@@ -3,4 +3,6 @@
 
 mod cli;
 mod import_auth;
+mod import_credentials;
+mod import_transfer;
 mod support;
