@@ -179,12 +179,10 @@ impl OciLayoutStore {
             self.root
                 .join(".ingest")
                 .join(format!("{}-{}-{n}", digest.hex(), std::process::id()));
-        // Created here, not in the writer thread, so that Drop can always remove it.
-        let file = tokio::fs::File::create(&tmp)
-            .await
-            .map_err(io_err("create", &tmp))?
-            .into_std()
-            .await;
+        // Created here, synchronously (creating an empty file is quick), not in the writer
+        // thread or a blocking task: a future dropped mid-await would leave a file that no
+        // Drop removes.
+        let file = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
         let (tx, mut rx) = mpsc::channel::<Bytes>(WRITER_QUEUE);
         let algorithm = digest.algorithm();
         let tmp_for_thread = tmp.clone();

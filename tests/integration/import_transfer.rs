@@ -350,3 +350,82 @@ async fn docker_schema2_image_is_stored_as_oci_that_skopeo_reads() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn corrupt_blob_is_not_committed_to_a_destination_registry() {
+    let source = Registry::start(Auth::None);
+    let destination = Registry::start(Auth::None);
+    let image = seed_single(&source.host, "bad/app:1", &[100_000], &[]);
+    let path = source.blob_data_path(&image.layers[0]);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let job = job(registry_origin(&source.host, "bad/app:1", None));
+    let err = run(
+        &importer(&["linux/amd64"]),
+        &credentials(None),
+        &job,
+        Destination::Registry {
+            registry: destination.host.clone(),
+            plain_http: true,
+            repository: "copy/app".into(),
+            tag: "x".into(),
+            auth: None,
+        },
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (err.code, err.class),
+        (ErrorCode::DigestMismatch, ErrorClass::Permanent),
+        "{err}"
+    );
+    assert!(
+        !destination.blob_data_path(&image.layers[0]).exists(),
+        "corrupt blob committed"
+    );
+}
+
+#[tokio::test]
+async fn cancelled_import_stops_and_tags_nothing() {
+    let registry = Registry::start(Auth::None);
+    seed_single(&registry.host, "slow/app:1", &[2_000_000], &[]);
+    // Every blob request fails with a long Retry-After, so the import is waiting when cancelled.
+    let proxy = FaultProxy::start(
+        &registry.host,
+        vec![
+            Fault {
+                status: 429,
+                retry_after: Some(4)
+            };
+            8
+        ],
+    );
+    let store = tempfile::tempdir().unwrap();
+    let job = job(registry_origin(&proxy.host(), "slow/app:1", None));
+    let imp = importer(&["linux/amd64"]);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let trigger = cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        trigger.cancel();
+    });
+    let started = std::time::Instant::now();
+    let err = crate::support::import::run_with_cancel(
+        &imp,
+        &credentials(None),
+        &job,
+        layout(store.path(), "c"),
+        cancel,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code, ErrorCode::Cancelled, "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(3),
+        "stopped promptly"
+    );
+    let index = std::fs::read_to_string(store.path().join("index.json")).unwrap();
+    assert!(!index.contains("\"c\""), "{index}");
+}

@@ -1021,6 +1021,25 @@ struct Verified {
 }
 
 impl Verified {
+    /// Checks size and digest once, when the last byte has passed (or the source ended early).
+    fn verify(&mut self) -> Result<(), String> {
+        let Some(hasher) = self.hasher.take() else {
+            return Ok(());
+        };
+        let actual = hasher.finish();
+        if self.seen != self.size || actual != self.digest {
+            let message = format!(
+                "the source served blob {} with other content ({} of {} bytes, digest {actual}); nothing was committed",
+                self.digest, self.seen, self.size
+            );
+            self.settle(Verdict::Mismatch(message.clone()));
+            return Err(message);
+        }
+        self.settle(Verdict::Verified);
+        self.progress.finish();
+        Ok(())
+    }
+
     fn settle(&self, verdict: Verdict) {
         if let Ok(mut v) = self.verdict.lock() {
             *v = verdict;
@@ -1056,6 +1075,13 @@ impl Stream for Verified {
                 this.transferred
                     .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 this.progress.advance(chunk.len() as u64);
+                // Decide at the last byte: with a Content-Length body, the HTTP client may
+                // never ask for the end of the stream.
+                if this.seen == this.size {
+                    if let Err(message) = this.verify() {
+                        return Poll::Ready(Some(Err(std::io::Error::other(message))));
+                    }
+                }
                 Poll::Ready(Some(Ok(chunk)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -1066,23 +1092,10 @@ impl Stream for Verified {
                 this.settle(Verdict::SourceFailed(message.clone()));
                 Poll::Ready(Some(Err(std::io::Error::other(message))))
             }
-            Poll::Ready(None) => {
-                let Some(hasher) = this.hasher.take() else {
-                    return Poll::Ready(None);
-                };
-                let actual = hasher.finish();
-                if this.seen != this.size || actual != this.digest {
-                    let message = format!(
-                        "the source served blob {} with other content ({} bytes, digest {actual}); nothing was committed",
-                        this.digest, this.seen
-                    );
-                    this.settle(Verdict::Mismatch(message.clone()));
-                    return Poll::Ready(Some(Err(std::io::Error::other(message))));
-                }
-                this.settle(Verdict::Verified);
-                this.progress.finish();
-                Poll::Ready(None)
-            }
+            Poll::Ready(None) => match this.verify() {
+                Ok(()) => Poll::Ready(None),
+                Err(message) => Poll::Ready(Some(Err(std::io::Error::other(message)))),
+            },
         }
     }
 }

@@ -17,6 +17,7 @@ use factoryd::ports::{
     CredentialResolver, Destination, EventSink, ImportRequest, Importer, StageContext,
 };
 use factoryd::reference::{Reference, Scheme};
+use tokio_util::sync::CancellationToken;
 
 /// Records every event.
 #[derive(Default)]
@@ -116,9 +117,47 @@ pub async fn run(
     destination: Destination,
     events: Arc<Recorder>,
 ) -> Result<ImageInfo, JobError> {
+    run_inner(
+        importer,
+        resolver,
+        job,
+        destination,
+        events,
+        CancellationToken::new(),
+    )
+    .await
+}
+
+/// [`run`] with a cancellation token the test fires.
+pub async fn run_with_cancel(
+    importer: &RegistryImporter,
+    resolver: &dyn CredentialResolver,
+    job: &Job,
+    destination: Destination,
+    cancel: CancellationToken,
+) -> Result<ImageInfo, JobError> {
+    run_inner(
+        importer,
+        resolver,
+        job,
+        destination,
+        Arc::new(Recorder::default()),
+        cancel,
+    )
+    .await
+}
+
+async fn run_inner(
+    importer: &RegistryImporter,
+    resolver: &dyn CredentialResolver,
+    job: &Job,
+    destination: Destination,
+    events: Arc<Recorder>,
+    cancel: CancellationToken,
+) -> Result<ImageInfo, JobError> {
     let cx = StageContext {
         job_id: job.id.clone(),
-        cancel: tokio_util::sync::CancellationToken::new(),
+        cancel,
         events,
         redactor: Arc::new(Redactor::for_job(job)),
         workspace: std::env::temp_dir(),
