@@ -429,3 +429,35 @@ async fn cancelled_import_stops_and_tags_nothing() {
     let index = std::fs::read_to_string(store.path().join("index.json")).unwrap();
     assert!(!index.contains("\"c\""), "{index}");
 }
+
+#[tokio::test]
+async fn configured_mirror_serves_the_image_before_the_registry() {
+    let mirror = Registry::start(Auth::None);
+    let image = seed_single(&mirror.host, "library/app:1", &[50_000], &[]);
+    // The registry itself does not listen: only the mirror can serve the import.
+    let upstream = format!("127.0.0.1:{}", crate::support::free_port());
+    let mut settings = crate::support::import::settings(&["linux/amd64"]);
+    settings.mirrors.insert(
+        upstream.clone(),
+        vec![url::Url::parse(&format!("http://{}", mirror.host)).unwrap()],
+    );
+    let imp =
+        factoryd::adapters::oci::RegistryImporter::new(settings, crate::support::import::LOOPBACK)
+            .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let job = job(registry_origin(
+        &upstream,
+        "library/app:1",
+        Some(("user", "never-sent-to-mirrors")),
+    ));
+    let info = run(
+        &imp,
+        &credentials(None),
+        &job,
+        layout(store.path(), "m"),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .expect("import through the mirror");
+    assert_eq!(info.digest, image.manifest_digest);
+}
