@@ -12,6 +12,11 @@ packages=(
   git
   # Integration (worker_nats): JetStream servers and a 3-node cluster.
   nats-server
+  # import_* tests and scripts/bench-import.sh: real registries (distribution), images pushed
+  # and inspected with skopeo, htpasswd files for basic auth (import_auth, import_credentials),
+  # keys and token signatures for the token service (import_auth::token_auth_*), and Python
+  # for the token service and moto's ECR server (import_credentials::ecr_*).
+  docker-registry skopeo apache2-utils openssl python3 python3-venv
 )
 
 missing=()
@@ -19,13 +24,20 @@ for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 
-if [ ${#missing[@]} -eq 0 ]; then
-  exit 0
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "install-test-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq >/dev/null
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-echo "install-test-deps: installing ${missing[*]}" >&2
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq >/dev/null
-$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# import_credentials::ecr_token_from_moto_*: moto's AWS API server, from PyPI, in a venv local
+# to the checkout (the test harness looks for .factoryd-test/venv/bin/moto_server first).
+venv=".factoryd-test/venv"
+if [ ! -x "$venv/bin/moto_server" ]; then
+  echo "install-test-deps: installing moto[server] into $venv" >&2
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
+fi

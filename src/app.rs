@@ -12,7 +12,9 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use futures_util::StreamExt;
 use tracing::{error, info, warn};
 
+use crate::adapters::credentials::OriginCredentials;
 use crate::adapters::nats::{self, ConnectionState, Nats};
+use crate::adapters::oci::RegistryImporter;
 use crate::adapters::unavailable::NotInThisBuild;
 use crate::cli::{ServeArgs, SubmitArgs, ValidateArgs};
 use crate::config::{self, Config, ConfigError};
@@ -89,17 +91,17 @@ pub fn init_logs(config: &Config, env: &HashMap<String, String>) {
 }
 
 /// The stages of a production worker: the real adapters where this build has them.
-pub fn production_stages(config: &Config) -> Stages {
+pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobError> {
     let none = Arc::new(NotInThisBuild);
-    Stages {
+    Ok(Stages {
         fetcher: none.clone(),
-        builder: none.clone(),
-        resolver: none.clone(),
-        importer: none,
+        builder: none,
+        resolver: Arc::new(OriginCredentials::from_config(config)?),
+        importer: Arc::new(RegistryImporter::from_config(config)?),
         node_registry_auth: Vec::new(),
         insecure_registries: config.registries.insecure.clone(),
         destinations: DestinationSettings::new(config.destination.clone()),
-    }
+    })
 }
 
 /// `factoryd serve`.
@@ -109,7 +111,13 @@ pub fn serve(args: &ServeArgs, env: &HashMap<String, String>) -> ExitCode {
         Err(code) => return code,
     };
     init_logs(&config, env);
-    let stages = production_stages(&config);
+    let stages = match production_stages(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "Cannot set up the job stages.");
+            return ExitCode::from(EXIT_UNAVAILABLE);
+        }
+    };
     runtime().block_on(run_serve(config, stages, env))
 }
 

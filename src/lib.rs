@@ -20,6 +20,10 @@
 //! * [`secret`] — a credential type that prints and serialises as `<redacted>`.
 //! * [`problems`] — validation reports with the path of each field at fault.
 //! * [`telemetry`] — logging set-up.
+//! * [`manifest`] — digests, descriptors, manifest media types; platform selection and the
+//!   Docker → OCI conversion (pure).
+//! * [`adapters`] — technologies behind the ports: [`adapters::oci_layout`] (the local OCI image
+//!   store), …
 
 pub mod adapters;
 pub mod app;
@@ -28,6 +32,7 @@ pub mod config;
 pub mod egress;
 pub mod error;
 pub mod job;
+pub mod manifest;
 pub mod pipeline;
 pub mod ports;
 pub mod problems;

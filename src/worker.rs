@@ -429,14 +429,11 @@ impl Worker {
                 return;
             }
             Err(e) => {
-                warn!(error = %e, "Claim failed; the job will be redelivered.");
-                self.settle(
-                    &delivery,
-                    Settle::Nak {
-                        delay: Duration::from_secs(1),
-                    },
-                )
-                .await;
+                // The state store is unreachable (a leader election, an outage): back off
+                // steeply, so a short outage does not use up the message's deliveries.
+                let delay = Duration::from_secs(5 << attempt.min(4)).min(self.settings.lease * 2);
+                warn!(error = %e, delay_ms = delay.as_millis() as u64, "Claim failed; the job will be redelivered.");
+                self.settle(&delivery, Settle::Nak { delay }).await;
                 return;
             }
         };

@@ -419,6 +419,14 @@ pub struct RegistriesConfig {
     /// Registry host to mirror base URLs, tried in order before the registry itself.
     pub mirrors: BTreeMap<String, Vec<Url>>,
     pub max_parallel_blobs: u32,
+    /// Largest manifest or index read from a registry.
+    pub max_manifest_bytes: usize,
+    /// AWS ECR API endpoint override, for private endpoints and tests.
+    pub ecr_endpoint: Option<Url>,
+    /// How long a credentials webhook may take.
+    pub webhook_timeout: Duration,
+    /// Largest credentials webhook answer read.
+    pub webhook_max_bytes: usize,
 }
 
 /// An OCI platform, `os/architecture[/variant]`.
@@ -970,7 +978,41 @@ fn validate_registries(raw: &raw::RawRegistries, p: &mut Problems) -> Registries
         mirrors.insert(registry.clone(), urls);
     }
 
+    if !(1024..=64 * 1024 * 1024).contains(&raw.max_manifest_bytes) {
+        p.push(
+            "registries.max_manifest_bytes",
+            format!(
+                "expected a number of bytes from 1024 to 67108864, got {}",
+                raw.max_manifest_bytes
+            ),
+        );
+    }
+    if !(16..=1024 * 1024).contains(&raw.webhook_max_bytes) {
+        p.push(
+            "registries.webhook_max_bytes",
+            format!(
+                "expected a number of bytes from 16 to 1048576, got {}",
+                raw.webhook_max_bytes
+            ),
+        );
+    }
+    let ecr_endpoint = if raw.ecr_endpoint.is_empty() {
+        None
+    } else {
+        mirror_url(p, "registries.ecr_endpoint", &raw.ecr_endpoint)
+    };
+
     RegistriesConfig {
+        max_manifest_bytes: raw.max_manifest_bytes.clamp(1024, 64 * 1024 * 1024) as usize,
+        ecr_endpoint,
+        webhook_timeout: seconds(
+            p,
+            "registries.webhook_timeout_secs",
+            raw.webhook_timeout_secs,
+            1,
+            300,
+        ),
+        webhook_max_bytes: raw.webhook_max_bytes.clamp(16, 1024 * 1024) as usize,
         insecure: raw.insecure.clone(),
         platforms,
         mirrors,

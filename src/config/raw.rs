@@ -159,6 +159,14 @@ pub struct RawRegistries {
     /// order of reported problems, does not depend on hashing.
     pub mirrors: BTreeMap<String, Vec<String>>,
     pub max_parallel_blobs: u32,
+    /// Largest manifest or index read from a registry, in bytes.
+    pub max_manifest_bytes: u64,
+    /// AWS ECR API endpoint override (`""`: the SDK's regional endpoint).
+    pub ecr_endpoint: String,
+    /// Seconds a credentials webhook may take to answer.
+    pub webhook_timeout_secs: u64,
+    /// Largest credentials webhook answer read, in bytes.
+    pub webhook_max_bytes: u64,
 }
 
 impl Default for RawRegistries {
@@ -168,6 +176,10 @@ impl Default for RawRegistries {
             platforms: vec!["linux/amd64".to_owned()],
             mirrors: BTreeMap::from([("docker.io".to_owned(), Vec::new())]),
             max_parallel_blobs: 4,
+            max_manifest_bytes: 4 * 1024 * 1024,
+            ecr_endpoint: String::new(),
+            webhook_timeout_secs: 10,
+            webhook_max_bytes: 4096,
         }
     }
 }

@@ -2,6 +2,9 @@
 //! on free loopback ports and stopped on drop. One test binary, one module per area.
 
 mod cli;
+mod import_auth;
+mod import_credentials;
+mod import_transfer;
 mod support;
 #[cfg(feature = "test-util")]
 mod worker_nats;

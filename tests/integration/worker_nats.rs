@@ -396,7 +396,29 @@ async fn a_three_node_cluster_survives_losing_its_stream_leader_during_50_jobs()
     drop(nats);
 
     let nats = fleet.client().await;
-    let results = wait_results(&nats, &all, Duration::from_secs(180)).await;
+    let results = tokio::spawn({
+        let all = all.clone();
+        async move { wait_results(&nats, &all, Duration::from_secs(180)).await }
+    })
+    .await;
+    let log = fleet.log("node-a");
+    let tail: Vec<&str> = log.lines().rev().take(40).collect();
+    let results = results.unwrap_or_else(|e| {
+        let servers: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let log = n.log();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                format!("--- {}:\n{}", n.name, tail.join("\n"))
+            })
+            .collect();
+        panic!(
+            "{e}; killed {leader}; worker log tail:\n{}\n{}",
+            tail.join("\n"),
+            servers.join("\n")
+        )
+    });
     assert!(results.values().all(|r| r.status == Status::Succeeded));
+    let nats = fleet.client().await;
     assert_one_result_each(&nats, all.len()).await;
 }

@@ -5,7 +5,10 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+pub mod import;
 pub mod nats;
+pub mod registry;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;

@@ -55,8 +55,12 @@ impl NatsServer {
                 ])
                 .args(["--routes", &routes.join(",")]);
         }
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.store.with_extension("log"))
+            .expect("open the nats-server log");
+        cmd.stdout(std::process::Stdio::null()).stderr(log);
         self.guard = Some(ChildGuard::spawn("nats-server", &mut cmd));
         wait_for_port(([127, 0, 0, 1], self.port).into(), Duration::from_secs(10));
     }
@@ -73,6 +77,11 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
+    }
+
+    /// The server's log (stderr), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.store.with_extension("log")).unwrap_or_default()
     }
 
     pub fn is_running(&self) -> bool {

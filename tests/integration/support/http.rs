@@ -1,0 +1,183 @@
+//! Small HTTP servers for the import tests, on threads: a fixed-answer server (credential
+//! webhooks) and a fault-injecting proxy in front of a real registry.
+//!
+//! Both speak just enough HTTP/1.1: every answer closes its connection (`Connection: close`),
+//! so each request arrives on a fresh connection and can be looked at on its own.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+/// Stops an accept loop when dropped.
+struct Acceptor {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Acceptor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn serve(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Acceptor {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let handler = Arc::new(handler);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            if stopped.load(Ordering::SeqCst) {
+                break;
+            }
+            let Ok(stream) = stream else { continue };
+            let handler = handler.clone();
+            thread::spawn(move || handler(stream));
+        }
+    });
+    Acceptor { addr, stop }
+}
+
+/// Reads a request head (through the blank line); returns it and any bytes read past it.
+fn read_head(stream: &mut TcpStream) -> Option<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Some((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+    }
+}
+
+/// Answers every request with `status` and `body`.
+pub struct StaticServer {
+    acceptor: Acceptor,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl StaticServer {
+    pub fn start(status: u16, body: Vec<u8>) -> StaticServer {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counter = requests.clone();
+        let acceptor = serve(move |mut stream| {
+            if read_head(&mut stream).is_none() {
+                return;
+            }
+            counter.fetch_add(1, Ordering::SeqCst);
+            let head = format!(
+                "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        });
+        StaticServer { acceptor, requests }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.acceptor.addr)
+    }
+}
+
+/// A fault to answer instead of forwarding.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    pub status: u16,
+    pub retry_after: Option<u64>,
+}
+
+/// A proxy in front of a registry: the first blob GETs get the queued faults, the rest go
+/// through. Counts blob GETs that reached the registry.
+pub struct FaultProxy {
+    acceptor: Acceptor,
+    faults: Arc<Mutex<VecDeque<Fault>>>,
+    pub blob_gets_forwarded: Arc<AtomicUsize>,
+    pub faults_served: Arc<AtomicUsize>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str, faults: Vec<Fault>) -> FaultProxy {
+        let upstream = upstream.to_owned();
+        let queue = Arc::new(Mutex::new(VecDeque::from(faults)));
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let served = Arc::new(AtomicUsize::new(0));
+        let (q, f, s) = (queue.clone(), forwarded.clone(), served.clone());
+        let acceptor = serve(move |mut client| {
+            let Some((head, rest)) = read_head(&mut client) else {
+                return;
+            };
+            let request_line = head.lines().next().unwrap_or("").to_owned();
+            let is_blob_get =
+                request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
+            if is_blob_get {
+                let fault = q.lock().expect("fault queue").pop_front();
+                if let Some(fault) = fault {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    let mut answer = format!(
+                        "HTTP/1.1 {} Fault\r\nContent-Length: 0\r\nConnection: close\r\n",
+                        fault.status
+                    );
+                    if let Some(after) = fault.retry_after {
+                        answer.push_str(&format!("Retry-After: {after}\r\n"));
+                    }
+                    answer.push_str("\r\n");
+                    let _ = client.write_all(answer.as_bytes());
+                    return;
+                }
+                f.fetch_add(1, Ordering::SeqCst);
+            }
+            let Ok(mut server) = TcpStream::connect(&upstream) else {
+                return;
+            };
+            // Force one request per connection, so the next one is seen by this proxy.
+            let mut lines: Vec<&str> = head
+                .trim_end_matches("\r\n\r\n")
+                .split("\r\n")
+                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                .collect();
+            lines.push("Connection: close");
+            let new_head = format!("{}\r\n\r\n", lines.join("\r\n"));
+            if server.write_all(new_head.as_bytes()).is_err() || server.write_all(&rest).is_err() {
+                return;
+            }
+            let (Ok(mut client_reader), Ok(mut server_writer)) =
+                (client.try_clone(), server.try_clone())
+            else {
+                return;
+            };
+            let upload = thread::spawn(move || {
+                let _ = std::io::copy(&mut client_reader, &mut server_writer);
+                let _ = server_writer.shutdown(Shutdown::Write);
+            });
+            let _ = std::io::copy(&mut server, &mut client);
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = upload.join();
+        });
+        FaultProxy {
+            acceptor,
+            faults: queue,
+            blob_gets_forwarded: forwarded,
+            faults_served: served,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        self.acceptor.addr.to_string()
+    }
+
+    pub fn faults_left(&self) -> usize {
+        self.faults.lock().expect("fault queue").len()
+    }
+}
