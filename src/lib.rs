@@ -24,6 +24,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod egress;
 pub mod error;
 pub mod job;
@@ -33,3 +34,4 @@ pub mod problems;
 pub mod reference;
 pub mod secret;
 pub mod telemetry;
+pub mod workspace;
