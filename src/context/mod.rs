@@ -85,7 +85,7 @@ pub struct Sealer<'w> {
 
 impl<'w> Sealer<'w> {
     /// A sealer that checks without writing.
-    pub fn check(ignore: DockerIgnore, limits: Limits, track_files: bool) -> Sealer<'static> {
+    pub fn check(ignore: DockerIgnore, limits: Limits, track_files: bool) -> Sealer<'w> {
         Sealer {
             ignore,
             limits,
