@@ -2,4 +2,6 @@
 //! on free loopback ports and stopped on drop. One test binary, one module per area.
 
 mod cli;
+mod sources_git;
+mod sources_tarball;
 mod support;
