@@ -3,5 +3,6 @@
 
 mod cli;
 mod sources_git;
+mod sources_local;
 mod sources_tarball;
 mod support;
