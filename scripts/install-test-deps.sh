@@ -8,8 +8,15 @@ set -euo pipefail
 packages=(
   # Build: git2 and the TLS stack compile C code; pkg-config finds system libraries.
   build-essential pkg-config
-  # Integration: tests spawn the real binary and git fixtures.
-  git
+  # Integration: tests spawn the real binary and git fixtures; git http-backend serves the
+  # sources_git tests (through tests/integration/support/git_http_backend.py, run by python3).
+  git python3
+  # Build: git2 links the system OpenSSL (https) and libssh2 (ssh); zlib for libgit2 and flate2.
+  libssl-dev libssh2-1-dev zlib1g-dev
+  # Integration (sources_git ssh_* tests): sshd and ssh-keygen.
+  openssh-server openssh-client
+  # Benchmark (scripts/bench-sources.sh): curl | tar xz baseline and GNU time for peak RSS.
+  curl time
 )
 
 missing=()

@@ -1,6 +1,6 @@
 //! A downloaded tar.gz as a build source: read entry by entry, checked, never extracted.
 //!
-//! Sealing reads the archive three times, each a stream from the file in the workspace:
+//! Sealing reads the archive twice, each time a stream from the file in the workspace:
 //!
 //! 1. **index**: every entry is checked against the archive rules and recorded (kind, link
 //!    target); `.dockerignore` files are kept. Refused, with the entry's name: absolute paths,
@@ -9,9 +9,10 @@
 //!    entries below a symlink or a file, and a path that appears twice as different kinds.
 //!    Caps: entries, path depth, content bytes, and decompressed bytes (a decompression bomb
 //!    stops at the cap, never at the end of its output).
-//! 2. **check**: `context_dir` and `build_file` are resolved in the index, and the context is
-//!    walked through the [`Sealer`] without output, so that context-relative rules (a symlink
-//!    leaving the context, a hard link to outside it) fail the seal stage.
+//! 2. **check** (in memory): `context_dir` and `build_file` are resolved in the index, and the
+//!    context's entries are judged on the index, so that context-relative rules (a symlink
+//!    leaving the context, a hard link to outside it, the caps on what is sent) fail the seal
+//!    stage without decompressing the archive a second time.
 //! 3. **write**: the same walk, writing the tar stream, when the builder asks for it.
 //!
 //! Gzip framing: concatenated members are read as one stream, as `gzip -d` and `tar xz` do.
@@ -73,6 +74,7 @@ pub fn seal(
         }
     };
     ignore.keep(DOCKERIGNORE);
+    index.check_context(&context.path, &ignore, limits)?;
     let writer = ArchiveContext {
         path: path.to_path_buf(),
         context: context.path,
@@ -81,7 +83,6 @@ pub fn seal(
         ignore,
         limits,
     };
-    writer.walk(None)?;
     Ok(SealedContext::new(name, Box::new(writer)))
 }
 
@@ -139,9 +140,11 @@ impl<R: Read> Read for Capped<R> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Kind {
     Dir,
-    File,
+    /// A regular file and its size.
+    File(u64),
     Symlink(String),
-    HardLink,
+    /// A hard link and its target's components.
+    HardLink(Vec<String>),
 }
 
 /// Pass 1: every entry checked and recorded.
@@ -213,7 +216,7 @@ impl Index {
                                 .map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
                             index.dockerignores.insert(parts.join("/"), text);
                         }
-                        Kind::File
+                        Kind::File(size)
                     }
                     EntryType::Directory => Kind::Dir,
                     EntryType::Symlink => {
@@ -228,11 +231,11 @@ impl Index {
                     }
                     EntryType::Link => {
                         let target = link_target(&entry, &shown)?;
-                        let target_parts = archive_path(target.as_bytes())
-                            .ok()
-                            .flatten()
-                            .filter(|t| index.nodes.get(&t.join("/")) == Some(&Kind::File));
-                        if target_parts.is_none() {
+                        let target_parts =
+                            archive_path(target.as_bytes()).ok().flatten().filter(|t| {
+                                matches!(index.nodes.get(&t.join("/")), Some(Kind::File(_)))
+                            });
+                        let Some(target_parts) = target_parts else {
                             return Err(unsafe_entry(
                                 &shown,
                                 &format!(
@@ -240,8 +243,8 @@ impl Index {
                                      file of the archive"
                                 ),
                             ));
-                        }
-                        Kind::HardLink
+                        };
+                        Kind::HardLink(target_parts)
                     }
                     EntryType::Char => {
                         return Err(unsafe_entry(&shown, "it is a character device"))
@@ -308,7 +311,7 @@ impl Index {
         match self.nodes.get(&key) {
             None => {}
             Some(Kind::Dir) if node == Kind::Dir => {}
-            Some(Kind::File) if node == Kind::File => {}
+            Some(Kind::File(_)) if matches!(node, Kind::File(_)) => {}
             Some(_) => {
                 return Err(unsafe_entry(
                     shown,
@@ -336,6 +339,75 @@ fn opened_error(over_cap: &Rc<Cell<bool>>, cap: u64, e: io::Error) -> JobError {
     }
 }
 
+impl Index {
+    /// The context-relative rules, judged on the index (no second decompression): caps on what
+    /// is sent, symlinks and hard links staying inside the context. The write pass applies the
+    /// same rules again through the [`Sealer`].
+    fn check_context(
+        &self,
+        context: &[String],
+        ignore: &DockerIgnore,
+        limits: Limits,
+    ) -> Result<(), JobError> {
+        let mut entries: u64 = 0;
+        let mut bytes: u64 = 0;
+        for (key, kind) in &self.nodes {
+            let parts: Vec<String> = key.split('/').map(str::to_owned).collect();
+            let Some(rel) = parts.strip_prefix(context) else {
+                continue;
+            };
+            let rel_name = rel.join("/");
+            if rel.is_empty() || ignore.is_excluded(&rel_name) {
+                continue;
+            }
+            entries += 1;
+            if entries > limits.max_entries {
+                return Err(context::limit(format!(
+                    "the build context has more than {} entries (sources.max_entries)",
+                    limits.max_entries
+                )));
+            }
+            match kind {
+                Kind::Dir => {}
+                Kind::File(size) => {
+                    bytes = bytes.saturating_add(*size);
+                    if bytes > limits.max_context_bytes {
+                        return Err(context::limit(format!(
+                            "the build context holds more than {} bytes \
+                             (sources.max_context_bytes)",
+                            limits.max_context_bytes
+                        )));
+                    }
+                }
+                Kind::Symlink(target) => {
+                    if let Some(why) = symlink_escape(rel, target) {
+                        return Err(unsafe_entry(
+                            &rel_name,
+                            &format!("it is a symlink to {target:?}, which {why}"),
+                        ));
+                    }
+                }
+                Kind::HardLink(target) => {
+                    let inside = target
+                        .strip_prefix(context)
+                        .filter(|t| !ignore.is_excluded(&t.join("/")));
+                    if inside.is_none() {
+                        return Err(unsafe_entry(
+                            &rel_name,
+                            &format!(
+                                "it is a hard link to {:?}, which is outside the context or \
+                                 excluded by .dockerignore",
+                                target.join("/")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl SourceLookup for Index {
     fn lookup(&self, path: &[String]) -> Result<Option<Node>, JobError> {
         if path.is_empty() {
@@ -343,9 +415,9 @@ impl SourceLookup for Index {
         }
         Ok(self.nodes.get(&path.join("/")).map(|kind| match kind {
             Kind::Dir => Node::Dir,
-            Kind::File => Node::File,
+            Kind::File(_) => Node::File,
             Kind::Symlink(target) => Node::Symlink(target.clone()),
-            Kind::HardLink => Node::Other("hard link"),
+            Kind::HardLink(_) => Node::Other("hard link"),
         }))
     }
 

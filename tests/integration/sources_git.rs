@@ -512,3 +512,24 @@ async fn ssh_to_a_host_whose_key_is_not_known_is_refused() {
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert!(err.message.contains("host key"), "{err}");
 }
+
+#[tokio::test]
+async fn a_branch_tip_fetch_brings_only_the_tip_commit() {
+    // Regression: the advertisement probe once let libgit2 fetch all of HEAD's history.
+    let setup = http_setup();
+    let (result, _, ws) = fetch_with(
+        &fetcher(""),
+        &setup.root.path().join("wr"),
+        http_repo(&setup, json!({})),
+    )
+    .await;
+    result.unwrap();
+    let repo = git2::Repository::open_bare(ws.path().join("source.git")).unwrap();
+    assert!(repo.is_shallow());
+    let tip = git2::Oid::from_str(setup.fixture.main_tip()).unwrap();
+    assert!(repo.find_commit(tip).is_ok());
+    for older in &setup.fixture.main[..2] {
+        let oid = git2::Oid::from_str(older).unwrap();
+        assert!(repo.find_commit(oid).is_err(), "{older} was fetched");
+    }
+}

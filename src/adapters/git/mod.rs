@@ -21,6 +21,8 @@
 //!   fetch of a hash that is not advertised needs server options many hosts lack; only when the
 //!   whole branch lacks it are the other branches and tags fetched, to tell "elsewhere" from
 //!   "unknown".
+//! * Submodules: not fetched. Without `repo.submodules` a submodule is sent as an empty
+//!   directory (as `git archive` does); with it, a context holding one fails as `unsupported`.
 //! * Progress is emitted as `Progress` events; cancellation stops the transfer at the next
 //!   packet, and libgit2's connect and I/O timeouts (`git.connect_timeout_secs`,
 //!   `git.io_timeout_secs`) bound a silent server. Bytes received are capped by
@@ -55,6 +57,9 @@ use known_hosts::{HostKeyVerdict, KnownHosts};
 /// Deepening steps when looking for a requested hash below the branch tip; `i32::MAX` is
 /// libgit2's "unshallow" (the whole history).
 const DEEPEN_STEPS: [i32; 3] = [50, 1000, i32::MAX];
+
+/// Matches no ref a server advertises: the advertisement-only first connection wants nothing.
+const PROBE_REFSPEC: &str = "refs/factoryd-probe/none:refs/factoryd-probe/none";
 
 /// The bare repository's directory inside the workspace.
 const REPO_DIR: &str = "source.git";
@@ -252,8 +257,9 @@ impl FetchTask {
                 .map_err(|e| self.local_error(e))?;
             let state = Rc::new(RefCell::new(CallbackState::default()));
             let mut options = self.fetch_options(&state, None);
-            let probe: [&str; 0] = [];
-            let result = remote.download(&probe, Some(&mut options));
+            // With no refspec libgit2 would fetch all of HEAD's history; a refspec that matches
+            // no remote ref makes the download want nothing, so only the refs are exchanged.
+            let result = remote.download(&[PROBE_REFSPEC], Some(&mut options));
             total_bytes += state.borrow().received_bytes;
             result.map_err(|e| self.fetch_error(&e, &state.borrow()))?;
             let heads: BTreeMap<String, Oid> = remote
@@ -350,6 +356,7 @@ impl FetchTask {
             &self.context_dir,
             &self.build_file,
             self.limits,
+            self.repo.submodules,
         )?;
         Ok(GitSource {
             context,

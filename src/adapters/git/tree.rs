@@ -30,6 +30,7 @@ pub fn seal(
     context_dir: &str,
     build_file: &str,
     limits: Limits,
+    submodules: bool,
 ) -> Result<SealedContext, JobError> {
     let repo = open(repo_path)?;
     let commit_obj = repo.find_commit(commit).map_err(internal)?;
@@ -90,6 +91,7 @@ pub fn seal(
         limits,
         mtime,
         extra,
+        submodules,
     };
     // Check every entry now, so an unsafe or oversized tree fails the seal stage, not the build.
     writer.walk(None)?;
@@ -109,6 +111,9 @@ struct GitContext {
     limits: Limits,
     mtime: u64,
     extra: Option<BuildFile>,
+    /// The job asked for submodules, which this worker does not fetch yet: refuse rather
+    /// than silently send empty directories.
+    submodules: bool,
 }
 
 impl GitContext {
@@ -197,7 +202,18 @@ impl GitContext {
                         sealer.add(rel, meta, Entry::Symlink { target })?;
                     }
                 }
-                // A submodule: `git archive` writes an empty directory, and so do we.
+                MODE_COMMIT if self.submodules && !sealer.excluded(rel) => {
+                    return Err(JobError::permanent(
+                        Stage::Seal,
+                        ErrorCode::Unsupported,
+                        format!(
+                            "{:?} is a submodule; fetching submodules (repo.submodules) is not \
+                             supported yet",
+                            rel.join("/")
+                        ),
+                    ));
+                }
+                // A submodule not asked for: `git archive` writes an empty directory, so do we.
                 MODE_COMMIT => sealer.add(rel, dir_meta(self.mtime), Entry::Dir)?,
                 _ => sealer.add(rel, meta, Entry::Special("git object of an unknown mode"))?,
             }
