@@ -9,14 +9,20 @@ packages=(
   # Build: git2 and the TLS stack compile C code; pkg-config finds system libraries.
   build-essential pkg-config
   # Integration: tests spawn the real binary and git fixtures.
-  git
+  git python3
   # Integration (worker_nats): JetStream servers and a 3-node cluster.
   nats-server
   # import_* tests and scripts/bench-import.sh: real registries (distribution), images pushed
   # and inspected with skopeo, htpasswd files for basic auth (import_auth, import_credentials),
   # keys and token signatures for the token service (import_auth::token_auth_*), and Python
   # for the token service and moto's ECR server (import_credentials::ecr_*).
-  docker-registry skopeo apache2-utils openssl python3 python3-venv
+  docker-registry skopeo apache2-utils openssl python3-venv
+  # Build: git2 links the system OpenSSL (https) and libssh2 (ssh); zlib for libgit2 and flate2.
+  libssl-dev libssh2-1-dev zlib1g-dev
+  # Integration (sources_git ssh_* tests): sshd and ssh-keygen.
+  openssh-server openssh-client
+  # Benchmark (scripts/bench-sources.sh): curl | tar xz baseline and GNU time for peak RSS.
+  curl time
 )
 
 missing=()

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::adapters::credentials::OriginCredentials;
 use crate::adapters::nats::{self, ConnectionState, Nats};
 use crate::adapters::oci::RegistryImporter;
+use crate::adapters::sources::SourceFetcher;
 use crate::adapters::unavailable::NotInThisBuild;
 use crate::cli::{ServeArgs, SubmitArgs, ValidateArgs};
 use crate::config::{self, Config, ConfigError};
@@ -94,7 +95,7 @@ pub fn init_logs(config: &Config, env: &HashMap<String, String>) {
 pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobError> {
     let none = Arc::new(NotInThisBuild);
     Ok(Stages {
-        fetcher: none.clone(),
+        fetcher: Arc::new(SourceFetcher::new(config)?),
         builder: none,
         resolver: Arc::new(OriginCredentials::from_config(config)?),
         importer: Arc::new(RegistryImporter::from_config(config)?),
@@ -128,7 +129,12 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     let name = config.worker.name.clone();
     let systemd = Notifier::from_env(env);
     info!(worker = %name, servers = config.nats.servers.len(), "Starting factoryd.");
-    remove_stale_workspaces(&config.worker.work_root);
+    // Workspaces left by a crashed process; each worker owns its work root.
+    match crate::workspace::cleanup_stale(&config.worker.work_root) {
+        Ok(0) => {}
+        Ok(n) => info!(removed = n, "Removed stale workspaces."),
+        Err(e) => warn!(error = %e, "Cannot clean the work root."),
+    }
 
     // The metrics endpoint comes up first, so /healthz answers and /readyz explains while
     // NATS is still out of reach.
@@ -219,25 +225,6 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
         warn!(error = %e, "Cannot flush NATS on exit.");
     }
     ExitCode::SUCCESS
-}
-
-/// Workspaces left by a crashed process are removed at start-up; each worker owns its
-/// `work_root`.
-fn remove_stale_workspaces(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            match std::fs::remove_dir_all(&path) {
-                Ok(()) => info!(path = %path.display(), "Removed a stale workspace."),
-                Err(e) => {
-                    warn!(path = %path.display(), error = %e, "Cannot remove a stale workspace.")
-                }
-            }
-        }
-    }
 }
 
 /// `factoryd submit`.

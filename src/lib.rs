@@ -17,6 +17,10 @@
 //! * [`reference`] — the image reference grammar (docker.io, `library/`, `:latest`, digests).
 //! * [`error`] — [`error::JobError`] and the classes that drive the queue.
 //! * [`pipeline`] — the stages; today the pure disposition (ack / nak / term) decision.
+//! * [`ports`] — the traits stages call; [`adapters`] — their implementations (git, tar.gz).
+//! * [`workspace`] — one private directory per job attempt, removed when the job ends.
+//! * [`context`] — build-context rules: `.dockerignore`, path resolution, the tar stream.
+//! * [`egress`] — which addresses a job may make the worker connect to.
 //! * [`secret`] — a credential type that prints and serialises as `<redacted>`.
 //! * [`problems`] — validation reports with the path of each field at fault.
 //! * [`telemetry`] — logging set-up.
@@ -29,6 +33,7 @@ pub mod adapters;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod egress;
 pub mod error;
 pub mod job;
@@ -43,3 +48,4 @@ pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 pub mod worker;
+pub mod workspace;

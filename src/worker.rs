@@ -33,6 +33,7 @@ use crate::ports::{
     StageContext,
 };
 use crate::telemetry::metrics;
+use crate::workspace::Workspace;
 
 /// The worker's settings, from `[worker]` and the queue's timings.
 #[derive(Debug, Clone)]
@@ -647,26 +648,15 @@ impl Worker {
         events: Arc<dyn EventSink>,
         redactor: Arc<Redactor>,
     ) -> Result<JobOutput, JobError> {
-        let workspace = match create_workspace(&self.settings.work_root, &job.id, attempt) {
-            Ok(path) => path,
-            Err(e) => {
-                return Err(JobError::transient(
-                    Stage::Receive,
-                    ErrorCode::LocalIo,
-                    format!(
-                        "cannot create the job workspace under {}: {e}",
-                        self.settings.work_root.display()
-                    ),
-                ))
-            }
-        };
+        // Removed when dropped, at the end of this function, whatever the outcome.
+        let workspace = Workspace::create(&self.settings.work_root, &job.id)?;
         let cx = StageContext {
             job_id: job.id.clone(),
             attempt,
             cancel: token.clone(),
             events,
             redactor,
-            workspace: workspace.clone(),
+            workspace: workspace.path().to_owned(),
         };
         let timeout = job
             .timeout_secs
@@ -691,7 +681,7 @@ impl Worker {
                 }
             }
         };
-        remove_workspace(&workspace);
+        drop(workspace);
 
         let result = match joined {
             Ok(result) => result,
@@ -847,26 +837,3 @@ impl EventSink for RedactingSink {
         self.inner.emit(event);
     }
 }
-
-fn create_workspace(
-    root: &std::path::Path,
-    job_id: &str,
-    attempt: u32,
-) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::create_dir_all(root)?;
-    let path = root.join(format!("{job_id}.{attempt}.{:08x}", fastrand::u32(..)));
-    std::fs::DirBuilder::new().mode(0o700).create(&path)?;
-    Ok(path)
-}
-
-fn remove_workspace(path: &std::path::Path) {
-    if let Err(e) = std::fs::remove_dir_all(path) {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!(path = %path.display(), error = %e, "Cannot remove a job workspace.");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests;

@@ -27,8 +27,9 @@ pub(super) const ENV_PREFIX: &str = "FACTORYD";
 /// underscores, because keys contain single ones.
 pub(super) const ENV_SEPARATOR: &str = "__";
 /// Keys whose environment value is a comma-separated list.
-pub(super) const ENV_LIST_KEYS: [&str; 3] = [
+pub(super) const ENV_LIST_KEYS: [&str; 4] = [
     "nats.servers",
+    "git.insecure_hosts",
     "registries.insecure",
     "registries.platforms",
 ];

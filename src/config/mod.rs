@@ -211,6 +211,7 @@ pub struct Config {
     pub destination: DestinationConfig,
     pub registries: RegistriesConfig,
     pub git: GitConfig,
+    pub sources: SourcesConfig,
     pub egress: EgressConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
@@ -453,6 +454,29 @@ pub struct GitConfig {
     pub host_key_checking: bool,
     pub known_hosts_file: PathBuf,
     pub unaligned_hash: UnalignedHash,
+    /// `host` or `host:port` entries (lowercase) whose repositories may be fetched over plain
+    /// `http://`; every other host must use `https://` or `ssh://`.
+    pub insecure_hosts: Vec<String>,
+    /// Connecting to a git server (TCP and TLS/SSH handshake).
+    pub connect_timeout: Duration,
+    /// Longest wait for the git server to send or accept data mid-transfer.
+    pub io_timeout: Duration,
+}
+
+/// `[sources]`: caps and timeouts on what a build job fetches and seals.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcesConfig {
+    /// Bytes received from a git server or a tarball server, per job.
+    pub max_fetch_bytes: u64,
+    /// Bytes of file content in a build context (uncompressed), and of a tarball decompressed.
+    pub max_context_bytes: u64,
+    /// Entries (files, directories, links) in a source tree or archive.
+    pub max_entries: u64,
+    /// Path components of any entry.
+    pub max_path_depth: u32,
+    pub download_connect_timeout: Duration,
+    /// Longest wait for the next bytes of a tarball download.
+    pub download_read_timeout: Duration,
 }
 
 /// What to do when a job's commit hash is not the head of the branch it names.
@@ -591,7 +615,37 @@ pub fn validate(raw: RawConfig) -> Result<Config, Problems> {
                 &raw.git.unaligned_hash,
                 UnalignedHash::UseBranchHead,
             ),
+            insecure_hosts: raw
+                .git
+                .insecure_hosts
+                .iter()
+                .enumerate()
+                .map(|(i, entry)| {
+                    if let Err(why) = bare_authority(entry) {
+                        p.push(
+                            format!("git.insecure_hosts[{i}]"),
+                            format!("expected host or host:port ({why}), got {entry:?}"),
+                        );
+                    }
+                    entry.to_ascii_lowercase()
+                })
+                .collect(),
+            connect_timeout: seconds(
+                &mut p,
+                "git.connect_timeout_secs",
+                raw.git.connect_timeout_secs,
+                1,
+                MAX_CONNECT_TIMEOUT_SECS,
+            ),
+            io_timeout: seconds(
+                &mut p,
+                "git.io_timeout_secs",
+                raw.git.io_timeout_secs,
+                1,
+                MAX_DELAY_SECS,
+            ),
         },
+        sources: validate_sources(&raw.sources, &mut p),
         egress: EgressConfig {
             allow_loopback: raw.egress.allow_loopback,
             allow_private: raw.egress.allow_private,
@@ -824,6 +878,43 @@ fn validate_worker(raw: &raw::RawWorker, p: &mut Problems) -> WorkerConfig {
         max_attempts,
         retry_base_delay,
         retry_max_delay,
+    }
+}
+
+fn validate_sources(raw: &raw::RawSources, p: &mut Problems) -> SourcesConfig {
+    let at_least = |p: &mut Problems, path: &str, value: u64, min: u64| {
+        if value < min {
+            p.push(
+                path,
+                format!("expected an integer of at least {min}, got {value}"),
+            );
+        }
+        value.max(min)
+    };
+    SourcesConfig {
+        max_fetch_bytes: at_least(p, "sources.max_fetch_bytes", raw.max_fetch_bytes, 1 << 20),
+        max_context_bytes: at_least(
+            p,
+            "sources.max_context_bytes",
+            raw.max_context_bytes,
+            1 << 20,
+        ),
+        max_entries: at_least(p, "sources.max_entries", raw.max_entries, 1),
+        max_path_depth: in_range(p, "sources.max_path_depth", raw.max_path_depth, 1, 4096),
+        download_connect_timeout: seconds(
+            p,
+            "sources.download_connect_timeout_secs",
+            raw.download_connect_timeout_secs,
+            1,
+            MAX_CONNECT_TIMEOUT_SECS,
+        ),
+        download_read_timeout: seconds(
+            p,
+            "sources.download_read_timeout_secs",
+            raw.download_read_timeout_secs,
+            1,
+            MAX_DELAY_SECS,
+        ),
     }
 }
 

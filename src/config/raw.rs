@@ -24,6 +24,7 @@ pub struct RawConfig {
     pub destination: RawDestination,
     pub registries: RawRegistries,
     pub git: RawGit,
+    pub sources: RawSources,
     pub egress: RawEgress,
     pub metrics: RawMetrics,
     pub log: RawLog,
@@ -191,6 +192,10 @@ pub struct RawGit {
     pub host_key_checking: bool,
     pub known_hosts_file: String,
     pub unaligned_hash: String,
+    /// `host` or `host:port` entries whose repositories may be fetched over plain `http://`.
+    pub insecure_hosts: Vec<String>,
+    pub connect_timeout_secs: u64,
+    pub io_timeout_secs: u64,
 }
 
 impl Default for RawGit {
@@ -199,6 +204,34 @@ impl Default for RawGit {
             host_key_checking: true,
             known_hosts_file: "/etc/factoryd/known_hosts".to_owned(),
             unaligned_hash: "use-branch-head".to_owned(),
+            insecure_hosts: Vec::new(),
+            connect_timeout_secs: 30,
+            io_timeout_secs: 120,
+        }
+    }
+}
+
+/// `[sources]`: caps and timeouts on what a build job fetches and seals.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSources {
+    pub max_fetch_bytes: u64,
+    pub max_context_bytes: u64,
+    pub max_entries: u64,
+    pub max_path_depth: u32,
+    pub download_connect_timeout_secs: u64,
+    pub download_read_timeout_secs: u64,
+}
+
+impl Default for RawSources {
+    fn default() -> Self {
+        RawSources {
+            max_fetch_bytes: 2 << 30,
+            max_context_bytes: 8 << 30,
+            max_entries: 500_000,
+            max_path_depth: 64,
+            download_connect_timeout_secs: 30,
+            download_read_timeout_secs: 120,
         }
     }
 }

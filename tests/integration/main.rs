@@ -5,6 +5,9 @@ mod cli;
 mod import_auth;
 mod import_credentials;
 mod import_transfer;
+mod sources_git;
+mod sources_local;
+mod sources_tarball;
 mod support;
 #[cfg(feature = "test-util")]
 mod worker_nats;

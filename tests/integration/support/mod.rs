@@ -81,3 +81,7 @@ impl Drop for ChildGuard {
         let _ = self.child.wait();
     }
 }
+
+pub mod git_servers;
+pub mod http_files;
+pub mod sources;

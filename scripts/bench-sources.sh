@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Benchmark of factoryd's source fetch+seal (to the end of the context tar stream) against the
+# tools a person would use, measured in the same run on loopback servers:
+#   * git:    a generated 5,000-file / ~50 MB repository served by `git http-backend`
+#             (tests/integration/support/git_http_backend.py), branch tip, vs `git clone --depth 1`;
+#   * tar.gz: a generated 10,000-file archive served by `python3 -m http.server`,
+#             vs `curl | tar xz`.
+# Prints wall times, ratios (targets: <= 0.5x and <= 0.3x) and peak RSS of every side.
+# Usage: scripts/bench-sources.sh [FILES] [TAR_FILES]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+files=${1:-5000}
+tar_files=${2:-10000}
+for tool in git curl tar python3 /usr/bin/time; do
+  command -v "$tool" >/dev/null || { echo "bench-sources: $tool is required"; exit 1; }
+done
+
+echo "== building the fetch_seal example (release)"
+cargo build --release --quiet --example fetch_seal
+bench_bin=target/release/examples/fetch_seal
+
+work=$(mktemp -d /tmp/factoryd-bench.XXXXXX)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  rm -rf "$work" /tmp/factoryd-bench-work
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
+# Runs a command under GNU time; prints "<seconds> <peak RSS KiB>".
+measure() { /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >>"$work/stdout.txt" 2>"$work/err.out" || { cat "$work/err.out"; exit 1; }; cat "$work/time.out"; }
+
+echo "== generating a $files-file git repository (~10 KiB per file)"
+src="$work/src"; mkdir -p "$src"
+python3 - "$src" "$files" <<'PY'
+import os, sys, random
+root, n = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(42)
+alphabet = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 \n{}();=+-*/"
+for i in range(n):
+    d = os.path.join(root, f"pkg{i // 50:03d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"file{i:05d}.txt"), "wb") as f:
+        f.write(bytes(rnd.choice(alphabet) for _ in range(10240)))
+with open(os.path.join(root, "Dockerfile"), "w") as f:
+    f.write("FROM scratch\nCOPY . /\n")
+PY
+export GIT_AUTHOR_NAME=b GIT_AUTHOR_EMAIL=b@example.com GIT_COMMITTER_NAME=b GIT_COMMITTER_EMAIL=b@example.com
+git -C "$src" init -q -b main
+git -C "$src" add -A
+git -C "$src" commit -q -m bench
+mkdir -p "$work/repos"
+git clone -q --bare "$src" "$work/repos/bench.git"
+echo "   repository: $(du -sh "$src" --exclude=.git | cut -f1) in $(git -C "$src" ls-files | wc -l) files"
+
+echo "== generating a $tar_files-file tar.gz"
+tsrc="$work/tsrc"; mkdir -p "$tsrc"
+python3 - "$tsrc" "$tar_files" <<'PY'
+import os, sys, random
+root, n = sys.argv[1], int(sys.argv[2])
+rnd = random.Random(7)
+for i in range(n):
+    d = os.path.join(root, f"dir{i // 100:03d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:05d}.txt"), "wb") as f:
+        f.write(os.urandom(256) + b"x" * rnd.randint(0, 4096))
+with open(os.path.join(root, "Dockerfile"), "w") as f:
+    f.write("FROM scratch\n")
+PY
+mkdir -p "$work/www"
+tar -czf "$work/www/src.tar.gz" -C "$tsrc" .
+echo "   archive: $(du -h "$work/www/src.tar.gz" | cut -f1) compressed, $tar_files files"
+
+git_port=$(free_port)
+python3 tests/integration/support/git_http_backend.py "$git_port" "$work/repos" bench benchpw "$work/http.log" 2>/dev/null &
+pids+=($!)
+www_port=$(free_port)
+(cd "$work/www" && exec python3 -m http.server "$www_port" --bind 127.0.0.1 >/dev/null 2>&1) &
+pids+=($!)
+wait_port "$git_port"; wait_port "$www_port"
+git_url="http://127.0.0.1:$git_port/bench.git"
+tar_url="http://127.0.0.1:$www_port/src.tar.gz"
+
+runs=3
+best() { sort -n | head -1; }
+echo "== git: $runs runs each, best wall time"
+: > "$work/git_clone.txt"; : > "$work/git_factoryd.txt"
+for r in $(seq $runs); do
+  rm -rf "$work/clone"
+  measure git -c credential.helper= clone -q --depth 1 --no-tags "http://bench:benchpw@127.0.0.1:$git_port/bench.git" "$work/clone" >> "$work/git_clone.txt"
+  measure "$bench_bin" --git "$git_url" --user bench --password benchpw >> "$work/git_factoryd.txt"
+done
+echo "== tar.gz: $runs runs each, best wall time"
+: > "$work/tar_curl.txt"; : > "$work/tar_factoryd.txt"
+for r in $(seq $runs); do
+  rm -rf "$work/x"; mkdir -p "$work/x"
+  measure bash -c "curl -s '$tar_url' | tar xz -C '$work/x'" >> "$work/tar_curl.txt"
+  measure "$bench_bin" --targz "$tar_url" >> "$work/tar_factoryd.txt"
+done
+
+report() { # label baseline-file factoryd-file target
+  local base ours ratio
+  base=$(cut -d' ' -f1 "$2" | best); ours=$(cut -d' ' -f1 "$3" | best)
+  ratio=$(python3 -c "print(f'{$ours/$base:.2f}')")
+  printf '%-8s baseline %6.2fs (peak RSS %s KiB)  factoryd %6.2fs (peak RSS %s KiB)  ratio %sx (target <= %sx)\n' \
+    "$1" "$base" "$(cut -d' ' -f2 "$2" | sort -n | tail -1)" "$ours" "$(cut -d' ' -f2 "$3" | sort -n | tail -1)" "$ratio" "$4"
+}
+echo
+echo "== results (best of $runs; RSS is the worst run)"
+report "git" "$work/git_clone.txt" "$work/git_factoryd.txt" 0.5
+report "tar.gz" "$work/tar_curl.txt" "$work/tar_factoryd.txt" 0.3
+echo
+echo "== factoryd's own figures, every run (git first)"
+grep '^fetch+seal' "$work/stdout.txt"

@@ -1,0 +1,589 @@
+//! A downloaded tar.gz as a build source: read entry by entry, checked, never extracted.
+//!
+//! Sealing reads the archive twice, each time a stream from the file in the workspace:
+//!
+//! 1. **index**: every entry is checked against the archive rules and recorded (kind, link
+//!    target); `.dockerignore` files are kept. Refused, with the entry's name: absolute paths,
+//!    `..` components, names that are not UTF-8, symlinks whose target leaves the archive, hard
+//!    links to anything but an earlier file, devices, FIFOs, sparse and unknown entry kinds,
+//!    entries below a symlink or a file, and a path that appears twice as different kinds.
+//!    Caps: entries, path depth, content bytes, and decompressed bytes (a decompression bomb
+//!    stops at the cap, never at the end of its output).
+//! 2. **check** (in memory): `context_dir` and `build_file` are resolved in the index, and the
+//!    context's entries are judged on the index, so that context-relative rules (a symlink
+//!    leaving the context, a hard link to outside it, the caps on what is sent) fail the seal
+//!    stage without decompressing the archive a second time.
+//! 3. **write**: the same walk, writing the tar stream, when the builder asks for it.
+//!
+//! Gzip framing: concatenated members are read as one stream, as `gzip -d` and `tar xz` do.
+//! Bytes after the last member that are not another gzip member are refused ("trailing
+//! data"), and so is anything but zero padding after the tar end-of-archive marker, so nothing
+//! in the file escapes the checks.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use flate2::read::MultiGzDecoder;
+use tar::EntryType;
+
+use crate::context::resolve::{self, Node, SourceLookup, Want};
+use crate::context::{
+    self, symlink_escape, unsafe_entry, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE,
+    MAX_DOCKERIGNORE_BYTES,
+};
+use crate::error::{ErrorCode, JobError, Stage};
+use crate::ports::{ContextWriter, SealedContext};
+use crate::workspace::random_hex;
+
+/// Tar framing allowed on top of the content cap when decompressing: a header and at most a
+/// block of padding per entry, plus extension headers and the end marker.
+const FRAMING_PER_ENTRY: u64 = 2048;
+const FRAMING_FIXED: u64 = 1 << 20;
+
+/// Checks the archive at `path` and seals `context_dir` / `build_file` from it.
+pub fn seal(
+    path: &Path,
+    context_dir: &str,
+    build_file: &str,
+    limits: Limits,
+) -> Result<SealedContext, JobError> {
+    let index = Index::read(path, limits)?;
+    let context = resolve::resolve(&index, context_dir, Want::ContextDir)?;
+    let dockerfile = resolve::resolve(&index, build_file, Want::BuildFile)?;
+    let mut ignore = {
+        let mut key = context.path.clone();
+        key.push(DOCKERIGNORE.to_owned());
+        match index.dockerignores.get(&key.join("/")) {
+            Some(bytes) => DockerIgnore::parse(&String::from_utf8_lossy(bytes)),
+            None => DockerIgnore::default(),
+        }
+    };
+    let (name, reserved) = match dockerfile.path.strip_prefix(context.path.as_slice()) {
+        Some(inside) => {
+            let name = inside.join("/");
+            ignore.keep(&name);
+            (name, None)
+        }
+        None => {
+            let name = format!(".dockerfile.{}", random_hex(10));
+            (name.clone(), Some(name))
+        }
+    };
+    ignore.keep(DOCKERIGNORE);
+    index.check_context(&context.path, &ignore, limits)?;
+    let writer = ArchiveContext {
+        path: path.to_path_buf(),
+        context: context.path,
+        build_file: dockerfile.path,
+        reserved,
+        ignore,
+        limits,
+    };
+    Ok(SealedContext::new(name, Box::new(writer)))
+}
+
+/// The gzip + tar stream of the file, with the decompressed-bytes cap.
+struct Opened {
+    archive: tar::Archive<Capped<MultiGzDecoder<BufReader<File>>>>,
+    over_cap: Rc<Cell<bool>>,
+    cap: u64,
+}
+
+fn open(path: &Path, limits: Limits) -> Result<Opened, JobError> {
+    let file = File::open(path).map_err(|e| {
+        JobError::transient(
+            Stage::Seal,
+            ErrorCode::LocalIo,
+            format!("cannot open the downloaded archive: {e}"),
+        )
+    })?;
+    let cap = limits
+        .max_context_bytes
+        .saturating_add(limits.max_entries.saturating_mul(FRAMING_PER_ENTRY))
+        .saturating_add(FRAMING_FIXED);
+    let over_cap = Rc::new(Cell::new(false));
+    let reader = Capped {
+        inner: MultiGzDecoder::new(BufReader::with_capacity(256 * 1024, file)),
+        left: cap,
+        over: Rc::clone(&over_cap),
+    };
+    Ok(Opened {
+        archive: tar::Archive::new(reader),
+        over_cap,
+        cap,
+    })
+}
+
+/// A reader that fails once more than `left` bytes were asked of it.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+    over: Rc<Cell<bool>>,
+}
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            self.over.set(true);
+            return Err(io::Error::other("decompressed size cap reached"));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
+    Dir,
+    /// A regular file and its size.
+    File(u64),
+    Symlink(String),
+    /// A hard link and its target's components.
+    HardLink(Vec<String>),
+}
+
+/// Pass 1: every entry checked and recorded.
+struct Index {
+    nodes: HashMap<String, Kind>,
+    dockerignores: HashMap<String, Vec<u8>>,
+}
+
+impl Index {
+    fn read(path: &Path, limits: Limits) -> Result<Index, JobError> {
+        let mut opened = open(path, limits)?;
+        let mut index = Index {
+            nodes: HashMap::new(),
+            dockerignores: HashMap::new(),
+        };
+        let mut entries_seen: u64 = 0;
+        let mut content_bytes: u64 = 0;
+        {
+            let entries = opened
+                .archive
+                .entries()
+                .map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
+            for entry in entries {
+                let mut entry = entry.map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
+                let kind = entry.header().entry_type();
+                if matches!(
+                    kind,
+                    EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName
+                ) {
+                    continue;
+                }
+                let raw_name = entry.path_bytes().into_owned();
+                let shown = String::from_utf8_lossy(&raw_name).into_owned();
+                let Some(parts) =
+                    archive_path(&raw_name).map_err(|why| unsafe_entry(&shown, why))?
+                else {
+                    continue;
+                };
+                entries_seen += 1;
+                if entries_seen > limits.max_entries {
+                    return Err(context::limit(format!(
+                        "the archive has more than {} entries (sources.max_entries)",
+                        limits.max_entries
+                    )));
+                }
+                if parts.len() > limits.max_path_depth as usize {
+                    return Err(context::limit(format!(
+                        "{shown:?} is more than {} directories deep (sources.max_path_depth)",
+                        limits.max_path_depth
+                    )));
+                }
+                let node = match kind {
+                    EntryType::Regular | EntryType::Continuous => {
+                        let size = entry.header().size().unwrap_or(0);
+                        content_bytes = content_bytes.saturating_add(size);
+                        if content_bytes > limits.max_context_bytes {
+                            return Err(context::limit(format!(
+                                "the archive holds more than {} bytes of files \
+                                 (sources.max_context_bytes)",
+                                limits.max_context_bytes
+                            )));
+                        }
+                        if parts.last().is_some_and(|n| n == DOCKERIGNORE)
+                            && size <= MAX_DOCKERIGNORE_BYTES
+                        {
+                            let mut text = Vec::with_capacity(size as usize);
+                            entry
+                                .read_to_end(&mut text)
+                                .map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
+                            index.dockerignores.insert(parts.join("/"), text);
+                        }
+                        Kind::File(size)
+                    }
+                    EntryType::Directory => Kind::Dir,
+                    EntryType::Symlink => {
+                        let target = link_target(&entry, &shown)?;
+                        if let Some(why) = symlink_escape(&parts, &target) {
+                            return Err(unsafe_entry(
+                                &shown,
+                                &format!("it is a symlink to {target:?}, which {why}"),
+                            ));
+                        }
+                        Kind::Symlink(target)
+                    }
+                    EntryType::Link => {
+                        let target = link_target(&entry, &shown)?;
+                        let target_parts =
+                            archive_path(target.as_bytes()).ok().flatten().filter(|t| {
+                                matches!(index.nodes.get(&t.join("/")), Some(Kind::File(_)))
+                            });
+                        let Some(target_parts) = target_parts else {
+                            return Err(unsafe_entry(
+                                &shown,
+                                &format!(
+                                    "it is a hard link to {target:?}, which is not an earlier \
+                                     file of the archive"
+                                ),
+                            ));
+                        };
+                        Kind::HardLink(target_parts)
+                    }
+                    EntryType::Char => {
+                        return Err(unsafe_entry(&shown, "it is a character device"))
+                    }
+                    EntryType::Block => return Err(unsafe_entry(&shown, "it is a block device")),
+                    EntryType::Fifo => return Err(unsafe_entry(&shown, "it is a FIFO")),
+                    other => {
+                        return Err(unsafe_entry(
+                            &shown,
+                            &format!(
+                                "its entry type {:?} is not supported",
+                                other.as_byte() as char
+                            ),
+                        ))
+                    }
+                };
+                index.insert(&parts, node, &shown)?;
+            }
+        }
+        // What follows the end-of-archive marker must be zero padding; reading it to the end
+        // also makes the gzip decoder meet any trailing garbage.
+        let mut rest = opened.archive.into_inner();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match rest.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => return Err(opened_error(&opened.over_cap, opened.cap, e)),
+            };
+            if buf[..n].iter().any(|b| *b != 0) {
+                return Err(JobError::permanent(
+                    Stage::Seal,
+                    ErrorCode::UnsafeSource,
+                    "the archive has data after the tar end-of-archive marker",
+                ));
+            }
+        }
+        Ok(index)
+    }
+
+    fn insert(&mut self, parts: &[String], node: Kind, shown: &str) -> Result<(), JobError> {
+        for i in 1..parts.len() {
+            let parent = parts[..i].join("/");
+            match self.nodes.get(&parent) {
+                None => {
+                    self.nodes.insert(parent, Kind::Dir);
+                }
+                Some(Kind::Dir) => {}
+                Some(Kind::Symlink(_)) => {
+                    return Err(unsafe_entry(
+                        shown,
+                        &format!("it lies below {parent:?}, which is a symlink"),
+                    ))
+                }
+                Some(_) => {
+                    return Err(unsafe_entry(
+                        shown,
+                        &format!("it lies below {parent:?}, which is a file"),
+                    ))
+                }
+            }
+        }
+        let key = parts.join("/");
+        match self.nodes.get(&key) {
+            None => {}
+            Some(Kind::Dir) if node == Kind::Dir => {}
+            Some(Kind::File(_)) if matches!(node, Kind::File(_)) => {}
+            Some(_) => {
+                return Err(unsafe_entry(
+                    shown,
+                    "the path appears twice in the archive as different kinds (or as a symlink)",
+                ))
+            }
+        }
+        self.nodes.insert(key, node);
+        Ok(())
+    }
+}
+
+fn opened_error(over_cap: &Rc<Cell<bool>>, cap: u64, e: io::Error) -> JobError {
+    if over_cap.get() {
+        context::limit(format!(
+            "the archive decompresses to more than {cap} bytes (sources.max_context_bytes plus \
+             tar framing); stopped there"
+        ))
+    } else {
+        JobError::permanent(
+            Stage::Seal,
+            ErrorCode::InvalidJob,
+            format!("the archive is not a valid tar.gz: {e}"),
+        )
+    }
+}
+
+impl Index {
+    /// The context-relative rules, judged on the index (no second decompression): caps on what
+    /// is sent, symlinks and hard links staying inside the context. The write pass applies the
+    /// same rules again through the [`Sealer`].
+    fn check_context(
+        &self,
+        context: &[String],
+        ignore: &DockerIgnore,
+        limits: Limits,
+    ) -> Result<(), JobError> {
+        let mut entries: u64 = 0;
+        let mut bytes: u64 = 0;
+        for (key, kind) in &self.nodes {
+            let parts: Vec<String> = key.split('/').map(str::to_owned).collect();
+            let Some(rel) = parts.strip_prefix(context) else {
+                continue;
+            };
+            let rel_name = rel.join("/");
+            if rel.is_empty() || ignore.is_excluded(&rel_name) {
+                continue;
+            }
+            entries += 1;
+            if entries > limits.max_entries {
+                return Err(context::limit(format!(
+                    "the build context has more than {} entries (sources.max_entries)",
+                    limits.max_entries
+                )));
+            }
+            match kind {
+                Kind::Dir => {}
+                Kind::File(size) => {
+                    bytes = bytes.saturating_add(*size);
+                    if bytes > limits.max_context_bytes {
+                        return Err(context::limit(format!(
+                            "the build context holds more than {} bytes \
+                             (sources.max_context_bytes)",
+                            limits.max_context_bytes
+                        )));
+                    }
+                }
+                Kind::Symlink(target) => {
+                    if let Some(why) = symlink_escape(rel, target) {
+                        return Err(unsafe_entry(
+                            &rel_name,
+                            &format!("it is a symlink to {target:?}, which {why}"),
+                        ));
+                    }
+                }
+                Kind::HardLink(target) => {
+                    let inside = target
+                        .strip_prefix(context)
+                        .filter(|t| !ignore.is_excluded(&t.join("/")));
+                    if inside.is_none() {
+                        return Err(unsafe_entry(
+                            &rel_name,
+                            &format!(
+                                "it is a hard link to {:?}, which is outside the context or \
+                                 excluded by .dockerignore",
+                                target.join("/")
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SourceLookup for Index {
+    fn lookup(&self, path: &[String]) -> Result<Option<Node>, JobError> {
+        if path.is_empty() {
+            return Ok(Some(Node::Dir));
+        }
+        Ok(self.nodes.get(&path.join("/")).map(|kind| match kind {
+            Kind::Dir => Node::Dir,
+            Kind::File(_) => Node::File,
+            Kind::Symlink(target) => Node::Symlink(target.clone()),
+            Kind::HardLink(_) => Node::Other("hard link"),
+        }))
+    }
+
+    fn list(&self, dir: &[String]) -> Vec<String> {
+        let prefix = if dir.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", dir.join("/"))
+        };
+        self.nodes
+            .keys()
+            .filter_map(|k| k.strip_prefix(&prefix))
+            .filter(|rest| !rest.is_empty() && !rest.contains('/'))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The components of an entry's name; `None` for the archive root (`./`).
+fn archive_path(raw: &[u8]) -> Result<Option<Vec<String>>, &'static str> {
+    let text = std::str::from_utf8(raw).map_err(|_| "its name is not UTF-8")?;
+    if text.starts_with('/') {
+        return Err("it has an absolute path");
+    }
+    if text.contains('\0') {
+        return Err("its name holds a NUL byte");
+    }
+    let parts: Vec<String> = text
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .map(str::to_owned)
+        .collect();
+    if parts.iter().any(|p| p == "..") {
+        return Err("its path has a '..' component");
+    }
+    Ok((!parts.is_empty()).then_some(parts))
+}
+
+fn link_target<R: Read>(entry: &tar::Entry<'_, R>, shown: &str) -> Result<String, JobError> {
+    let target = entry
+        .link_name_bytes()
+        .ok_or_else(|| unsafe_entry(shown, "it is a link without a target"))?;
+    String::from_utf8(target.into_owned())
+        .map_err(|_| unsafe_entry(shown, "its link target is not UTF-8"))
+}
+
+/// Passes 2 and 3: the context below `context`, from the archive's entries.
+struct ArchiveContext {
+    path: PathBuf,
+    context: Vec<String>,
+    build_file: Vec<String>,
+    /// The reserved name of a build file outside the context.
+    reserved: Option<String>,
+    ignore: DockerIgnore,
+    limits: Limits,
+}
+
+impl ArchiveContext {
+    fn walk(&self, out: Option<&mut dyn Write>) -> Result<u64, JobError> {
+        let mut opened = open(&self.path, self.limits)?;
+        let over_cap = Rc::clone(&opened.over_cap);
+        let cap = opened.cap;
+        let mut sealer = match out {
+            Some(out) => Sealer::write(self.ignore.clone(), self.limits, true, out),
+            None => Sealer::check(self.ignore.clone(), self.limits, true),
+        };
+        let entries = opened
+            .archive
+            .entries()
+            .map_err(|e| opened_error(&over_cap, cap, e))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| opened_error(&over_cap, cap, e))?;
+            let kind = entry.header().entry_type();
+            if matches!(
+                kind,
+                EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName
+            ) {
+                continue;
+            }
+            let raw_name = entry.path_bytes().into_owned();
+            let shown = String::from_utf8_lossy(&raw_name).into_owned();
+            let Some(parts) = archive_path(&raw_name).map_err(|why| unsafe_entry(&shown, why))?
+            else {
+                continue;
+            };
+            let meta = Meta {
+                mode: entry.header().mode().unwrap_or(0o644),
+                mtime: entry.header().mtime().unwrap_or(0),
+            };
+            if let Some(reserved) = &self.reserved {
+                if parts == self.build_file {
+                    let size = entry.header().size().unwrap_or(0);
+                    sealer.add_build_file(reserved, meta, size, &mut entry)?;
+                    continue;
+                }
+            }
+            let Some(rel) = parts.strip_prefix(self.context.as_slice()) else {
+                continue;
+            };
+            if rel.is_empty() {
+                continue;
+            }
+            match kind {
+                EntryType::Directory => sealer.add(rel, meta, Entry::Dir)?,
+                EntryType::Regular | EntryType::Continuous => {
+                    let size = entry.header().size().unwrap_or(0);
+                    sealer.add(
+                        rel,
+                        meta,
+                        Entry::File {
+                            size,
+                            content: &mut entry,
+                        },
+                    )?
+                }
+                EntryType::Symlink => {
+                    let target = link_target(&entry, &shown)?;
+                    sealer.add(rel, meta, Entry::Symlink { target })?
+                }
+                EntryType::Link => {
+                    let target = link_target(&entry, &shown)?;
+                    let target_parts = archive_path(target.as_bytes())
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default();
+                    let Some(inside) = target_parts.strip_prefix(self.context.as_slice()) else {
+                        return Err(unsafe_entry(
+                            &shown,
+                            &format!("it is a hard link to {target:?}, outside the context"),
+                        ));
+                    };
+                    sealer.add(
+                        rel,
+                        meta,
+                        Entry::HardLink {
+                            target: inside.to_vec(),
+                        },
+                    )?
+                }
+                _ => sealer.add(rel, meta, Entry::Special("special file"))?,
+            }
+        }
+        sealer.finish()
+    }
+}
+
+impl ContextWriter for ArchiveContext {
+    fn write_tar(&self, out: &mut dyn Write) -> Result<u64, JobError> {
+        self.walk(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn archive_paths_refuse_absolute_and_parent_components() {
+        assert_eq!(
+            archive_path(b"./a/b").unwrap(),
+            Some(vec!["a".into(), "b".into()])
+        );
+        assert_eq!(archive_path(b"./").unwrap(), None);
+        assert!(archive_path(b"/etc/passwd").is_err());
+        assert!(archive_path(b"a/../../x").is_err());
+        assert!(archive_path(b"a/..").is_err());
+        assert!(archive_path(&[0xff, b'a']).is_err());
+    }
+}

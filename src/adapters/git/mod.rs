@@ -1,0 +1,832 @@
+//! Git sources through libgit2 (git2): fetch a job's revision into a bare repository in its
+//! workspace, then seal the commit's tree into a build context (ARCHITECTURE §3, §6).
+//!
+//! What this module guarantees:
+//!
+//! * Transports: `https` and `ssh`; `http` only for hosts in `git.insecure_hosts`. The job's
+//!   URL was already limited to those schemes (and scp-like `user@host:path`) at decode time;
+//!   `file://`, local paths and remote helpers never get here. Off-site redirects are not
+//!   followed, and the host is checked against the egress policy before connecting.
+//! * Credentials go only to the host the job named (the URL in the credential callback is
+//!   checked), each kind at most once per connection: a refused password or key fails the job
+//!   as `auth_failed` instead of looping. SSH keys stay in memory.
+//! * SSH host keys are checked against `git.known_hosts_file` unless
+//!   `git.host_key_checking = false`.
+//! * Revision rules: no branch → the remote's default branch; a tag → the tagged commit; a hash
+//!   reachable from the branch tip → that commit; a hash elsewhere in the repository → the
+//!   branch tip with `fallback = true` and a warning (or an error under
+//!   `git.unaligned_hash = "fail"`); an unknown branch, tag or hash → permanent `not_found`.
+//! * Fetch size: depth 1 for a branch tip or a tag. For a hash, the branch is deepened in steps
+//!   (50, 1,000 commits, then the full branch) until the hash shows up, because a shallow
+//!   fetch of a hash that is not advertised needs server options many hosts lack; only when the
+//!   whole branch lacks it are the other branches and tags fetched, to tell "elsewhere" from
+//!   "unknown".
+//! * Submodules: not fetched. Without `repo.submodules` a submodule is sent as an empty
+//!   directory (as `git archive` does); with it, a context holding one fails as `unsupported`.
+//! * Progress is emitted as `Progress` events; cancellation stops the transfer at the next
+//!   packet, and libgit2's connect and I/O timeouts (`git.connect_timeout_secs`,
+//!   `git.io_timeout_secs`) bound a silent server. Bytes received are capped by
+//!   `sources.max_fetch_bytes`.
+//!
+//! Must not: write a checkout, run a git subprocess, read the node's git configuration (the
+//! search paths are emptied at start), or put a credential or URL userinfo in an error.
+
+pub mod known_hosts;
+mod tree;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::{Arc, Once};
+use std::time::{Duration, Instant};
+
+use git2::{
+    AutotagOption, CertificateCheckStatus, Cred, CredentialType, FetchOptions, Oid,
+    RemoteCallbacks, RemoteRedirect, Repository, RepositoryInitOptions,
+};
+
+use crate::config::{GitConfig, UnalignedHash};
+use crate::context::Limits;
+use crate::egress::EgressPolicy;
+use crate::error::{ErrorCode, JobError, Stage};
+use crate::job::{GitAuth, GitRef, GitRepo, GitTransport, JobEvent, Revision};
+use crate::ports::{EventSink, SealedContext, StageContext};
+use known_hosts::{HostKeyVerdict, KnownHosts};
+
+/// Deepening steps when looking for a requested hash below the branch tip; `i32::MAX` is
+/// libgit2's "unshallow" (the whole history).
+const DEEPEN_STEPS: [i32; 3] = [50, 1000, i32::MAX];
+
+/// Matches no ref a server advertises: the advertisement-only first connection wants nothing.
+const PROBE_REFSPEC: &str = "refs/factoryd-probe/none:refs/factoryd-probe/none";
+
+/// The bare repository's directory inside the workspace.
+const REPO_DIR: &str = "source.git";
+
+/// Minimum time between two progress events.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Fetches git sources; one per worker, shared by jobs.
+#[derive(Debug, Clone)]
+pub struct GitFetcher {
+    config: GitConfig,
+    policy: EgressPolicy,
+    max_fetch_bytes: u64,
+    limits: Limits,
+}
+
+/// A fetched and sealed git source.
+pub struct GitSource {
+    pub context: SealedContext,
+    pub revision: Revision,
+    pub fetched_bytes: u64,
+}
+
+impl GitFetcher {
+    pub fn new(
+        config: GitConfig,
+        policy: EgressPolicy,
+        max_fetch_bytes: u64,
+        limits: Limits,
+    ) -> GitFetcher {
+        init_libgit2(config.connect_timeout, config.io_timeout);
+        GitFetcher {
+            config,
+            policy,
+            max_fetch_bytes,
+            limits,
+        }
+    }
+
+    /// Fetches `repo` into the workspace and seals `context_dir` / `build_file` of the commit.
+    pub async fn fetch(
+        &self,
+        repo: &GitRepo,
+        context_dir: &str,
+        build_file: &str,
+        cx: &StageContext,
+    ) -> Result<GitSource, JobError> {
+        let remote = &repo.remote;
+        if remote.transport == GitTransport::Http && !self.is_insecure_host(repo) {
+            return Err(JobError::permanent(
+                Stage::Fetch,
+                ErrorCode::Unsupported,
+                format!(
+                    "plain http:// is refused for {}: use https:// or ssh://, or list the host \
+                     in git.insecure_hosts",
+                    remote.host
+                ),
+            ));
+        }
+        let port = remote.port.unwrap_or(match remote.transport {
+            GitTransport::Https => 443,
+            GitTransport::Http => 80,
+            GitTransport::Ssh => 22,
+        });
+        self.policy
+            .resolve(&remote.host, port)
+            .await
+            .map_err(|e| e.into_job_error(Stage::Fetch))?;
+        let known_hosts = if remote.transport == GitTransport::Ssh && self.config.host_key_checking
+        {
+            let path = &self.config.known_hosts_file;
+            let text = tokio::fs::read_to_string(path).await.map_err(|e| {
+                JobError::transient(
+                    Stage::Fetch,
+                    ErrorCode::LocalIo,
+                    format!(
+                        "cannot read git.known_hosts_file {}: {e}; SSH host keys cannot be \
+                         checked",
+                        path.display()
+                    ),
+                )
+            })?;
+            Some(KnownHosts::parse(&text))
+        } else {
+            None
+        };
+
+        let task = FetchTask {
+            repo: repo.clone(),
+            port,
+            known_hosts,
+            unaligned: self.config.unaligned_hash,
+            max_fetch_bytes: self.max_fetch_bytes,
+            limits: self.limits,
+            repo_path: cx.workspace.join(REPO_DIR),
+            context_dir: context_dir.to_owned(),
+            build_file: build_file.to_owned(),
+            cx: cx.clone(),
+        };
+        // libgit2 blocks; the task watches `cx.cancel` from its progress callback. It is always
+        // awaited, so when this returns nothing writes into the workspace any more.
+        tokio::task::spawn_blocking(move || task.run())
+            .await
+            .map_err(|e| {
+                JobError::transient(
+                    Stage::Fetch,
+                    ErrorCode::Internal,
+                    format!("the git fetch task failed: {e}"),
+                )
+            })?
+    }
+
+    fn is_insecure_host(&self, repo: &GitRepo) -> bool {
+        let host = repo.remote.host.to_ascii_lowercase();
+        let with_port = repo.remote.port.map(|p| format!("{host}:{p}"));
+        self.config
+            .insecure_hosts
+            .iter()
+            .any(|h| *h == host || Some(h) == with_port.as_ref())
+    }
+}
+
+/// Sets libgit2's process-wide options once: server timeouts, and no configuration search path,
+/// so a node's `~/.gitconfig` or `/etc/gitconfig` (`insteadOf`, proxies, `sslVerify`) cannot
+/// change what a job fetches.
+fn init_libgit2(connect_timeout: Duration, io_timeout: Duration) {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        let ms = |d: Duration| i32::try_from(d.as_millis()).unwrap_or(i32::MAX);
+        #[allow(unsafe_code)]
+        // SAFETY: these calls only store integers and strings in libgit2's global settings.
+        // `Once` makes them run once, before this adapter's first fetch; git2 marks them unsafe
+        // because they race with libgit2 calls on other threads, and none of this process's
+        // other git2 users (none today) run before a `GitFetcher` is built at start-up.
+        unsafe {
+            let _ = git2::opts::set_server_connect_timeout_in_milliseconds(ms(connect_timeout));
+            let _ = git2::opts::set_server_timeout_in_milliseconds(ms(io_timeout));
+            for level in [
+                git2::ConfigLevel::ProgramData,
+                git2::ConfigLevel::System,
+                git2::ConfigLevel::XDG,
+                git2::ConfigLevel::Global,
+            ] {
+                let _ = git2::opts::set_search_path(level, "");
+            }
+        }
+    });
+}
+
+/// Everything the blocking fetch needs, owned.
+struct FetchTask {
+    repo: GitRepo,
+    port: u16,
+    known_hosts: Option<KnownHosts>,
+    unaligned: UnalignedHash,
+    max_fetch_bytes: u64,
+    limits: Limits,
+    repo_path: PathBuf,
+    context_dir: String,
+    build_file: String,
+    cx: StageContext,
+}
+
+/// What the callbacks of one connection saw, to classify a libgit2 failure precisely.
+#[derive(Default)]
+struct CallbackState {
+    cancelled: bool,
+    over_cap: bool,
+    auth_refused: bool,
+    no_credentials: bool,
+    /// A host other than the job's asked for credentials (after a redirect).
+    other_host: Option<String>,
+    host_key: Option<String>,
+    asked: Vec<CredentialType>,
+    received_bytes: u64,
+}
+
+impl FetchTask {
+    fn run(self) -> Result<GitSource, JobError> {
+        let repo = Repository::init_opts(
+            &self.repo_path,
+            RepositoryInitOptions::new()
+                .bare(true)
+                .mkdir(true)
+                .external_template(false),
+        )
+        .map_err(|e| self.local_error(e))?;
+        let mut total_bytes = 0;
+
+        // Phase 1: the advertisement alone (a download that wants nothing), to learn the
+        // default branch and which refs exist before choosing what to fetch.
+        let advertised = {
+            let mut remote = repo
+                .remote_anonymous(&self.repo.url)
+                .map_err(|e| self.local_error(e))?;
+            let state = Rc::new(RefCell::new(CallbackState::default()));
+            let mut options = self.fetch_options(&state, None);
+            // With no refspec libgit2 would fetch all of HEAD's history; a refspec that matches
+            // no remote ref makes the download want nothing, so only the refs are exchanged.
+            let result = remote.download(&[PROBE_REFSPEC], Some(&mut options));
+            total_bytes += state.borrow().received_bytes;
+            result.map_err(|e| self.fetch_error(&e, &state.borrow()))?;
+            let heads: BTreeMap<String, Oid> = remote
+                .list()
+                .map_err(|e| self.fetch_error(&e, &state.borrow()))?
+                .iter()
+                .map(|h| (h.name().to_owned(), h.oid()))
+                .collect();
+            let default = remote
+                .default_branch()
+                .ok()
+                .and_then(|b| b.as_str().ok().map(str::to_owned));
+            let _ = remote.disconnect();
+            Advertised { heads, default }
+        };
+
+        let branch = match &self.repo.branch {
+            Some(branch) => branch.clone(),
+            None => advertised.default_branch().ok_or_else(|| {
+                JobError::permanent(
+                    Stage::Fetch,
+                    ErrorCode::NotFound,
+                    "the repository has no default branch (is it empty?)",
+                )
+            })?,
+        };
+        let branch_ref = format!("refs/heads/{branch}");
+        let tip = *advertised.heads.get(&branch_ref).ok_or_else(|| {
+            JobError::permanent(
+                Stage::Fetch,
+                ErrorCode::NotFound,
+                format!("branch {branch:?} not found in the repository"),
+            )
+        })?;
+        let branch_spec = format!("+{branch_ref}:refs/factoryd/branch");
+
+        let mut revision = Revision {
+            commit: tip.to_string(),
+            branch: branch.clone(),
+            tag: None,
+            requested_hash: None,
+            fallback: false,
+        };
+        let commit = match &self.repo.git_ref {
+            None => {
+                total_bytes += self.fetch(&repo, &[&branch_spec], 1)?;
+                tip
+            }
+            Some(GitRef::Tag(tag)) => {
+                let tag_ref = format!("refs/tags/{tag}");
+                let tag_oid = *advertised.heads.get(&tag_ref).ok_or_else(|| {
+                    JobError::permanent(
+                        Stage::Fetch,
+                        ErrorCode::NotFound,
+                        format!("tag {tag:?} not found in the repository"),
+                    )
+                })?;
+                total_bytes += self.fetch(&repo, &[&format!("+{tag_ref}:{tag_ref}")], 1)?;
+                let commit = repo
+                    .find_object(tag_oid, None)
+                    .and_then(|o| o.peel_to_commit())
+                    .map_err(|_| {
+                        JobError::permanent(
+                            Stage::Fetch,
+                            ErrorCode::NotFound,
+                            format!("tag {tag:?} does not point to a commit"),
+                        )
+                    })?;
+                revision.tag = Some(tag.clone());
+                commit.id()
+            }
+            Some(GitRef::Hash(hash)) => {
+                revision.requested_hash = Some(hash.clone());
+                let wanted = Oid::from_str(hash).map_err(|_| {
+                    JobError::permanent(
+                        Stage::Fetch,
+                        ErrorCode::InvalidJob,
+                        format!("{hash:?} is not a commit hash"),
+                    )
+                })?;
+                let (commit, bytes) =
+                    self.fetch_hash(&repo, &advertised, &branch, &branch_spec, tip, wanted)?;
+                total_bytes += bytes;
+                revision.fallback = commit != wanted;
+                commit
+            }
+        };
+        revision.commit = commit.to_string();
+        drop(repo);
+
+        let context = tree::seal(
+            &self.repo_path,
+            commit,
+            &self.context_dir,
+            &self.build_file,
+            self.limits,
+            self.repo.submodules,
+        )?;
+        Ok(GitSource {
+            context,
+            revision,
+            fetched_bytes: total_bytes,
+        })
+    }
+
+    /// Fetches the branch deeper and deeper until `wanted` is reachable from `tip`. Returns the
+    /// commit to build (`wanted`, or `tip` on fallback) and the bytes received.
+    fn fetch_hash(
+        &self,
+        repo: &Repository,
+        advertised: &Advertised,
+        branch: &str,
+        branch_spec: &str,
+        tip: Oid,
+        wanted: Oid,
+    ) -> Result<(Oid, u64), JobError> {
+        let mut bytes = 0;
+        if wanted == tip {
+            bytes += self.fetch(repo, &[branch_spec], 1)?;
+            return Ok((tip, bytes));
+        }
+        for depth in DEEPEN_STEPS {
+            bytes += self.fetch(repo, &[branch_spec], depth)?;
+            if reachable(repo, tip, wanted) {
+                return Ok((wanted, bytes));
+            }
+        }
+        // Not on the branch: does the repository have it at all?
+        let exists = advertised.heads.values().any(|oid| *oid == wanted) || {
+            bytes += self.fetch(
+                repo,
+                &[
+                    "+refs/heads/*:refs/factoryd/heads/*",
+                    "+refs/tags/*:refs/factoryd/tags/*",
+                ],
+                0,
+            )?;
+            repo.find_commit(wanted).is_ok()
+        };
+        let hash = wanted.to_string();
+        if !exists {
+            return Err(JobError::permanent(
+                Stage::Fetch,
+                ErrorCode::NotFound,
+                format!("commit {hash} not found in the repository"),
+            ));
+        }
+        match self.unaligned {
+            UnalignedHash::Fail => Err(JobError::permanent(
+                Stage::Fetch,
+                ErrorCode::InvalidJob,
+                format!(
+                    "commit {hash} is not on branch {branch:?} (git.unaligned_hash = \"fail\")"
+                ),
+            )),
+            UnalignedHash::UseBranchHead => {
+                self.cx.emit(JobEvent::Warning {
+                    code: "revision_fallback".to_owned(),
+                    message: format!(
+                        "commit {hash} is not on branch {branch:?}; building the branch's \
+                         latest commit {tip} instead"
+                    ),
+                });
+                Ok((tip, bytes))
+            }
+        }
+    }
+
+    /// One fetch of `specs` (depth 0: as deep as the refs go). Returns the bytes received.
+    fn fetch(&self, repo: &Repository, specs: &[&str], depth: i32) -> Result<u64, JobError> {
+        let mut remote = repo
+            .remote_anonymous(&self.repo.url)
+            .map_err(|e| self.local_error(e))?;
+        let state = Rc::new(RefCell::new(CallbackState::default()));
+        let mut options = self.fetch_options(&state, Some(depth));
+        let result = remote.fetch(specs, Some(&mut options), None);
+        let received = state.borrow().received_bytes;
+        result.map_err(|e| self.fetch_error(&e, &state.borrow()))?;
+        Ok(received)
+    }
+
+    fn fetch_options<'a>(
+        &'a self,
+        state: &Rc<RefCell<CallbackState>>,
+        depth: Option<i32>,
+    ) -> FetchOptions<'a> {
+        let mut callbacks = RemoteCallbacks::new();
+
+        let creds_state = Rc::clone(state);
+        callbacks.credentials(move |url, username_from_url, allowed| {
+            self.credentials(
+                &mut creds_state.borrow_mut(),
+                url,
+                username_from_url,
+                allowed,
+            )
+        });
+
+        let cert_state = Rc::clone(state);
+        callbacks.certificate_check(move |cert, host| {
+            let Some(hostkey) = cert.as_hostkey() else {
+                // TLS: libgit2 has verified the chain and name with OpenSSL; keep its verdict.
+                return Ok(CertificateCheckStatus::CertificatePassthrough);
+            };
+            let Some(known) = &self.known_hosts else {
+                return Ok(CertificateCheckStatus::CertificateOk);
+            };
+            let key = hostkey.hostkey().unwrap_or_default();
+            let verdict = known.check(host, self.port, key);
+            let problem = match verdict {
+                HostKeyVerdict::Known => return Ok(CertificateCheckStatus::CertificateOk),
+                HostKeyVerdict::Unknown => "is not in git.known_hosts_file",
+                HostKeyVerdict::Mismatch => {
+                    "does not match git.known_hosts_file (the key changed, or someone is in \
+                     the middle)"
+                }
+                HostKeyVerdict::Revoked => "is marked @revoked in git.known_hosts_file",
+            };
+            let message = format!("the SSH host key of {host} {problem}");
+            cert_state.borrow_mut().host_key = Some(message.clone());
+            Err(git2::Error::from_str(&message))
+        });
+
+        let progress_state = Rc::clone(state);
+        let cancel = self.cx.cancel.clone();
+        let events: Arc<dyn EventSink> = Arc::clone(&self.cx.events);
+        let cap = self.max_fetch_bytes;
+        let mut last_emit: Option<Instant> = None;
+        callbacks.transfer_progress(move |progress| {
+            let mut state = progress_state.borrow_mut();
+            state.received_bytes = progress.received_bytes() as u64;
+            if cancel.is_cancelled() {
+                state.cancelled = true;
+                return false;
+            }
+            if state.received_bytes > cap {
+                state.over_cap = true;
+                return false;
+            }
+            let done = progress.received_objects() == progress.total_objects();
+            if done || last_emit.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+                last_emit = Some(Instant::now());
+                events.emit(JobEvent::Progress {
+                    stage: Stage::Fetch,
+                    item: "objects".to_owned(),
+                    done_bytes: state.received_bytes,
+                    total_bytes: None,
+                });
+            }
+            true
+        });
+        // Cancellation before the pack starts (negotiation) is noticed here too.
+        let sideband_cancel = self.cx.cancel.clone();
+        let sideband_state = Rc::clone(state);
+        callbacks.sideband_progress(move |_| {
+            if sideband_cancel.is_cancelled() {
+                sideband_state.borrow_mut().cancelled = true;
+                return false;
+            }
+            true
+        });
+
+        let mut options = FetchOptions::new();
+        options
+            .remote_callbacks(callbacks)
+            .follow_redirects(RemoteRedirect::None)
+            .download_tags(AutotagOption::None)
+            .update_fetchhead(false);
+        if let Some(depth) = depth {
+            options.depth(depth);
+        }
+        options
+    }
+
+    fn credentials(
+        &self,
+        state: &mut CallbackState,
+        url: &str,
+        username_from_url: Option<&str>,
+        allowed: CredentialType,
+    ) -> Result<Cred, git2::Error> {
+        if self.cx.cancel.is_cancelled() {
+            state.cancelled = true;
+            return Err(git2::Error::from_str("cancelled"));
+        }
+        let asked_host = url_host(url);
+        if !asked_host.eq_ignore_ascii_case(&self.repo.remote.host) {
+            state.other_host = Some(asked_host);
+            return Err(git2::Error::from_str(
+                "credentials withheld from another host",
+            ));
+        }
+        // Each kind once per connection: a second request means the first was refused.
+        let kind = if allowed.contains(CredentialType::SSH_KEY) {
+            CredentialType::SSH_KEY
+        } else if allowed.contains(CredentialType::USER_PASS_PLAINTEXT) {
+            CredentialType::USER_PASS_PLAINTEXT
+        } else if allowed.contains(CredentialType::USERNAME) {
+            CredentialType::USERNAME
+        } else {
+            state.no_credentials = true;
+            return Err(git2::Error::from_str("no supported credential type"));
+        };
+        if state.asked.contains(&kind) {
+            state.auth_refused = true;
+            return Err(git2::Error::from_str("credentials refused"));
+        }
+        state.asked.push(kind);
+        match (&self.repo.auth, kind) {
+            (Some(GitAuth::Http { username, password }), CredentialType::USER_PASS_PLAINTEXT) => {
+                Cred::userpass_plaintext(username, password.expose())
+            }
+            (Some(GitAuth::Ssh { username, .. }), CredentialType::USERNAME) => {
+                Cred::username(username)
+            }
+            (
+                Some(GitAuth::Ssh {
+                    username,
+                    private_key,
+                    passphrase,
+                }),
+                CredentialType::SSH_KEY,
+            ) => Cred::ssh_key_from_memory(
+                username,
+                None,
+                private_key.expose(),
+                passphrase.as_ref().map(|p| p.expose()),
+            ),
+            (None, CredentialType::USERNAME) => match username_from_url {
+                Some(user) => Cred::username(user),
+                None => {
+                    state.no_credentials = true;
+                    Err(git2::Error::from_str("no credentials"))
+                }
+            },
+            _ => {
+                state.no_credentials = true;
+                Err(git2::Error::from_str("no matching credentials"))
+            }
+        }
+    }
+
+    /// Classifies a libgit2 failure: first by what the callbacks saw, then by libgit2's code,
+    /// class and (last resort) message.
+    fn fetch_error(&self, e: &git2::Error, state: &CallbackState) -> JobError {
+        let host = &self.repo.remote.host;
+        let permanent = |code, message: String| JobError::permanent(Stage::Fetch, code, message);
+        if state.cancelled || self.cx.cancel.is_cancelled() {
+            return JobError::cancelled(Stage::Fetch);
+        }
+        if state.over_cap {
+            return permanent(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "the repository sent more than {} bytes (sources.max_fetch_bytes)",
+                    self.max_fetch_bytes
+                ),
+            );
+        }
+        if let Some(message) = &state.host_key {
+            return permanent(ErrorCode::AuthFailed, message.clone());
+        }
+        if let Some(other) = &state.other_host {
+            return permanent(
+                ErrorCode::AuthFailed,
+                format!(
+                    "{other} asked for credentials meant for {host}; they are only offered to \
+                     the host the job names"
+                ),
+            );
+        }
+        if state.auth_refused {
+            return permanent(
+                ErrorCode::AuthFailed,
+                format!("{host} refused the job's credentials"),
+            );
+        }
+        if state.no_credentials {
+            return permanent(
+                ErrorCode::AuthFailed,
+                format!("{host} requires credentials the job does not give"),
+            );
+        }
+        let detail = self.scrub(e.message());
+        let lower = detail.to_ascii_lowercase();
+        let (code, transient) = match e.code() {
+            git2::ErrorCode::Auth => (ErrorCode::AuthFailed, false),
+            git2::ErrorCode::Certificate => (ErrorCode::AuthFailed, false),
+            git2::ErrorCode::NotFound => (ErrorCode::NotFound, false),
+            _ if lower.contains("401") || lower.contains("403") => (ErrorCode::AuthFailed, false),
+            _ if lower.contains("404")
+                || lower.contains("not found")
+                || lower.contains("does not appear to be a git repository")
+                || lower.contains("no such file or directory") =>
+            {
+                (ErrorCode::NotFound, false)
+            }
+            _ if lower.contains("timed out") || lower.contains("timeout") => {
+                (ErrorCode::Timeout, true)
+            }
+            _ if lower.contains("status code: 5")
+                || lower.contains("connection refused")
+                || lower.contains("connection reset")
+                || lower.contains("broken pipe")
+                || lower.contains("failed to connect")
+                || lower.contains("unable to exchange encryption keys")
+                || lower.contains("failed to start ssh session")
+                || lower.contains("early eof")
+                || lower.contains("unexpected eof") =>
+            {
+                (ErrorCode::Unavailable, true)
+            }
+            _ if lower.contains("authentication") || lower.contains("publickey") => {
+                (ErrorCode::AuthFailed, false)
+            }
+            _ => (ErrorCode::Internal, true),
+        };
+        let message = format!("fetching from {host} failed: {detail}");
+        if transient {
+            JobError::transient(Stage::Fetch, code, message)
+        } else {
+            JobError::permanent(Stage::Fetch, code, message)
+        }
+    }
+
+    fn local_error(&self, e: git2::Error) -> JobError {
+        JobError::transient(
+            Stage::Fetch,
+            ErrorCode::LocalIo,
+            format!(
+                "preparing the repository in the workspace failed: {}",
+                self.scrub(e.message())
+            ),
+        )
+    }
+
+    /// Removes URL userinfo and the job's secrets from libgit2's text.
+    fn scrub(&self, text: &str) -> String {
+        let text = text.replace(&self.repo.url, &display_url(&self.repo.url));
+        self.cx.redactor.redact(&strip_userinfo(&text))
+    }
+}
+
+struct Advertised {
+    heads: BTreeMap<String, Oid>,
+    /// `refs/heads/<name>` that HEAD points to, when the server says.
+    default: Option<String>,
+}
+
+impl Advertised {
+    fn default_branch(&self) -> Option<String> {
+        if let Some(name) = self
+            .default
+            .as_deref()
+            .and_then(|r| r.strip_prefix("refs/heads/"))
+        {
+            return Some(name.to_owned());
+        }
+        // An old server that does not name HEAD's target: the branch whose tip is HEAD's.
+        let head = self.heads.get("HEAD")?;
+        self.heads
+            .iter()
+            .find(|(name, oid)| name.starts_with("refs/heads/") && *oid == head)
+            .and_then(|(name, _)| name.strip_prefix("refs/heads/").map(str::to_owned))
+    }
+}
+
+/// Whether `wanted` is `tip` or one of its ancestors among the commits fetched so far.
+fn reachable(repo: &Repository, tip: Oid, wanted: Oid) -> bool {
+    if repo.find_commit(wanted).is_err() {
+        return false;
+    }
+    repo.graph_descendant_of(tip, wanted).unwrap_or(false)
+}
+
+/// The host of a URL libgit2 passes to a callback (scheme URL or scp-like).
+fn url_host(url: &str) -> String {
+    if let Ok(parsed) = url::Url::parse(url) {
+        if let Some(host) = parsed.host_str() {
+            return host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+        }
+    }
+    let before_colon = url.split(':').next().unwrap_or_default();
+    before_colon
+        .rsplit_once('@')
+        .map_or(before_colon, |(_, h)| h)
+        .to_owned()
+}
+
+/// A repository URL fit for messages: no userinfo.
+pub fn display_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.has_host() => {
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+            parsed.to_string()
+        }
+        _ => url
+            .split_once('@')
+            .map_or_else(|| url.to_owned(), |(_, rest)| rest.to_owned()),
+    }
+}
+
+/// Removes `user[:password]@` from anything that looks like a URL in `text`.
+fn strip_userinfo(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        out.push_str(&rest[..i + 3]);
+        rest = &rest[i + 3..];
+        let end = rest
+            .find(|c: char| c.is_whitespace() || c == '/' || c == '\'' || c == '"')
+            .unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn userinfo_is_stripped_from_messages() {
+        assert_eq!(
+            strip_userinfo("failed for https://bob:hunter2@git.example.com/x.git now"),
+            "failed for https://git.example.com/x.git now"
+        );
+        assert_eq!(
+            strip_userinfo("ssh://git@host:2222/repo"),
+            "ssh://host:2222/repo"
+        );
+        assert_eq!(
+            display_url("git@github.com:org/repo.git"),
+            "github.com:org/repo.git"
+        );
+        assert_eq!(
+            display_url("ssh://git@host:2222/repo"),
+            "ssh://host:2222/repo"
+        );
+    }
+
+    #[test]
+    fn the_host_asking_for_credentials_is_read_from_either_url_form() {
+        assert_eq!(url_host("https://git.example.com/a.git"), "git.example.com");
+        assert_eq!(url_host("ssh://git@[::1]:22/a"), "::1");
+        assert_eq!(url_host("git@host.example:org/a.git"), "host.example");
+    }
+
+    #[test]
+    fn the_default_branch_falls_back_to_heads_tip() {
+        let oid = Oid::from_str("1111111111111111111111111111111111111111").unwrap();
+        let other = Oid::from_str("2222222222222222222222222222222222222222").unwrap();
+        let advertised = Advertised {
+            heads: BTreeMap::from([
+                ("HEAD".to_owned(), oid),
+                ("refs/heads/dev".to_owned(), other),
+                ("refs/heads/trunk".to_owned(), oid),
+            ]),
+            default: None,
+        };
+        assert_eq!(advertised.default_branch().as_deref(), Some("trunk"));
+    }
+}

@@ -1,0 +1,226 @@
+//! A local directory as a build source (`factoryd run` on a developer's tree), sealed by the
+//! same rules as fetched sources: `context_dir` and `build_file` resolved without following a
+//! symlink out of the directory, the walk never following symlinks (they are sent as
+//! symlinks), `.dockerignore` applied, devices, FIFOs and sockets refused unless ignored.
+//!
+//! Must not: change or create anything in the directory.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use crate::context::resolve::{self, Node, SourceLookup, Want};
+use crate::context::{
+    self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE, MAX_DOCKERIGNORE_BYTES,
+};
+use crate::error::{classify_io, JobError, Stage};
+use crate::ports::{ContextWriter, SealedContext};
+use crate::workspace::random_hex;
+
+/// Seals `context_dir` / `build_file` of the directory `root`. Blocking.
+pub fn seal(
+    root: &Path,
+    context_dir: &str,
+    build_file: &str,
+    limits: Limits,
+) -> Result<SealedContext, JobError> {
+    let root = root.canonicalize().map_err(|e| io_error(root, e))?;
+    let lookup = DirLookup { root: &root };
+    let context = resolve::resolve(&lookup, context_dir, Want::ContextDir)?;
+    let dockerfile = resolve::resolve(&lookup, build_file, Want::BuildFile)?;
+    let context_path = join(&root, &context.path);
+    let ignore_path = context_path.join(DOCKERIGNORE);
+    let mut ignore = match fs::symlink_metadata(&ignore_path) {
+        Ok(meta) if meta.is_file() => {
+            if meta.len() > MAX_DOCKERIGNORE_BYTES {
+                return Err(context::limit(format!(
+                    "{DOCKERIGNORE} is larger than {MAX_DOCKERIGNORE_BYTES} bytes"
+                )));
+            }
+            let bytes = fs::read(&ignore_path).map_err(|e| io_error(&ignore_path, e))?;
+            DockerIgnore::parse(&String::from_utf8_lossy(&bytes))
+        }
+        _ => DockerIgnore::default(),
+    };
+    let (name, extra) = match dockerfile.path.strip_prefix(context.path.as_slice()) {
+        Some(inside) => {
+            let name = inside.join("/");
+            ignore.keep(&name);
+            (name, None)
+        }
+        None => {
+            let name = format!(".dockerfile.{}", random_hex(10));
+            (name.clone(), Some((name, join(&root, &dockerfile.path))))
+        }
+    };
+    ignore.keep(DOCKERIGNORE);
+    let writer = DirContext {
+        context: context_path,
+        extra,
+        ignore,
+        limits,
+    };
+    writer.walk(None)?;
+    Ok(SealedContext::new(name, Box::new(writer)))
+}
+
+struct DirContext {
+    context: PathBuf,
+    extra: Option<(String, PathBuf)>,
+    ignore: DockerIgnore,
+    limits: Limits,
+}
+
+impl DirContext {
+    fn walk(&self, out: Option<&mut dyn Write>) -> Result<u64, JobError> {
+        let writing = out.is_some();
+        let mut sealer = match out {
+            Some(out) => Sealer::write(self.ignore.clone(), self.limits, false, out),
+            None => Sealer::check(self.ignore.clone(), self.limits, false),
+        };
+        let mut rel = Vec::new();
+        walk_dir(&self.context, &mut rel, &mut sealer, writing)?;
+        if let Some((name, path)) = &self.extra {
+            let meta = fs::symlink_metadata(path).map_err(|e| io_error(path, e))?;
+            let mut file = File::open(path).map_err(|e| io_error(path, e))?;
+            sealer.add_build_file(name, meta_of(&meta), meta.len(), &mut file)?;
+        }
+        sealer.finish()
+    }
+}
+
+impl ContextWriter for DirContext {
+    fn write_tar(&self, out: &mut dyn Write) -> Result<u64, JobError> {
+        self.walk(Some(out))
+    }
+}
+
+fn walk_dir(
+    dir: &Path,
+    rel: &mut Vec<String>,
+    sealer: &mut Sealer<'_>,
+    writing: bool,
+) -> Result<(), JobError> {
+    let mut names: Vec<_> = fs::read_dir(dir)
+        .map_err(|e| io_error(dir, e))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| io_error(dir, e))?;
+    names.sort();
+    for os_name in names {
+        let path = dir.join(&os_name);
+        let Some(name) = os_name.to_str() else {
+            return Err(context::unsafe_entry(
+                &os_name.to_string_lossy(),
+                "its name is not UTF-8",
+            ));
+        };
+        rel.push(name.to_owned());
+        let meta = fs::symlink_metadata(&path).map_err(|e| io_error(&path, e))?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            sealer.add(rel, meta_of(&meta), Entry::Dir)?;
+            if sealer.descend(rel) {
+                walk_dir(&path, rel, sealer, writing)?;
+            }
+        } else if kind.is_file() {
+            if !sealer.excluded(rel) {
+                let mut content: Box<dyn io::Read> = if writing {
+                    Box::new(File::open(&path).map_err(|e| io_error(&path, e))?)
+                } else {
+                    Box::new(io::empty())
+                };
+                sealer.add(
+                    rel,
+                    meta_of(&meta),
+                    Entry::File {
+                        size: meta.len(),
+                        content: &mut content,
+                    },
+                )?;
+            }
+        } else if kind.is_symlink() {
+            if !sealer.excluded(rel) {
+                let target = fs::read_link(&path).map_err(|e| io_error(&path, e))?;
+                let target = target.to_str().map(str::to_owned).ok_or_else(|| {
+                    context::unsafe_entry(name, "its symlink target is not UTF-8")
+                })?;
+                sealer.add(rel, meta_of(&meta), Entry::Symlink { target })?;
+            }
+        } else {
+            let what = if kind.is_fifo() {
+                "FIFO"
+            } else if kind.is_socket() {
+                "socket"
+            } else if kind.is_block_device() {
+                "block device"
+            } else {
+                "character device"
+            };
+            sealer.add(rel, meta_of(&meta), Entry::Special(what))?;
+        }
+        rel.pop();
+    }
+    Ok(())
+}
+
+struct DirLookup<'a> {
+    root: &'a Path,
+}
+
+impl SourceLookup for DirLookup<'_> {
+    fn lookup(&self, path: &[String]) -> Result<Option<Node>, JobError> {
+        let full = join(self.root, path);
+        let meta = match fs::symlink_metadata(&full) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_error(&full, e)),
+        };
+        let kind = meta.file_type();
+        Ok(Some(if kind.is_dir() {
+            Node::Dir
+        } else if kind.is_file() {
+            Node::File
+        } else if kind.is_symlink() {
+            let target = fs::read_link(&full).map_err(|e| io_error(&full, e))?;
+            Node::Symlink(target.to_string_lossy().into_owned())
+        } else {
+            Node::Other("special file")
+        }))
+    }
+
+    fn list(&self, dir: &[String]) -> Vec<String> {
+        fs::read_dir(join(self.root, dir))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn join(root: &Path, parts: &[String]) -> PathBuf {
+    let mut path = root.to_path_buf();
+    path.extend(parts);
+    path
+}
+
+fn meta_of(meta: &fs::Metadata) -> Meta {
+    Meta {
+        mode: meta.mode(),
+        mtime: u64::try_from(meta.mtime()).unwrap_or(0),
+    }
+}
+
+fn io_error(path: &Path, e: io::Error) -> JobError {
+    let (code, class) = classify_io(&e);
+    JobError::new(
+        Stage::Seal,
+        code,
+        format!("reading {} failed: {e}", path.display()),
+    )
+    .with_class(class)
+}

@@ -1,0 +1,82 @@
+//! The [`Fetcher`] for docker-file jobs: a git repository or a web-served tar.gz, fetched into
+//! the job's workspace and sealed into a build context.
+//!
+//! The workspace (`cx.workspace`, made by [`crate::workspace::Workspace`]) must outlive the
+//! returned [`SealedContext`]: the context stream is read from the fetched objects in it when
+//! the builder asks. Cancellation (`cx.cancel`) ends a fetch with a `cancelled` error; the
+//! caller, which knows whether it was a request, a timeout or a shutdown, reclassifies it.
+
+use async_trait::async_trait;
+
+use super::git::GitFetcher;
+use super::tarball::TarballFetcher;
+use crate::config::Config;
+use crate::context::Limits;
+use crate::egress::EgressPolicy;
+use crate::error::{JobError, Stage};
+use crate::job::{BuildSource, DockerFile, JobEvent};
+use crate::ports::{FetchedSource, Fetcher, StageContext};
+
+/// Fetches and seals docker-file sources. Build one at start-up and share it.
+#[derive(Debug, Clone)]
+pub struct SourceFetcher {
+    git: GitFetcher,
+    tarball: TarballFetcher,
+}
+
+impl SourceFetcher {
+    /// From the worker's `[git]`, `[sources]` and `[egress]` configuration.
+    pub fn new(config: &Config) -> Result<SourceFetcher, JobError> {
+        let policy = EgressPolicy::from_config(&config.egress);
+        Ok(SourceFetcher {
+            git: GitFetcher::new(
+                config.git.clone(),
+                policy,
+                config.sources.max_fetch_bytes,
+                Limits::from_config(&config.sources),
+            ),
+            tarball: TarballFetcher::new(&config.sources, policy)?,
+        })
+    }
+}
+
+#[async_trait]
+impl Fetcher for SourceFetcher {
+    async fn fetch(
+        &self,
+        origin: &DockerFile,
+        cx: &StageContext,
+    ) -> Result<FetchedSource, JobError> {
+        if cx.cancel.is_cancelled() {
+            return Err(JobError::cancelled(Stage::Fetch));
+        }
+        cx.emit(JobEvent::Stage {
+            stage: Stage::Fetch,
+        });
+        let result = match &origin.source {
+            BuildSource::Repo(repo) => self
+                .git
+                .fetch(repo, &origin.context_dir, &origin.build_file, cx)
+                .await
+                .map(|s| FetchedSource {
+                    context: s.context,
+                    revision: Some(s.revision),
+                    fetched_bytes: s.fetched_bytes,
+                }),
+            BuildSource::TargzUrl(url) => self
+                .tarball
+                .fetch(url, &origin.context_dir, &origin.build_file, cx)
+                .await
+                .map(|s| FetchedSource {
+                    context: s.context,
+                    revision: None,
+                    fetched_bytes: s.fetched_bytes,
+                }),
+        };
+        // Second line of defence: no credential in any message that leaves the process.
+        result.map_err(|mut e| {
+            e.message = cx.redactor.redact(&e.message);
+            e
+        })
+    }
+}

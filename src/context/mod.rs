@@ -1,0 +1,561 @@
+//! Build contexts: the rules every entry of a source must pass, and the tar stream a builder
+//! receives (ARCHITECTURE §6).
+//!
+//! A source adapter (git tree, tar.gz archive, local directory) walks the entries below the
+//! resolved context directory and hands each to a [`Sealer`], which applies `.dockerignore`,
+//! the caps (entries, bytes, path depth) and the safety rules (symlinks and hard links stay
+//! inside the context; devices, FIFOs and sockets are refused), sanitises permissions, and —
+//! when writing — appends the entry to an uncompressed tar stream. The same walk runs twice:
+//! once at seal time without an output, so that an unsafe or oversized source fails the seal
+//! stage with a clear error, and again when the builder asks for the stream.
+//!
+//! This module must not touch the network or create files from a source's entries: nothing
+//! untrusted is ever extracted onto the node.
+
+pub mod dockerignore;
+pub mod resolve;
+
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
+
+use crate::config::SourcesConfig;
+use crate::error::{ErrorCode, JobError, Stage};
+
+pub use dockerignore::DockerIgnore;
+
+/// The name of the ignore file at the context root.
+pub const DOCKERIGNORE: &str = ".dockerignore";
+
+/// Largest `.dockerignore` read; a bigger one is refused rather than buffered.
+pub const MAX_DOCKERIGNORE_BYTES: u64 = 1 << 20;
+
+/// Caps on one build context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_context_bytes: u64,
+    pub max_entries: u64,
+    pub max_path_depth: u32,
+}
+
+impl Limits {
+    pub fn from_config(config: &SourcesConfig) -> Limits {
+        Limits {
+            max_context_bytes: config.max_context_bytes,
+            max_entries: config.max_entries,
+            max_path_depth: config.max_path_depth,
+        }
+    }
+}
+
+/// Permissions and time of an entry as the source states them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Meta {
+    pub mode: u32,
+    pub mtime: u64,
+}
+
+/// One entry of a source walk.
+pub enum Entry<'a> {
+    Dir,
+    File {
+        size: u64,
+        content: &'a mut dyn Read,
+    },
+    Symlink {
+        target: String,
+    },
+    /// A hard link to an earlier entry, by its path relative to the context root.
+    HardLink {
+        target: Vec<String>,
+    },
+    /// A device, FIFO, socket or another kind that never enters a context; the word names it.
+    Special(&'static str),
+}
+
+/// Applies the context rules to a walk and, when given an output, writes the tar stream.
+pub struct Sealer<'w> {
+    ignore: DockerIgnore,
+    limits: Limits,
+    entries: u64,
+    content_bytes: u64,
+    out: Option<tar::Builder<Counter<'w>>>,
+    /// Regular files written so far, for hard links (archives only; `None` elsewhere).
+    files: Option<HashSet<String>>,
+}
+
+impl<'w> Sealer<'w> {
+    /// A sealer that checks without writing.
+    pub fn check(ignore: DockerIgnore, limits: Limits, track_files: bool) -> Sealer<'w> {
+        Sealer {
+            ignore,
+            limits,
+            entries: 0,
+            content_bytes: 0,
+            out: None,
+            files: track_files.then(HashSet::new),
+        }
+    }
+
+    /// A sealer that checks and writes the tar stream to `out`.
+    pub fn write(
+        ignore: DockerIgnore,
+        limits: Limits,
+        track_files: bool,
+        out: &'w mut dyn Write,
+    ) -> Sealer<'w> {
+        let mut builder = tar::Builder::new(Counter {
+            inner: out,
+            bytes: 0,
+        });
+        builder.follow_symlinks(false);
+        Sealer {
+            ignore,
+            limits,
+            entries: 0,
+            content_bytes: 0,
+            out: Some(builder),
+            files: track_files.then(HashSet::new),
+        }
+    }
+
+    /// Whether a walk must look inside directory `rel` (it is sent, or an exception pattern
+    /// could bring back something below it).
+    pub fn descend(&self, rel: &[String]) -> bool {
+        !self.ignore.is_excluded(&rel.join("/")) || self.ignore.has_exceptions()
+    }
+
+    /// Whether `rel` is left out by `.dockerignore`.
+    pub fn excluded(&self, rel: &[String]) -> bool {
+        self.ignore.is_excluded(&rel.join("/"))
+    }
+
+    /// Checks one entry at `rel` (relative to the context root, not empty) and writes it.
+    pub fn add(&mut self, rel: &[String], meta: Meta, entry: Entry<'_>) -> Result<(), JobError> {
+        let name = rel.join("/");
+        if self.ignore.is_excluded(&name) {
+            return Ok(());
+        }
+        self.count(rel, &name)?;
+        match entry {
+            Entry::Special(what) => Err(unsafe_entry(&name, &format!("it is a {what}"))),
+            Entry::Dir => self.append(
+                &format!("{name}/"),
+                tar::EntryType::Directory,
+                dir_mode(meta),
+                meta.mtime,
+                0,
+                &mut io::empty(),
+                None,
+            ),
+            Entry::File { size, content } => {
+                self.content_bytes = self.content_bytes.saturating_add(size);
+                if self.content_bytes > self.limits.max_context_bytes {
+                    return Err(limit(format!(
+                        "the build context holds more than {} bytes (sources.max_context_bytes)",
+                        self.limits.max_context_bytes
+                    )));
+                }
+                if let Some(files) = &mut self.files {
+                    files.insert(name.clone());
+                }
+                self.append(
+                    &name,
+                    tar::EntryType::Regular,
+                    file_mode(meta.mode),
+                    meta.mtime,
+                    size,
+                    content,
+                    None,
+                )
+            }
+            Entry::Symlink { target } => {
+                if let Some(why) = symlink_escape(rel, &target) {
+                    return Err(unsafe_entry(
+                        &name,
+                        &format!("it is a symlink to {target:?}, which {why}"),
+                    ));
+                }
+                self.append(
+                    &name,
+                    tar::EntryType::Symlink,
+                    0o777,
+                    meta.mtime,
+                    0,
+                    &mut io::empty(),
+                    Some(&target),
+                )
+            }
+            Entry::HardLink { target } => {
+                let target_name = target.join("/");
+                let known = self
+                    .files
+                    .as_ref()
+                    .is_some_and(|f| f.contains(&target_name));
+                if !known {
+                    return Err(unsafe_entry(
+                        &name,
+                        &format!(
+                            "it is a hard link to {target_name:?}, which is not a file sent \
+                             earlier in the context (outside it, excluded by .dockerignore, or \
+                             later in the archive)"
+                        ),
+                    ));
+                }
+                self.append(
+                    &name,
+                    tar::EntryType::Link,
+                    file_mode(meta.mode),
+                    meta.mtime,
+                    0,
+                    &mut io::empty(),
+                    Some(&target_name),
+                )
+            }
+        }
+    }
+
+    /// Adds the build file under a reserved name (it lies outside the context), whatever
+    /// `.dockerignore` says.
+    pub fn add_build_file(
+        &mut self,
+        name: &str,
+        meta: Meta,
+        size: u64,
+        content: &mut dyn Read,
+    ) -> Result<(), JobError> {
+        self.count(&[name.to_owned()], name)?;
+        self.content_bytes = self.content_bytes.saturating_add(size);
+        self.append(
+            name,
+            tar::EntryType::Regular,
+            file_mode(meta.mode),
+            meta.mtime,
+            size,
+            content,
+            None,
+        )
+    }
+
+    /// Ends the stream; returns the bytes written (0 when only checking).
+    pub fn finish(self) -> Result<u64, JobError> {
+        match self.out {
+            None => Ok(0),
+            Some(builder) => {
+                let counter = builder.into_inner().map_err(write_error)?;
+                Ok(counter.bytes)
+            }
+        }
+    }
+
+    fn count(&mut self, rel: &[String], name: &str) -> Result<(), JobError> {
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(limit(format!(
+                "the build context has more than {} entries (sources.max_entries)",
+                self.limits.max_entries
+            )));
+        }
+        if rel.len() > self.limits.max_path_depth as usize {
+            return Err(limit(format!(
+                "{name:?} is more than {} directories deep (sources.max_path_depth)",
+                self.limits.max_path_depth
+            )));
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn append(
+        &mut self,
+        name: &str,
+        kind: tar::EntryType,
+        mode: u32,
+        mtime: u64,
+        size: u64,
+        content: &mut dyn Read,
+        link: Option<&str>,
+    ) -> Result<(), JobError> {
+        let Some(builder) = &mut self.out else {
+            return Ok(());
+        };
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(kind);
+        header.set_mode(mode);
+        header.set_mtime(mtime);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_size(size);
+        let result = match link {
+            Some(target) => builder.append_link(&mut header, name, target),
+            // A source that yields fewer bytes than it announced would corrupt the stream;
+            // `take` plus the length check below catch one that yields more or fewer.
+            None => {
+                let mut limited = CountingReader {
+                    inner: content.take(size),
+                    read: 0,
+                };
+                let r = builder.append_data(&mut header, name, &mut limited);
+                if r.is_ok() && limited.read != size {
+                    return Err(JobError::transient(
+                        Stage::Seal,
+                        ErrorCode::Internal,
+                        format!("{name:?}: read {} bytes of {size}", limited.read),
+                    ));
+                }
+                r
+            }
+        };
+        result.map_err(write_error)
+    }
+}
+
+/// Why a symlink at `link` (relative to the context root) pointing to `target` leaves the
+/// context, judged lexically from the link's directory; `None` when it stays inside.
+pub fn symlink_escape(link: &[String], target: &str) -> Option<&'static str> {
+    if target.is_empty() {
+        return Some("is empty");
+    }
+    if target.starts_with('/') {
+        return Some("is an absolute path outside the context");
+    }
+    let mut base: Vec<&str> = link[..link.len().saturating_sub(1)]
+        .iter()
+        .map(String::as_str)
+        .collect();
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                if base.pop().is_none() {
+                    return Some("resolves outside the context");
+                }
+            }
+            other => base.push(other),
+        }
+    }
+    None
+}
+
+/// Regular files: permission bits only, without setuid/setgid/sticky and world-write.
+pub fn file_mode(mode: u32) -> u32 {
+    mode & 0o775
+}
+
+fn dir_mode(meta: Meta) -> u32 {
+    // A directory the owner cannot enter would break the build's COPY; keep u+rwx.
+    (meta.mode & 0o775) | 0o700
+}
+
+/// An error naming an entry that breaks a rule.
+pub fn unsafe_entry(name: &str, why: &str) -> JobError {
+    JobError::permanent(
+        Stage::Seal,
+        ErrorCode::UnsafeSource,
+        format!("refused entry {name:?}: {why}"),
+    )
+}
+
+pub fn limit(message: String) -> JobError {
+    JobError::permanent(Stage::Seal, ErrorCode::LimitExceeded, message)
+}
+
+fn write_error(e: io::Error) -> JobError {
+    let (code, class) = crate::error::classify_io(&e);
+    JobError::new(
+        Stage::Seal,
+        code,
+        format!("writing the build context failed: {e}"),
+    )
+    .with_class(class)
+}
+
+struct Counter<'w> {
+    inner: &'w mut dyn Write,
+    bytes: u64,
+}
+
+impl Write for Counter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct CountingReader<R> {
+    inner: R,
+    read: u64,
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(path: &str) -> Vec<String> {
+        resolve::components(path)
+    }
+
+    const LIMITS: Limits = Limits {
+        max_context_bytes: 100,
+        max_entries: 3,
+        max_path_depth: 2,
+    };
+    const META: Meta = Meta {
+        mode: 0o6777,
+        mtime: 1,
+    };
+
+    #[test]
+    fn symlinks_that_stay_inside_the_context_are_accepted() {
+        assert_eq!(symlink_escape(&parts("a/link"), "../b"), None);
+        assert_eq!(symlink_escape(&parts("link"), "b/c/../d"), None);
+    }
+
+    #[test]
+    fn symlinks_that_leave_the_context_are_refused() {
+        assert!(symlink_escape(&parts("link"), "../x").is_some());
+        assert!(symlink_escape(&parts("a/link"), "../../x").is_some());
+        assert!(symlink_escape(&parts("a/link"), "/etc/passwd").is_some());
+        assert!(symlink_escape(&parts("a/link"), "").is_some());
+    }
+
+    #[test]
+    fn setuid_setgid_sticky_and_world_write_are_cleared() {
+        assert_eq!(file_mode(0o6777), 0o775);
+        assert_eq!(file_mode(0o1644), 0o644);
+        assert_eq!(
+            dir_mode(Meta {
+                mode: 0o1777,
+                mtime: 0
+            }),
+            0o775
+        );
+    }
+
+    #[test]
+    fn the_entry_cap_stops_the_walk() {
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false);
+        for name in ["a", "b", "c"] {
+            s.add(&parts(name), META, Entry::Dir).unwrap();
+        }
+        let err = s.add(&parts("d"), META, Entry::Dir).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
+    }
+
+    #[test]
+    fn the_byte_cap_stops_the_walk() {
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false);
+        let err = s
+            .add(
+                &parts("big"),
+                META,
+                Entry::File {
+                    size: 101,
+                    content: &mut io::empty(),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
+    }
+
+    #[test]
+    fn the_depth_cap_stops_the_walk() {
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false);
+        let err = s.add(&parts("a/b/c"), META, Entry::Dir).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
+    }
+
+    #[test]
+    fn special_files_are_refused_by_name() {
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false);
+        let err = s
+            .add(&parts("pipe"), META, Entry::Special("FIFO"))
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnsafeSource);
+        assert!(err.message.contains("\"pipe\""), "{err}");
+    }
+
+    #[test]
+    fn ignored_entries_are_neither_counted_nor_checked() {
+        let mut s = Sealer::check(DockerIgnore::parse("tmp"), LIMITS, false);
+        s.add(&parts("tmp/sock"), META, Entry::Special("socket"))
+            .unwrap();
+        for name in ["a", "b", "c"] {
+            s.add(&parts(name), META, Entry::Dir).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_hard_link_to_an_unsent_file_is_refused() {
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, true);
+        let err = s
+            .add(
+                &parts("link"),
+                META,
+                Entry::HardLink {
+                    target: parts("missing"),
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnsafeSource);
+    }
+
+    #[test]
+    fn the_stream_holds_sanitised_entries() {
+        let mut out = Vec::new();
+        let mut s = Sealer::write(DockerIgnore::parse("skip"), LIMITS, true, &mut out);
+        s.add(&parts("dir"), META, Entry::Dir).unwrap();
+        s.add(
+            &parts("dir/f"),
+            META,
+            Entry::File {
+                size: 2,
+                content: &mut &b"hi"[..],
+            },
+        )
+        .unwrap();
+        s.add(&parts("skip"), META, Entry::Dir).unwrap();
+        s.add(
+            &parts("l"),
+            META,
+            Entry::Symlink {
+                target: "dir/f".into(),
+            },
+        )
+        .unwrap();
+        let written = s.finish().unwrap();
+        assert_eq!(written, out.len() as u64);
+        let mut archive = tar::Archive::new(&out[..]);
+        let got: Vec<(String, u32)> = archive
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().mode().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("dir/".to_owned(), 0o775),
+                ("dir/f".to_owned(), 0o775),
+                ("l".to_owned(), 0o777)
+            ]
+        );
+    }
+}

@@ -1,0 +1,535 @@
+//! Git sources against real servers: `git http-backend` behind basic auth, and `sshd`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use factoryd::adapters::sources::SourceFetcher;
+use factoryd::error::{ErrorClass, ErrorCode};
+use factoryd::ports::{FetchedSource, Fetcher};
+use factoryd::workspace::Workspace;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::git_servers::{
+    git, revision_fixture, ssh_key, GitHttpServer, RevisionFixture, SshServer,
+};
+use crate::support::sources::{config, docker_file, stage_context, tar_entries, Recorder};
+
+const USER: &str = "builder";
+const PASSWORD: &str = "s3cret-Passw0rd";
+
+struct HttpSetup {
+    root: tempfile::TempDir,
+    fixture: RevisionFixture,
+    server: GitHttpServer,
+}
+
+fn http_setup() -> HttpSetup {
+    let root = tempfile::tempdir().unwrap();
+    let fixture = revision_fixture(root.path());
+    let server = GitHttpServer::start(&root.path().join("repos"), USER, PASSWORD);
+    HttpSetup {
+        root,
+        fixture,
+        server,
+    }
+}
+
+fn http_repo(setup: &HttpSetup, extra: serde_json::Value) -> serde_json::Value {
+    let mut repo = json!({
+        "url": setup.server.url("app.git"),
+        "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}},
+    });
+    if let (Some(repo), Some(extra)) = (repo.as_object_mut(), extra.as_object()) {
+        repo.extend(extra.clone());
+    }
+    json!({"repo": repo, "context_dir": "/app", "build_file": "/app/Dockerfile"})
+}
+
+fn fetcher(extra_config: &str) -> SourceFetcher {
+    let insecure = "[git]\ninsecure_hosts = [\"127.0.0.1\"]\n";
+    SourceFetcher::new(&config(&format!("{insecure}{extra_config}"))).unwrap()
+}
+
+async fn fetch_with(
+    fetcher: &SourceFetcher,
+    work_root: &Path,
+    details: serde_json::Value,
+) -> (
+    Result<FetchedSource, factoryd::error::JobError>,
+    Arc<Recorder>,
+    Workspace,
+) {
+    let origin = docker_file(details);
+    let workspace = Workspace::create(work_root, "job-test").unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let cx = stage_context(
+        &workspace,
+        &origin,
+        Arc::clone(&recorder),
+        CancellationToken::new(),
+    );
+    let result = fetcher.fetch(&origin, &cx).await;
+    (result, recorder, workspace)
+}
+
+fn context_bytes(source: &FetchedSource) -> Vec<u8> {
+    let mut out = Vec::new();
+    source.context.write_tar(&mut out).unwrap();
+    out
+}
+
+fn dockerfile_text(source: &FetchedSource) -> String {
+    let entries = tar_entries(&context_bytes(source));
+    let name = source.context.dockerfile();
+    let entry = entries
+        .iter()
+        .find(|e| e.0 == name)
+        .unwrap_or_else(|| panic!("{name} not in the stream"));
+    String::from_utf8(entry.4.clone()).unwrap()
+}
+
+#[tokio::test]
+async fn http_clone_with_username_and_password_builds_the_default_branch_tip() {
+    let setup = http_setup();
+    let (result, _, _ws) = fetch_with(
+        &fetcher(""),
+        &setup.root.path().join("work-root"),
+        http_repo(&setup, json!({})),
+    )
+    .await;
+    let source = result.unwrap();
+    let revision = source.revision.clone().unwrap();
+    assert_eq!(revision.commit, setup.fixture.main_tip());
+    assert_eq!(revision.branch, "main");
+    assert!(!revision.fallback);
+    assert_eq!(source.context.dockerfile(), "Dockerfile");
+    assert!(dockerfile_text(&source).contains("# three"));
+    assert!(source.fetched_bytes > 0);
+}
+
+#[tokio::test]
+async fn http_wrong_password_is_permanent_auth_failed_without_looping() {
+    let setup = http_setup();
+    let mut details = http_repo(&setup, json!({}));
+    details["repo"]["auth"]["credentials"]["password"] = json!("wrong-password");
+    let (result, _, _ws) = fetch_with(&fetcher(""), &setup.root.path().join("wr"), details).await;
+    let err = result.err().expect("a wrong password must fail");
+    assert_eq!(err.code, ErrorCode::AuthFailed, "{err}");
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert!(!err.message.contains("wrong-password"), "{err}");
+    // One anonymous probe and one attempt with the password; never a loop.
+    let attempts = setup.server.unauthorized_count();
+    assert!(attempts <= 3, "{attempts} refused requests");
+}
+
+#[tokio::test]
+async fn plain_http_is_refused_for_hosts_not_listed_as_insecure() {
+    let setup = http_setup();
+    let fetcher = SourceFetcher::new(&config("")).unwrap();
+    let (result, _, _ws) = fetch_with(
+        &fetcher,
+        &setup.root.path().join("wr"),
+        http_repo(&setup, json!({})),
+    )
+    .await;
+    let err = result.err().expect("http must be refused");
+    assert_eq!(err.code, ErrorCode::Unsupported, "{err}");
+    assert_eq!(setup.server.unauthorized_count(), 0);
+}
+
+#[tokio::test]
+async fn a_tag_builds_the_tagged_commit() {
+    let setup = http_setup();
+    let details = http_repo(&setup, json!({"ref": {"type": "tag", "value": "v1"}}));
+    let (result, _, _ws) = fetch_with(&fetcher(""), &setup.root.path().join("wr"), details).await;
+    let source = result.unwrap();
+    let revision = source.revision.clone().unwrap();
+    assert_eq!(revision.commit, setup.fixture.main[1]);
+    assert_eq!(revision.tag.as_deref(), Some("v1"));
+    assert!(dockerfile_text(&source).contains("# two"));
+}
+
+#[tokio::test]
+async fn a_hash_on_the_branch_builds_that_commit() {
+    let setup = http_setup();
+    let hash = setup.fixture.main[0].clone();
+    let details = http_repo(
+        &setup,
+        json!({"branch": "main", "ref": {"type": "hash", "value": hash}}),
+    );
+    let (result, recorder, _ws) =
+        fetch_with(&fetcher(""), &setup.root.path().join("wr"), details).await;
+    let source = result.unwrap();
+    let revision = source.revision.clone().unwrap();
+    assert_eq!(revision.commit, hash);
+    assert_eq!(revision.requested_hash.as_deref(), Some(hash.as_str()));
+    assert!(!revision.fallback);
+    assert!(recorder.warnings().is_empty());
+    assert!(dockerfile_text(&source).contains("# one"));
+}
+
+#[tokio::test]
+async fn a_hash_on_another_branch_falls_back_to_the_branch_tip_with_a_warning() {
+    let setup = http_setup();
+    let hash = setup.fixture.other_tip.clone();
+    let details = http_repo(
+        &setup,
+        json!({"branch": "main", "ref": {"type": "hash", "value": hash}}),
+    );
+    let (result, recorder, _ws) =
+        fetch_with(&fetcher(""), &setup.root.path().join("wr"), details).await;
+    let revision = result.unwrap().revision.unwrap();
+    assert_eq!(revision.commit, setup.fixture.main_tip());
+    assert!(revision.fallback);
+    assert_eq!(revision.requested_hash.as_deref(), Some(hash.as_str()));
+    let warnings = recorder.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0].0, "revision_fallback");
+    assert!(warnings[0].1.contains(&hash));
+}
+
+#[tokio::test]
+async fn a_hash_on_another_branch_fails_when_unaligned_hashes_are_strict() {
+    let setup = http_setup();
+    let details = http_repo(
+        &setup,
+        json!({"branch": "main", "ref": {"type": "hash", "value": setup.fixture.other_tip}}),
+    );
+    let strict = fetcher("unaligned_hash = \"fail\"\n");
+    let (result, _, _ws) = fetch_with(&strict, &setup.root.path().join("wr"), details).await;
+    let err = result.err().expect("strict mode must fail");
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert!(err.message.contains(&setup.fixture.other_tip), "{err}");
+}
+
+#[tokio::test]
+async fn an_unknown_hash_is_a_permanent_not_found_naming_it() {
+    let setup = http_setup();
+    let hash = "0123456789abcdef0123456789abcdef01234567";
+    let details = http_repo(&setup, json!({"ref": {"type": "hash", "value": hash}}));
+    let (result, _, _ws) = fetch_with(&fetcher(""), &setup.root.path().join("wr"), details).await;
+    let err = result.err().expect("an unknown hash must fail");
+    assert_eq!(err.code, ErrorCode::NotFound, "{err}");
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert!(err.message.contains(hash), "{err}");
+}
+
+#[tokio::test]
+async fn an_unknown_branch_or_tag_is_a_permanent_not_found_naming_it() {
+    let setup = http_setup();
+    for (extra, name) in [
+        (json!({"branch": "nope"}), "nope"),
+        (json!({"ref": {"type": "tag", "value": "v9"}}), "v9"),
+    ] {
+        let (result, _, _ws) = fetch_with(
+            &fetcher(""),
+            &setup.root.path().join("wr"),
+            http_repo(&setup, extra),
+        )
+        .await;
+        let err = result.err().expect("must fail");
+        assert_eq!(err.code, ErrorCode::NotFound, "{err}");
+        assert!(err.message.contains(name), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_build_file_is_permanent_and_names_what_exists() {
+    let setup = http_setup();
+    let mut details = http_repo(&setup, json!({}));
+    details["build_file"] = json!("/app/Dockerfile.prod");
+    let (result, _, _ws) = fetch_with(&fetcher(""), &setup.root.path().join("wr"), details).await;
+    let err = result.err().expect("must fail");
+    assert_eq!(err.code, ErrorCode::NotFound, "{err}");
+    assert!(err.message.contains("/app/Dockerfile.prod"), "{err}");
+    assert!(err.message.contains("Dockerfile"), "{err}");
+}
+
+#[tokio::test]
+async fn the_workspace_is_removed_after_success_failure_and_cancellation() {
+    let setup = http_setup();
+    let work_root = setup.root.path().join("wr");
+    // Success.
+    let (result, _, ws) = fetch_with(&fetcher(""), &work_root, http_repo(&setup, json!({}))).await;
+    let source = result.unwrap();
+    assert!(ws.path().join("source.git").is_dir());
+    drop(source);
+    drop(ws);
+    assert!(std::fs::read_dir(&work_root).unwrap().next().is_none());
+    // Failure.
+    let (result, _, ws) = fetch_with(
+        &fetcher(""),
+        &work_root,
+        http_repo(&setup, json!({"branch": "nope"})),
+    )
+    .await;
+    assert!(result.is_err());
+    drop(ws);
+    assert!(std::fs::read_dir(&work_root).unwrap().next().is_none());
+    // Cancellation, fired by the first progress event of the transfer.
+    let origin = docker_file(http_repo(&setup, json!({})));
+    let ws = Workspace::create(&work_root, "job-test").unwrap();
+    let cancel = CancellationToken::new();
+    let recorder = Arc::new(Recorder {
+        cancel_on_progress: Some(cancel.clone()),
+        ..Recorder::default()
+    });
+    let cx = stage_context(&ws, &origin, recorder, cancel);
+    let err = fetcher("")
+        .fetch(&origin, &cx)
+        .await
+        .err()
+        .expect("cancelled");
+    assert_eq!(err.class, ErrorClass::Cancelled, "{err}");
+    drop(ws);
+    assert!(std::fs::read_dir(&work_root).unwrap().next().is_none());
+}
+
+#[tokio::test]
+async fn the_sealed_stream_equals_git_archive_minus_dockerignored_entries() {
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("work");
+    std::fs::create_dir_all(work.join("app/src/nested")).unwrap();
+    std::fs::create_dir_all(work.join("app/logs")).unwrap();
+    std::fs::create_dir_all(work.join("outside")).unwrap();
+    let files: &[(&str, &str)] = &[
+        ("app/Dockerfile", "FROM scratch\nCOPY . /\n"),
+        (
+            "app/.dockerignore",
+            "# build noise\n*.log\n!keep.log\nlogs\nsrc/**/*.tmp\n",
+        ),
+        ("app/main.go", "package main\n"),
+        ("app/run.sh", "#!/bin/sh\necho hi\n"),
+        ("app/keep.log", "kept\n"),
+        ("app/debug.log", "ignored\n"),
+        ("app/logs/a.txt", "ignored dir\n"),
+        ("app/src/lib.go", "package src\n"),
+        ("app/src/nested/x.tmp", "ignored\n"),
+        ("app/src/nested/y.go", "package nested\n"),
+        ("outside/secret.txt", "not in the context\n"),
+    ];
+    for (path, body) in files {
+        std::fs::write(work.join(path), body).unwrap();
+    }
+    std::os::unix::fs::symlink("src/lib.go", work.join("app/link-to-lib")).unwrap();
+    std::os::unix::fs::symlink("nested", work.join("app/src/dir-link")).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["update-index", "--chmod=+x", "app/run.sh"]);
+    // A submodule entry: git archive writes it as an empty directory.
+    git(
+        &work,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            "160000,1111111111111111111111111111111111111111,app/vendor-sub",
+        ],
+    );
+    git(&work, &["commit", "-q", "-m", "fixture"]);
+    let commit = git(&work, &["rev-parse", "HEAD"]);
+    let repos = root.path().join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    git(
+        root.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            repos.join("ctx.git").to_str().unwrap(),
+        ],
+    );
+    let server = GitHttpServer::start(&repos, USER, PASSWORD);
+    let details = json!({
+        "repo": {"url": server.url("ctx.git"),
+                 "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}}},
+        "context_dir": "/app", "build_file": "/app/Dockerfile",
+    });
+    let (result, _, _ws) = fetch_with(&fetcher(""), &root.path().join("wr"), details).await;
+    let source = result.unwrap();
+    let ours = tar_entries(&context_bytes(&source));
+
+    let archive = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&work)
+        .args(["-c", "tar.umask=022", "archive", "--format=tar"])
+        .arg(format!("{commit}:app"))
+        .output()
+        .unwrap();
+    assert!(archive.status.success());
+    let ignored = ["debug.log", "logs", "logs/a.txt", "src/nested/x.tmp"];
+    let expected: Vec<_> = tar_entries(&archive.stdout)
+        .into_iter()
+        .filter(|e| !ignored.contains(&e.0.as_str()))
+        .collect();
+    assert_eq!(ours, expected);
+    // Not a vacuous comparison: the interesting entries are there.
+    let names: Vec<&str> = ours.iter().map(|e| e.0.as_str()).collect();
+    for name in [
+        "keep.log",
+        "run.sh",
+        "link-to-lib",
+        "src/dir-link",
+        "vendor-sub",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_build_file_outside_the_context_is_added_under_a_reserved_name() {
+    let setup = http_setup();
+    let mut details = http_repo(&setup, json!({}));
+    details["context_dir"] = json!("/");
+    details["build_file"] = json!("/app/Dockerfile");
+    let (result, _, _ws) = fetch_with(&fetcher(""), &setup.root.path().join("wr"), details).await;
+    let source = result.unwrap();
+    assert_eq!(source.context.dockerfile(), "app/Dockerfile");
+
+    let mut details = http_repo(&setup, json!({}));
+    details["context_dir"] = json!("/app");
+    details["build_file"] = json!("/version.txt");
+    let (result, _, _ws) = fetch_with(&fetcher(""), &setup.root.path().join("wr"), details).await;
+    let source = result.unwrap();
+    let name = source.context.dockerfile().to_owned();
+    assert!(name.starts_with(".dockerfile."), "{name}");
+    assert_eq!(dockerfile_text(&source), "three");
+}
+
+// ---- SSH ----
+
+struct SshSetup {
+    root: tempfile::TempDir,
+    fixture: RevisionFixture,
+    server: SshServer,
+    protected: crate::support::git_servers::KeyPair,
+    plain: crate::support::git_servers::KeyPair,
+    stranger: crate::support::git_servers::KeyPair,
+    known_hosts: std::path::PathBuf,
+}
+
+const PASSPHRASE: &str = "correct horse battery";
+
+fn ssh_setup() -> SshSetup {
+    let root = tempfile::tempdir().unwrap();
+    let fixture = revision_fixture(root.path());
+    let keys = root.path().join("keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    let protected = ssh_key(&keys, "protected", "ecdsa", PASSPHRASE);
+    let plain = ssh_key(&keys, "plain", "ed25519", "");
+    let stranger = ssh_key(&keys, "stranger", "ed25519", "");
+    let sshd_dir = root.path().join("sshd");
+    std::fs::create_dir_all(&sshd_dir).unwrap();
+    let server = SshServer::start(&sshd_dir, &[&protected.public, &plain.public]);
+    let known_hosts = root.path().join("known_hosts");
+    std::fs::write(&known_hosts, &server.known_hosts_line).unwrap();
+    SshSetup {
+        root,
+        fixture,
+        server,
+        protected,
+        plain,
+        stranger,
+        known_hosts,
+    }
+}
+
+fn ssh_details(setup: &SshSetup, key: &str, passphrase: Option<&str>) -> serde_json::Value {
+    let mut credentials = json!({"username": setup.server.user, "private_key": key});
+    if let Some(p) = passphrase {
+        credentials["passphrase"] = json!(p);
+    }
+    json!({
+        "repo": {"url": setup.server.url(&setup.fixture.bare),
+                 "auth": {"type": "ssh", "credentials": credentials}},
+        "context_dir": "/app", "build_file": "/app/Dockerfile",
+    })
+}
+
+fn ssh_fetcher(known_hosts: &Path) -> SourceFetcher {
+    SourceFetcher::new(&config(&format!(
+        "[git]\nknown_hosts_file = \"{}\"\n",
+        known_hosts.display()
+    )))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn ssh_clone_with_a_passphrase_protected_key() {
+    let setup = ssh_setup();
+    let details = ssh_details(&setup, &setup.protected.private, Some(PASSPHRASE));
+    let (result, _, _ws) = fetch_with(
+        &ssh_fetcher(&setup.known_hosts),
+        &setup.root.path().join("wr"),
+        details,
+    )
+    .await;
+    let revision = result.unwrap().revision.unwrap();
+    assert_eq!(revision.commit, setup.fixture.main_tip());
+}
+
+#[tokio::test]
+async fn ssh_clone_with_an_unprotected_key() {
+    let setup = ssh_setup();
+    let details = ssh_details(&setup, &setup.plain.private, None);
+    let (result, _, _ws) = fetch_with(
+        &ssh_fetcher(&setup.known_hosts),
+        &setup.root.path().join("wr"),
+        details,
+    )
+    .await;
+    let source = result.unwrap();
+    assert_eq!(source.revision.unwrap().commit, setup.fixture.main_tip());
+}
+
+#[tokio::test]
+async fn ssh_with_a_key_the_server_does_not_know_is_permanent_auth_failed() {
+    let setup = ssh_setup();
+    let details = ssh_details(&setup, &setup.stranger.private, None);
+    let (result, _, _ws) = fetch_with(
+        &ssh_fetcher(&setup.known_hosts),
+        &setup.root.path().join("wr"),
+        details,
+    )
+    .await;
+    let err = result.err().expect("an unknown key must fail");
+    assert_eq!(err.code, ErrorCode::AuthFailed, "{err}");
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert!(!err.message.contains("PRIVATE KEY"), "{err}");
+}
+
+#[tokio::test]
+async fn ssh_to_a_host_whose_key_is_not_known_is_refused() {
+    let setup = ssh_setup();
+    let empty = setup.root.path().join("empty_known_hosts");
+    std::fs::write(&empty, "# nobody\n").unwrap();
+    let details = ssh_details(&setup, &setup.plain.private, None);
+    let (result, _, _ws) =
+        fetch_with(&ssh_fetcher(&empty), &setup.root.path().join("wr"), details).await;
+    let err = result.err().expect("an unknown host key must be refused");
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert!(err.message.contains("host key"), "{err}");
+}
+
+#[tokio::test]
+async fn a_branch_tip_fetch_brings_only_the_tip_commit() {
+    // Regression: the advertisement probe once let libgit2 fetch all of HEAD's history.
+    let setup = http_setup();
+    let (result, _, ws) = fetch_with(
+        &fetcher(""),
+        &setup.root.path().join("wr"),
+        http_repo(&setup, json!({})),
+    )
+    .await;
+    result.unwrap();
+    let repo = git2::Repository::open_bare(ws.path().join("source.git")).unwrap();
+    assert!(repo.is_shallow());
+    let tip = git2::Oid::from_str(setup.fixture.main_tip()).unwrap();
+    assert!(repo.find_commit(tip).is_ok());
+    for older in &setup.fixture.main[..2] {
+        let oid = git2::Oid::from_str(older).unwrap();
+        assert!(repo.find_commit(oid).is_err(), "{older} was fetched");
+    }
+}

@@ -1,0 +1,447 @@
+//! tar.gz sources against a real HTTP server on loopback: a valid archive, every unsafe entry
+//! kind, decompression bombs, gzip framing, HTTP statuses and cancellation.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use factoryd::adapters::sources::SourceFetcher;
+use factoryd::error::{ErrorClass, ErrorCode, JobError};
+use factoryd::ports::{FetchedSource, Fetcher};
+use factoryd::workspace::Workspace;
+use serde_json::json;
+use tar::EntryType;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::http_files::{FileServer, Route};
+use crate::support::sources::{
+    config, docker_file, stage_context, tar_entries, tree_listing, Recorder,
+};
+
+/// One raw entry: name bytes as stored (unchecked), kind, content, link target.
+struct Raw<'a>(&'a [u8], EntryType, &'a [u8], Option<&'a [u8]>);
+
+/// A tar stream with names written byte for byte, so hostile names survive.
+fn tar_of(entries: &[Raw<'_>]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for Raw(name, kind, data, link) in entries {
+        let mut header = tar::Header::new_old();
+        header.as_old_mut().name[..name.len()].copy_from_slice(name);
+        if let Some(link) = link {
+            header.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        }
+        header.set_entry_type(*kind);
+        header.set_mode(if *kind == EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        header.set_size(data.len() as u64);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        builder.append(&header, *data).unwrap();
+    }
+    builder.into_inner().unwrap()
+}
+
+fn gzip(bytes: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(bytes).unwrap();
+    enc.finish().unwrap()
+}
+
+struct Setup {
+    root: tempfile::TempDir,
+    server: FileServer,
+}
+
+fn setup() -> Setup {
+    let root = tempfile::tempdir().unwrap();
+    // A sibling of the work root that no entry may ever reach.
+    std::fs::create_dir_all(root.path().join("canary")).unwrap();
+    std::fs::write(root.path().join("canary/alive.txt"), "alive").unwrap();
+    Setup {
+        root,
+        server: FileServer::start(),
+    }
+}
+
+const SMALL_CAPS: &str = "[sources]\nmax_context_bytes = 1048576\nmax_entries = 50\n";
+
+async fn fetch(
+    setup: &Setup,
+    url: &str,
+    context_dir: &str,
+    build_file: &str,
+    extra_config: &str,
+) -> (Result<FetchedSource, JobError>, Workspace) {
+    let fetcher = SourceFetcher::new(&config(extra_config)).unwrap();
+    let origin = docker_file(json!({
+        "targz_url": url, "context_dir": context_dir, "build_file": build_file,
+    }));
+    let ws = Workspace::create(&setup.root.path().join("work"), "job-test").unwrap();
+    let cx = stage_context(
+        &ws,
+        &origin,
+        Arc::new(Recorder::default()),
+        CancellationToken::new(),
+    );
+    (fetcher.fetch(&origin, &cx).await, ws)
+}
+
+fn assert_canary_untouched(setup: &Setup, ws: &Workspace) {
+    assert_eq!(
+        std::fs::read_to_string(setup.root.path().join("canary/alive.txt")).unwrap(),
+        "alive"
+    );
+    assert_eq!(
+        tree_listing(&setup.root.path().join("canary")),
+        ["alive.txt"]
+    );
+    // The workspace holds the download and nothing extracted from it.
+    assert_eq!(tree_listing(ws.path()), ["source.tar.gz"]);
+    let top: Vec<String> = tree_listing(setup.root.path())
+        .into_iter()
+        .filter(|p| !p.contains('/'))
+        .collect();
+    assert_eq!(top, ["canary", "work"]);
+}
+
+fn valid_archive() -> Vec<u8> {
+    gzip(&tar_of(&[
+        Raw(b"./", EntryType::Directory, b"", None),
+        Raw(b"./app-one/", EntryType::Directory, b"", None),
+        Raw(
+            b"./app-one/Dockerfile",
+            EntryType::Regular,
+            b"FROM scratch\n",
+            None,
+        ),
+        Raw(
+            b"./app-one/main.go",
+            EntryType::Regular,
+            b"package main\n",
+            None,
+        ),
+        Raw(
+            b"./app-one/copy.go",
+            EntryType::Link,
+            b"",
+            Some(b"app-one/main.go"),
+        ),
+        Raw(b"./README.md", EntryType::Regular, b"hello\n", None),
+        Raw(b"./current", EntryType::Symlink, b"", Some(b"app-one")),
+    ]))
+}
+
+#[tokio::test]
+async fn a_valid_archive_seals_with_the_dockerfile_in_app_one_and_context_root() {
+    let setup = setup();
+    let url = setup
+        .server
+        .route("/src.tar.gz", Route::Body(Arc::new(valid_archive())));
+    let (result, ws) = fetch(&setup, &url, "/", "/app-one/Dockerfile", "").await;
+    let source = result.unwrap();
+    assert_eq!(source.context.dockerfile(), "app-one/Dockerfile");
+    assert!(source.revision.is_none());
+    let mut out = Vec::new();
+    source.context.write_tar(&mut out).unwrap();
+    let entries = tar_entries(&out);
+    let find = |name: &str| entries.iter().find(|e| e.0 == name).cloned();
+    assert_eq!(find("app-one/Dockerfile").unwrap().4, b"FROM scratch\n");
+    assert_eq!(find("README.md").unwrap().4, b"hello\n");
+    let link = find("current").unwrap();
+    assert_eq!((link.2, link.3.as_deref()), (b'2', Some("app-one")));
+    let hard = find("app-one/copy.go").unwrap();
+    assert_eq!((hard.2, hard.3.as_deref()), (b'1', Some("app-one/main.go")));
+    assert_canary_untouched(&setup, &ws);
+}
+
+#[tokio::test]
+async fn every_unsafe_entry_kind_is_refused_by_name_with_nothing_written_outside() {
+    let setup = setup();
+    let dockerfile = Raw(b"Dockerfile", EntryType::Regular, b"FROM scratch\n", None);
+    let cases: Vec<(&str, Raw<'_>, &str)> = vec![
+        (
+            "dotdot",
+            Raw(b"../escape.txt", EntryType::Regular, b"x", None),
+            "../escape.txt",
+        ),
+        (
+            "absolute",
+            Raw(b"/tmp/abs.txt", EntryType::Regular, b"x", None),
+            "/tmp/abs.txt",
+        ),
+        (
+            "symlink-out",
+            Raw(
+                b"link",
+                EntryType::Symlink,
+                b"",
+                Some(b"../../canary/alive.txt"),
+            ),
+            "link",
+        ),
+        (
+            "symlink-absolute",
+            Raw(b"link", EntryType::Symlink, b"", Some(b"/etc/passwd")),
+            "link",
+        ),
+        (
+            "hardlink-out",
+            Raw(b"hard", EntryType::Link, b"", Some(b"../canary/alive.txt")),
+            "hard",
+        ),
+        (
+            "hardlink-absolute",
+            Raw(b"hard", EntryType::Link, b"", Some(b"/etc/passwd")),
+            "hard",
+        ),
+        (
+            "char-device",
+            Raw(b"null", EntryType::Char, b"", None),
+            "null",
+        ),
+        (
+            "block-device",
+            Raw(b"sda", EntryType::Block, b"", None),
+            "sda",
+        ),
+        ("fifo", Raw(b"pipe", EntryType::Fifo, b"", None), "pipe"),
+    ];
+    for (label, entry, name) in cases {
+        let archive = gzip(&tar_of(&[
+            Raw(dockerfile.0, dockerfile.1, dockerfile.2, None),
+            entry,
+        ]));
+        let url = setup
+            .server
+            .route(&format!("/{label}.tar.gz"), Route::Body(Arc::new(archive)));
+        let (result, ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("{label} was accepted"));
+        assert_eq!(err.code, ErrorCode::UnsafeSource, "{label}: {err}");
+        assert_eq!(err.class, ErrorClass::Permanent, "{label}");
+        assert!(err.message.contains(&format!("{name:?}")), "{label}: {err}");
+        assert_canary_untouched(&setup, &ws);
+    }
+}
+
+#[tokio::test]
+async fn an_entry_below_a_symlink_is_refused() {
+    let setup = setup();
+    let archive = gzip(&tar_of(&[
+        Raw(b"Dockerfile", EntryType::Regular, b"FROM scratch\n", None),
+        Raw(b"sub/", EntryType::Directory, b"", None),
+        Raw(b"d", EntryType::Symlink, b"", Some(b"sub")),
+        Raw(b"d/x", EntryType::Regular, b"through the link", None),
+    ]));
+    let url = setup
+        .server
+        .route("/below.tar.gz", Route::Body(Arc::new(archive)));
+    let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
+    let err = result.err().expect("must be refused");
+    assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
+    assert!(err.message.contains("\"d/x\""), "{err}");
+}
+
+#[tokio::test]
+async fn a_symlink_leaving_the_context_dir_is_refused_even_inside_the_archive() {
+    let setup = setup();
+    let archive = gzip(&tar_of(&[
+        Raw(
+            b"app/Dockerfile",
+            EntryType::Regular,
+            b"FROM scratch\n",
+            None,
+        ),
+        Raw(b"app/up", EntryType::Symlink, b"", Some(b"../secret.txt")),
+        Raw(b"secret.txt", EntryType::Regular, b"s", None),
+    ]));
+    let url = setup
+        .server
+        .route("/ctx.tar.gz", Route::Body(Arc::new(archive)));
+    let (result, _ws) = fetch(&setup, &url, "/app", "/app/Dockerfile", "").await;
+    let err = result.err().expect("must be refused");
+    assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
+    assert!(err.message.contains("\"up\""), "{err}");
+}
+
+#[tokio::test]
+async fn a_file_bigger_than_the_cap_stops_at_its_header() {
+    let setup = setup();
+    let big = vec![0u8; 2 << 20];
+    let archive = gzip(&tar_of(&[
+        Raw(b"Dockerfile", EntryType::Regular, b"FROM scratch\n", None),
+        Raw(b"big.bin", EntryType::Regular, &big, None),
+    ]));
+    let url = setup
+        .server
+        .route("/big.tar.gz", Route::Body(Arc::new(archive)));
+    let (result, ws) = fetch(&setup, &url, "/", "/Dockerfile", SMALL_CAPS).await;
+    let err = result.err().expect("must hit the cap");
+    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert_canary_untouched(&setup, &ws);
+}
+
+#[tokio::test]
+async fn a_decompression_bomb_stops_at_the_cap() {
+    let setup = setup();
+    // 256 MiB of zeros: a tar end marker followed by endless "padding", ~250 KiB gzipped.
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let block = vec![0u8; 1 << 20];
+    for _ in 0..256 {
+        enc.write_all(&block).unwrap();
+    }
+    let bomb = enc.finish().unwrap();
+    assert!(bomb.len() < 1 << 20);
+    let url = setup
+        .server
+        .route("/bomb.tar.gz", Route::Body(Arc::new(bomb)));
+    let started = Instant::now();
+    let (result, ws) = fetch(&setup, &url, "/", "/Dockerfile", SMALL_CAPS).await;
+    let err = result.err().expect("a bomb must stop");
+    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+    assert!(err.message.contains("decompresses to more than"), "{err}");
+    // Stopped at a ~2 MiB cap, not after inflating 256 MiB.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_canary_untouched(&setup, &ws);
+}
+
+#[tokio::test]
+async fn concatenated_gzip_members_are_read_as_one_stream() {
+    let setup = setup();
+    let tar = tar_of(&[
+        Raw(b"Dockerfile", EntryType::Regular, b"FROM scratch\n", None),
+        Raw(b"b.txt", EntryType::Regular, b"second member", None),
+    ]);
+    let (first, second) = tar.split_at(512 * 2);
+    let mut archive = gzip(first);
+    archive.extend(gzip(second));
+    let url = setup
+        .server
+        .route("/multi.tar.gz", Route::Body(Arc::new(archive)));
+    let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
+    let source = result.unwrap();
+    let mut out = Vec::new();
+    source.context.write_tar(&mut out).unwrap();
+    assert!(tar_entries(&out).iter().any(|e| e.0 == "b.txt"));
+}
+
+#[tokio::test]
+async fn trailing_bytes_after_the_gzip_data_are_refused() {
+    let setup = setup();
+    let mut archive = gzip(&tar_of(&[Raw(
+        b"Dockerfile",
+        EntryType::Regular,
+        b"FROM scratch\n",
+        None,
+    )]));
+    archive.extend_from_slice(b"not gzip at all, appended");
+    let url = setup
+        .server
+        .route("/trailing.tar.gz", Route::Body(Arc::new(archive)));
+    let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
+    let err = result.err().expect("trailing garbage must be refused");
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+}
+
+#[tokio::test]
+async fn data_hidden_after_the_tar_end_marker_is_refused() {
+    let setup = setup();
+    let mut tar = tar_of(&[Raw(
+        b"Dockerfile",
+        EntryType::Regular,
+        b"FROM scratch\n",
+        None,
+    )]);
+    tar.extend_from_slice(&[0u8; 1024]);
+    tar.extend_from_slice(b"hidden payload");
+    let url = setup
+        .server
+        .route("/hidden.tar.gz", Route::Body(Arc::new(gzip(&tar))));
+    let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
+    let err = result.err().expect("hidden data must be refused");
+    assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
+}
+
+#[tokio::test]
+async fn http_404_is_permanent_and_503_is_transient() {
+    let setup = setup();
+    let missing = setup.server.route("/missing.tar.gz", Route::Status(404));
+    let (result, _ws) = fetch(&setup, &missing, "/", "/Dockerfile", "").await;
+    let err = result.err().expect("404");
+    assert_eq!(
+        (err.code, err.class),
+        (ErrorCode::NotFound, ErrorClass::Permanent)
+    );
+
+    let busy = setup.server.route("/busy.tar.gz", Route::Status(503));
+    let (result, _ws) = fetch(&setup, &busy, "/", "/Dockerfile", "").await;
+    let err = result.err().expect("503");
+    assert_eq!(
+        (err.code, err.class),
+        (ErrorCode::Unavailable, ErrorClass::Transient)
+    );
+}
+
+#[tokio::test]
+async fn a_download_larger_than_the_fetch_cap_is_refused() {
+    let setup = setup();
+    let noise: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let url = setup
+        .server
+        .route("/large.tar.gz", Route::Body(Arc::new(noise)));
+    let (result, _ws) = fetch(
+        &setup,
+        &url,
+        "/",
+        "/Dockerfile",
+        "[sources]\nmax_fetch_bytes = 1048576\n",
+    )
+    .await;
+    let err = result.err().expect("over the fetch cap");
+    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+}
+
+#[tokio::test]
+async fn cancellation_interrupts_a_stalled_download_and_removes_the_workspace() {
+    let setup = setup();
+    let url = setup.server.route("/stall.tar.gz", Route::Stall(4096));
+    let fetcher = SourceFetcher::new(&config("")).unwrap();
+    let origin = docker_file(json!({"targz_url": url}));
+    let work_root = setup.root.path().join("work");
+    let ws = Workspace::create(&work_root, "job-test").unwrap();
+    let cancel = CancellationToken::new();
+    let cx = stage_context(&ws, &origin, Arc::new(Recorder::default()), cancel.clone());
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        cancel.cancel();
+    });
+    let started = Instant::now();
+    let err = fetcher.fetch(&origin, &cx).await.err().expect("cancelled");
+    canceller.await.unwrap();
+    assert_eq!(err.class, ErrorClass::Cancelled, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    drop(ws);
+    assert!(std::fs::read_dir(&work_root).unwrap().next().is_none());
+}
+
+#[tokio::test]
+async fn a_metadata_address_is_refused_by_the_egress_policy() {
+    let setup = setup();
+    let (result, _ws) = fetch(
+        &setup,
+        "http://169.254.169.254/latest/src.tar.gz",
+        "/",
+        "/Dockerfile",
+        "",
+    )
+    .await;
+    let err = result.err().expect("refused");
+    assert_eq!(err.code, ErrorCode::EgressRefused, "{err}");
+}

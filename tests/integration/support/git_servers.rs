@@ -1,0 +1,245 @@
+//! Git servers for the source tests: `git http-backend` behind a basic-auth HTTP host, and
+//! `sshd` (openssh-server) with a generated host key; plus the fixture repository they serve.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{free_port, require_program, wait_for_port, ChildGuard};
+
+/// Runs `git` in `dir` with a fixed identity and dates; panics with its stderr on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    require_program("git", "git");
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "Fixture")
+        .env("GIT_AUTHOR_EMAIL", "fixture@example.com")
+        .env("GIT_COMMITTER_NAME", "Fixture")
+        .env("GIT_COMMITTER_EMAIL", "fixture@example.com")
+        .env("GIT_AUTHOR_DATE", "2024-01-01T00:00:00Z")
+        .env("GIT_COMMITTER_DATE", "2024-01-01T00:00:00Z")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .output()
+        .expect("run git");
+    assert!(
+        out.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The revision fixture: `main` (three commits, default branch), `other` (one commit off the
+/// first), annotated tag `v1` on main's second commit, lightweight tag `first` on the first.
+pub struct RevisionFixture {
+    /// The bare repository, `<root>/repos/app.git`.
+    pub bare: PathBuf,
+    pub main: [String; 3],
+    pub other_tip: String,
+}
+
+impl RevisionFixture {
+    pub fn main_tip(&self) -> &str {
+        &self.main[2]
+    }
+}
+
+/// Builds the fixture under `root` (a bare repository in `root/repos/app.git`).
+pub fn revision_fixture(root: &Path) -> RevisionFixture {
+    let work = root.join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    let mut main = Vec::new();
+    for (i, body) in ["one", "two", "three"].iter().enumerate() {
+        std::fs::create_dir_all(work.join("app")).unwrap();
+        std::fs::write(
+            work.join("app/Dockerfile"),
+            format!("FROM scratch\n# {body}\n"),
+        )
+        .unwrap();
+        std::fs::write(work.join("version.txt"), body).unwrap();
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", body]);
+        main.push(git(&work, &["rev-parse", "HEAD"]));
+        if i == 0 {
+            git(&work, &["tag", "first"]);
+        }
+        if i == 1 {
+            git(&work, &["tag", "-a", "v1", "-m", "release one"]);
+        }
+    }
+    git(&work, &["checkout", "-q", "-b", "other", &main[0]]);
+    std::fs::write(work.join("version.txt"), "other").unwrap();
+    git(&work, &["commit", "-q", "-am", "other"]);
+    let other_tip = git(&work, &["rev-parse", "HEAD"]);
+    git(&work, &["checkout", "-q", "main"]);
+    let repos = root.join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    let bare = repos.join("app.git");
+    git(
+        root,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+    RevisionFixture {
+        bare,
+        main: [main[0].clone(), main[1].clone(), main[2].clone()],
+        other_tip,
+    }
+}
+
+/// `git http-backend` on a free loopback port, every request requiring basic auth.
+pub struct GitHttpServer {
+    _guard: ChildGuard,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl GitHttpServer {
+    pub fn start(project_root: &Path, user: &str, password: &str) -> GitHttpServer {
+        require_program("python3", "python3");
+        let port = free_port();
+        let log = project_root.join("..").join(format!("http-{port}.log"));
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/integration/support/git_http_backend.py"
+        );
+        let guard = ChildGuard::spawn(
+            "git http-backend host",
+            Command::new("python3")
+                .arg(script)
+                .arg(port.to_string())
+                .arg(project_root)
+                .arg(user)
+                .arg(password)
+                .arg(&log),
+        );
+        wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+        GitHttpServer {
+            _guard: guard,
+            port,
+            log,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/<repo>`.
+    pub fn url(&self, repo: &str) -> String {
+        format!("http://127.0.0.1:{}/{repo}", self.port)
+    }
+
+    /// Requests answered 401 so far.
+    pub fn unauthorized_count(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("401 "))
+            .count()
+    }
+}
+
+/// A generated SSH key pair.
+pub struct KeyPair {
+    pub private: String,
+    pub public: String,
+}
+
+/// Generates a key with `ssh-keygen` (`ed25519` in OpenSSH format, or `ecdsa` in PEM).
+pub fn ssh_key(dir: &Path, name: &str, kind: &str, passphrase: &str) -> KeyPair {
+    require_program("ssh-keygen", "openssh-client");
+    let path = dir.join(name);
+    let mut cmd = Command::new("ssh-keygen");
+    cmd.args(["-q", "-t", kind, "-N", passphrase, "-C", name, "-f"])
+        .arg(&path);
+    if kind == "ecdsa" {
+        cmd.args(["-b", "256", "-m", "PEM"]);
+    }
+    let out = cmd.output().expect("run ssh-keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    KeyPair {
+        private: std::fs::read_to_string(&path).unwrap(),
+        public: std::fs::read_to_string(path.with_extension("pub")).unwrap(),
+    }
+}
+
+/// `sshd -D -e` on a free loopback port, admitting the given public keys for the current user.
+pub struct SshServer {
+    _guard: ChildGuard,
+    pub port: u16,
+    /// The line for a known_hosts file: `[127.0.0.1]:PORT ssh-ed25519 AAAA…`.
+    pub known_hosts_line: String,
+    pub user: String,
+}
+
+impl SshServer {
+    pub fn start(dir: &Path, authorized: &[&str]) -> SshServer {
+        let sshd = "/usr/sbin/sshd";
+        require_program(sshd, "openssh-server");
+        // Privilege separation needs this directory; a fresh machine may lack it until the
+        // service first starts.
+        let _ = std::fs::create_dir_all("/run/sshd");
+        let host_key = ssh_key(dir, "host_ed25519", "ed25519", "");
+        let authorized_keys = dir.join("authorized_keys");
+        std::fs::write(&authorized_keys, authorized.join("")).unwrap();
+        let port = free_port();
+        let user = std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| {
+                String::from_utf8_lossy(&Command::new("id").arg("-un").output().unwrap().stdout)
+                    .trim()
+                    .to_owned()
+            });
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nPidFile {}\n\
+                 AuthorizedKeysFile {}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPubkeyAuthentication yes\n\
+                 PermitRootLogin prohibit-password\nAllowUsers {user}\nLogLevel ERROR\n",
+                dir.join("host_ed25519").display(),
+                dir.join("sshd.pid").display(),
+                authorized_keys.display(),
+            ),
+        )
+        .unwrap();
+        let guard = ChildGuard::spawn(
+            "sshd",
+            Command::new(sshd)
+                .arg("-D")
+                .arg("-e")
+                .arg("-f")
+                .arg(&config),
+        );
+        wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+        let mut fields = host_key.public.split_whitespace();
+        let known_hosts_line = format!(
+            "[127.0.0.1]:{port} {} {}\n",
+            fields.next().unwrap(),
+            fields.next().unwrap()
+        );
+        SshServer {
+            _guard: guard,
+            port,
+            known_hosts_line,
+            user,
+        }
+    }
+
+    /// `ssh://127.0.0.1:PORT/<absolute path>`.
+    pub fn url(&self, repo: &Path) -> String {
+        format!("ssh://127.0.0.1:{}{}", self.port, repo.display())
+    }
+}
