@@ -825,9 +825,12 @@ struct RedactingSink {
 impl EventSink for RedactingSink {
     fn emit(&self, event: JobEvent) {
         let event = match event {
-            JobEvent::Log { lines } => JobEvent::Log {
-                lines: lines.iter().map(|l| self.redactor.redact(l)).collect(),
-            },
+            JobEvent::Log { lines } => {
+                metrics().build_log_lines.inc_by(lines.len() as u64);
+                JobEvent::Log {
+                    lines: lines.iter().map(|l| self.redactor.redact(l)).collect(),
+                }
+            }
             JobEvent::Warning { code, message } => JobEvent::Warning {
                 code,
                 message: self.redactor.redact(&message),

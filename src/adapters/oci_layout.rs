@@ -66,7 +66,10 @@ pub enum StoreError {
     },
     #[error("the OCI layout holds OCI manifests only, not {0:?}")]
     NotOci(String),
-    #[error("invalid tag {0:?}: expected 1-128 of [A-Za-z0-9_.-], not starting with . or -")]
+    #[error(
+        "invalid image name {0:?}: expected alphanumeric components joined by -._:@+ or --, \
+         separated by /"
+    )]
     InvalidTag(String),
     #[error("malformed index.json in {}: {message}", path.display())]
     BadIndex { path: PathBuf, message: String },
@@ -504,12 +507,55 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     result
 }
 
+/// The image-layout `org.opencontainers.image.ref.name` grammar: components of alphanumerics
+/// joined by one of `-._:@+` (or `--`), separated by `/`. The worker names images
+/// `<repository>:<tag>`, so `:` and `/` must pass.
 fn is_tag(tag: &str) -> bool {
-    (1..=128).contains(&tag.len())
-        && !tag.starts_with(['.', '-'])
-        && tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    (1..=255).contains(&tag.len())
+        && tag.split('/').all(|component| {
+            let bytes = component.as_bytes();
+            let mut i = 0;
+            let mut expect_alnum = true;
+            while i < bytes.len() {
+                let b = bytes[i];
+                if b.is_ascii_alphanumeric() {
+                    expect_alnum = false;
+                    i += 1;
+                } else if expect_alnum {
+                    return false;
+                } else if b == b'-' && bytes.get(i + 1) == Some(&b'-') {
+                    expect_alnum = true;
+                    i += 2;
+                } else if matches!(b, b'-' | b'.' | b'_' | b':' | b'@' | b'+') {
+                    expect_alnum = true;
+                    i += 1;
+                } else {
+                    return false;
+                }
+            }
+            !bytes.is_empty() && !expect_alnum
+        })
+}
+
+#[cfg(test)]
+mod ref_name_tests {
+    use super::is_tag;
+
+    #[test]
+    fn ref_names_follow_the_image_layout_grammar() {
+        for ok in [
+            "latest",
+            "src-web:imp-1",
+            "mirror/app:1.2",
+            "a--b",
+            "v1+build@x",
+        ] {
+            assert!(is_tag(ok), "{ok}");
+        }
+        for bad in ["", ":x", "x:", "a//b", "-a", "a b", "a:::b", "é"] {
+            assert!(!is_tag(bad), "{bad}");
+        }
+    }
 }
 
 /// Opened stores by directory, so that every job writing to one directory shares one lock.

@@ -37,87 +37,92 @@ pub struct Metrics {
     pub result_publish_seconds: Histogram,
 }
 
+/// Registers a metric built from constant names and help texts. Neither step can fail at run
+/// time for such a metric; `every_metric_has_help_and_a_unique_name` proves it for all of them.
+fn register<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    metric: prometheus::Result<M>,
+) -> M {
+    let metric = metric.expect("valid metric");
+    r.register(Box::new(metric.clone())).expect("unique metric");
+    metric
+}
+
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+    register(r, IntCounterVec::new(Opts::new(name, help), labels))
 }
 
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+    register(r, IntGaugeVec::new(Opts::new(name, help), labels))
 }
 
 fn histogram_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()),
-        labels,
+    register(
+        r,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(DURATION_BUCKETS.to_vec()),
+            labels,
+        ),
     )
-    .expect("valid metric");
-    r.register(Box::new(h.clone())).expect("unique metric");
-    h
 }
 
 impl Metrics {
-    // The names and label sets are constants; registering them cannot fail at run time, so
-    // the expects above are invariants, checked by `every_metric_has_help_and_a_unique_name`.
     fn new() -> Self {
         let r = Registry::new();
-        let blobs_skipped = IntCounter::new(
-            "factoryd_blobs_skipped_total",
-            "Image blobs not transferred because the destination already had them.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(blobs_skipped.clone()))
-            .expect("unique metric");
-        let build_log_lines = IntCounter::new(
-            "factoryd_build_log_lines_total",
-            "Build log lines emitted as events.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(build_log_lines.clone()))
-            .expect("unique metric");
-        let nats_connected = IntGauge::new(
-            "factoryd_nats_connected",
-            "1 while the worker is connected to a NATS server, else 0.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(nats_connected.clone()))
-            .expect("unique metric");
-        let nats_reconnects = IntCounter::new(
-            "factoryd_nats_reconnects_total",
-            "Times the NATS connection was lost and re-established.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(nats_reconnects.clone()))
-            .expect("unique metric");
-        let events_dropped = IntCounter::new(
-            "factoryd_events_dropped_total",
-            "Progress events dropped because the publisher could not keep up.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(events_dropped.clone()))
-            .expect("unique metric");
-        let work_root_free_bytes = IntGauge::new(
-            "factoryd_work_root_free_bytes",
-            "Free bytes on the file system of worker.work_root.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(work_root_free_bytes.clone()))
-            .expect("unique metric");
-        let result_publish_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "factoryd_result_publish_seconds",
-                "Time to store and publish a job's result, until the server acknowledged it.",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
-            ]),
-        )
-        .expect("valid metric");
-        r.register(Box::new(result_publish_seconds.clone()))
-            .expect("unique metric");
+        let blobs_skipped = register(
+            &r,
+            IntCounter::new(
+                "factoryd_blobs_skipped_total",
+                "Image blobs not transferred because the destination already had them.",
+            ),
+        );
+        let build_log_lines = register(
+            &r,
+            IntCounter::new(
+                "factoryd_build_log_lines_total",
+                "Build log lines emitted as events.",
+            ),
+        );
+        let nats_connected = register(
+            &r,
+            IntGauge::new(
+                "factoryd_nats_connected",
+                "1 while the worker is connected to a NATS server, else 0.",
+            ),
+        );
+        let nats_reconnects = register(
+            &r,
+            IntCounter::new(
+                "factoryd_nats_reconnects_total",
+                "Times the NATS connection was lost and re-established.",
+            ),
+        );
+        let events_dropped = register(
+            &r,
+            IntCounter::new(
+                "factoryd_events_dropped_total",
+                "Progress events dropped because the publisher could not keep up.",
+            ),
+        );
+        let work_root_free_bytes = register(
+            &r,
+            IntGauge::new(
+                "factoryd_work_root_free_bytes",
+                "Free bytes on the file system of worker.work_root.",
+            ),
+        );
+        let result_publish_seconds = register(
+            &r,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "factoryd_result_publish_seconds",
+                    "Time to store and publish a job's result, until the server acknowledged it.",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+                ]),
+            ),
+        );
 
         let m = Metrics {
             jobs_received: counter_vec(

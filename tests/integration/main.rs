@@ -5,6 +5,7 @@ mod cli;
 mod import_auth;
 mod import_credentials;
 mod import_transfer;
+mod serve_import;
 mod sources_git;
 mod sources_local;
 mod sources_tarball;

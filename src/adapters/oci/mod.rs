@@ -291,6 +291,10 @@ impl RegistryImporter {
                 .map(|(_, m)| m.digest.to_string())
                 .unwrap_or_default(),
         };
+        crate::telemetry::metrics()
+            .fetched_bytes
+            .with_label_values(&["registry"])
+            .inc_by(run.transferred.load(Ordering::Relaxed));
         tracing::info!(
             job.id = %cx.job_id,
             source = %reference,
@@ -638,6 +642,7 @@ impl Run<'_> {
         let kept = match &self.sink {
             Sink::Layout { store, .. } => {
                 if store.has_blob(&digest, size).await {
+                    crate::telemetry::metrics().blobs_skipped.inc();
                     return Ok(if keep {
                         store
                             .read_blob(&digest)
@@ -661,6 +666,7 @@ impl Run<'_> {
                 })
                 .await?;
                 if present {
+                    crate::telemetry::metrics().blobs_skipped.inc();
                     if keep {
                         retrying(policy, "config", || self.read_source_blob(&digest, size)).await?
                     } else {

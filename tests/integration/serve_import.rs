@@ -1,0 +1,214 @@
+//! The production `factoryd serve` with its real stages, driven by `factoryd submit`: an import
+//! job goes from the queue through a real registry into the OCI layout store.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use factoryd::job::JobResult;
+use serde_json::json;
+
+use crate::import_auth::seed;
+use crate::support::nats::NatsServer;
+use crate::support::registry::{skopeo_raw, Auth, Registry};
+use crate::support::{free_port, wait_for_port, ChildGuard};
+
+struct Node {
+    dir: tempfile::TempDir,
+    config: std::path::PathBuf,
+    metrics_port: u16,
+    _server: NatsServer,
+    serve: Option<ChildGuard>,
+}
+
+impl Node {
+    fn start() -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let server = NatsServer::start(dir.path());
+        let metrics_port = free_port();
+        let config = dir.path().join("factoryd.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[nats]\nservers = [\"{}\"]\n[worker]\nname = \"serve-test\"\nwork_root = \"{}\"\n\
+                 [destination]\npath = \"{}\"\n[egress]\nallow_loopback = true\n\
+                 [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[log]\nformat = \"json\"\n",
+                server.url(),
+                dir.path().join("work").display(),
+                dir.path().join("store").display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_factoryd"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env_clear()
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let serve = ChildGuard::spawn("factoryd serve", &mut cmd);
+        wait_for_port(
+            ([127, 0, 0, 1], metrics_port).into(),
+            Duration::from_secs(20),
+        );
+        Node {
+            dir,
+            config,
+            metrics_port,
+            _server: server,
+            serve: Some(serve),
+        }
+    }
+
+    fn submit(&self, job: serde_json::Value) -> (Output, Option<JobResult>) {
+        let path = self.dir.path().join("job.json");
+        std::fs::write(&path, serde_json::to_vec(&job).unwrap()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_factoryd"))
+            .args([
+                "submit",
+                "--follow",
+                "--wait-timeout-secs",
+                "60",
+                "--config",
+            ])
+            .arg(&self.config)
+            .arg(&path)
+            .env_clear()
+            .output()
+            .unwrap();
+        let result = serde_json::from_slice(&out.stdout).ok();
+        (out, result)
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()
+    }
+}
+
+fn import_job(id: &str, registry: &str, password: &str) -> serde_json::Value {
+    json!({
+        "v": 1, "id": id, "source_id": "src-web",
+        "origin": {"type": "docker-registry", "details": {
+            "url": format!("http://{registry}"), "target": "team/web:1",
+            "username": "alice", "password": password
+        }}
+    })
+}
+
+#[test]
+fn serve_imports_a_submitted_job_into_the_layout_store() {
+    let registry = Registry::start(Auth::Htpasswd(vec![(
+        "alice".into(),
+        "pw-Secret-77".into(),
+    )]));
+    let digest = seed(
+        &registry.host,
+        "team/web:1",
+        Some(("alice", "pw-Secret-77")),
+    );
+    let node = Node::start();
+
+    let (out, result) = node.submit(import_job("imp-1", &registry.host, "pw-Secret-77"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", node.log());
+    let result = result.expect("a result on stdout");
+    let image = result.image.expect("an image");
+    assert_eq!(image.source_digest.as_deref(), Some(digest.as_str()));
+    assert_eq!(
+        image.reference,
+        format!(
+            "oci:{}:src-web:imp-1",
+            node.dir.path().join("store").display()
+        )
+    );
+    // skopeo reads what the store holds, under the result's name.
+    let stored = skopeo_raw(
+        &format!(
+            "oci:{}:src-web:imp-1",
+            node.dir.path().join("store").display()
+        ),
+        &[],
+    );
+    assert_eq!(crate::support::registry::digest_of(&stored), image.digest);
+    // Progress was shown, and no secret anywhere.
+    assert!(stderr.contains("stage import"), "{stderr}");
+    for text in [
+        stderr.as_ref(),
+        String::from_utf8_lossy(&out.stdout).as_ref(),
+        node.log().as_str(),
+    ] {
+        assert!(!text.contains("pw-Secret-77"), "a secret leaked: {text}");
+    }
+}
+
+#[test]
+fn serve_fails_an_import_with_wrong_credentials_permanently() {
+    let registry = Registry::start(Auth::Htpasswd(vec![(
+        "alice".into(),
+        "pw-Secret-77".into(),
+    )]));
+    seed(
+        &registry.host,
+        "team/web:1",
+        Some(("alice", "pw-Secret-77")),
+    );
+    let node = Node::start();
+
+    let (out, result) = node.submit(import_job("imp-2", &registry.host, "wrong-Pass-99"));
+    assert_eq!(out.status.code(), Some(1), "{}", node.log());
+    let error = result.unwrap().error.unwrap();
+    assert_eq!(error.code.as_str(), "auth_failed");
+    assert_eq!(error.class.as_str(), "permanent");
+    assert!(!node.log().contains("wrong-Pass-99"));
+}
+
+#[test]
+fn serve_exits_zero_on_sigterm_and_its_metrics_counted_the_job() {
+    let registry = Registry::start(Auth::None);
+    seed(&registry.host, "team/web:1", None);
+    let mut node = Node::start();
+    let job = json!({"v": 1, "id": "imp-3", "source_id": "s",
+        "origin": {"type": "docker-registry", "details": {
+            "url": format!("http://{}", registry.host), "target": "team/web:1"}}});
+    let (out, _) = node.submit(job);
+    assert_eq!(out.status.code(), Some(0), "{}", node.log());
+
+    let metrics = http_get(node.metrics_port, "/metrics");
+    assert!(
+        metrics.contains("factoryd_jobs_completed_total{kind=\"import\",outcome=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    assert!(http_get(node.metrics_port, "/readyz").starts_with("HTTP/1.1 200"));
+
+    let mut serve = node.serve.take().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &serve.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(
+        serve.child.wait().unwrap().code(),
+        Some(0),
+        "{}",
+        node.log()
+    );
+    // One JSON log line per job state change, with the job's id, kind and outcome.
+    let finished = node
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["fields"]["message"] == "Job finished.")
+        .expect("a Job finished. line");
+    assert_eq!(finished["fields"]["outcome"], "succeeded");
+    assert_eq!(finished["span"]["job.id"], "imp-3");
+    assert_eq!(finished["span"]["kind"], "import");
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
