@@ -422,3 +422,47 @@ async fn a_three_node_cluster_survives_losing_its_stream_leader_during_50_jobs()
     let nats = fleet.client().await;
     assert_one_result_each(&nats, all.len()).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_runs_out_of_deliveries_lands_in_the_dead_letter_stream() {
+    use async_nats::jetstream::{consumer::PullConsumer, AckKind};
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    let nats = fleet.client().await;
+    assert!(publish(&nats, "lost").await);
+    // A consumer that never finishes the job (no factoryd worker): nak it until max_deliver.
+    let jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
+    let consumer: PullConsumer = jobs
+        .get_consumer(&nats.names.consumer(Kind::Import))
+        .await
+        .unwrap();
+    for _ in 0..nats::MAX_DELIVER {
+        let mut batch = consumer
+            .batch()
+            .max_messages(1)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await
+            .unwrap();
+        let msg = batch.next().await.expect("a delivery").unwrap();
+        msg.ack_with(AckKind::Nak(None)).await.unwrap();
+    }
+    // The server gives up (and advises) when it next tries to deliver: a waiting pull.
+    let mut batch = consumer
+        .batch()
+        .max_messages(1)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    assert!(batch.next().await.is_none(), "no sixth delivery");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut dlq = nats.js.get_stream(&nats.names.dlq_stream).await.unwrap();
+        if dlq.info().await.unwrap().state.messages == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no dead letter for the job");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
