@@ -466,3 +466,40 @@ async fn a_job_that_runs_out_of_deliveries_lands_in_the_dead_letter_stream() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_from_files_connect_and_a_wrong_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = NatsServer::start_with(dir.path(), &["--auth", "s3cret-token"]);
+    std::fs::create_dir_all(dir.path().join("b")).unwrap();
+    let userpass = NatsServer::start_with(
+        &dir.path().join("b"),
+        &["--user", "fleet", "--pass", "s3cret-pw"],
+    );
+    std::fs::write(dir.path().join("token"), "s3cret-token\n").unwrap();
+    std::fs::write(dir.path().join("wrong"), "not-it\n").unwrap();
+    std::fs::write(dir.path().join("pw"), "s3cret-pw\n").unwrap();
+    let connect = |url: String, auth: String| {
+        let text = format!("[nats]\nservers = [\"{url}\"]\nconnect_timeout_secs = 2\n{auth}\n");
+        async move {
+            let config = factoryd::config::from_toml_str(&text, &HashMap::new()).unwrap();
+            let state = std::sync::Arc::new(ConnectionState::default());
+            nats::connect(&config.nats, "test", state, false).await
+        }
+    };
+    let d = dir.path().display();
+    assert!(connect(token.url(), format!("token_file = \"{d}/token\""))
+        .await
+        .is_ok());
+    let refused = connect(token.url(), format!("token_file = \"{d}/wrong\""))
+        .await
+        .unwrap_err();
+    assert!(!refused.to_string().contains("not-it"), "{refused}");
+    assert!(connect(
+        userpass.url(),
+        format!("user = \"fleet\"\npassword_file = \"{d}/pw\"")
+    )
+    .await
+    .is_ok());
+    assert!(connect(userpass.url(), String::new()).await.is_err());
+}

@@ -9,6 +9,7 @@ use super::{free_port, require_program, wait_for_port, ChildGuard};
 
 pub struct NatsServer {
     pub port: u16,
+    extra_args: Vec<String>,
     pub cluster_port: u16,
     pub name: String,
     store: PathBuf,
@@ -22,10 +23,27 @@ impl NatsServer {
         Self::start_node("n0", dir, free_port(), &[])
     }
 
+    /// A single JetStream server with extra command-line arguments (e.g. `--auth TOKEN`).
+    pub fn start_with(dir: &Path, args: &[&str]) -> NatsServer {
+        require_program("nats-server", "nats-server");
+        let mut s = NatsServer {
+            port: free_port(),
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+            cluster_port: free_port(),
+            name: "n0".to_owned(),
+            store: dir.join("n0"),
+            routes: Vec::new(),
+            guard: None,
+        };
+        s.spawn();
+        s
+    }
+
     fn start_node(name: &str, dir: &Path, cluster_port: u16, routes: &[u16]) -> NatsServer {
         require_program("nats-server", "nats-server");
         let mut s = NatsServer {
             port: free_port(),
+            extra_args: Vec::new(),
             cluster_port,
             name: name.to_owned(),
             store: dir.join(name),
@@ -41,7 +59,8 @@ impl NatsServer {
         cmd.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("-sd")
             .arg(&self.store)
-            .args(["-n", &self.name]);
+            .args(["-n", &self.name])
+            .args(&self.extra_args);
         if !self.routes.is_empty() {
             let routes: Vec<String> = self
                 .routes
