@@ -23,6 +23,12 @@ packages=(
   openssh-server openssh-client
   # Benchmark (scripts/bench-sources.sh): curl | tar xz baseline and GNU time for peak RSS.
   curl time
+  # Integration (ops::prometheus_*, ops::promtool_*): a real Prometheus server scraping a
+  # worker, and promtool linting the /metrics exposition.
+  prometheus
+  # Integration (ops::systemd_analyze_*, ops::sysusers_*, ops::tmpfiles_*): systemd-analyze
+  # verify/security, systemd-sysusers and systemd-tmpfiles on the files in systemd/.
+  systemd
 )
 
 missing=()

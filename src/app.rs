@@ -81,14 +81,19 @@ pub fn load_config(path: Option<&Path>, env: &HashMap<String, String>) -> Result
 }
 
 pub fn init_logs(config: &Config, env: &HashMap<String, String>) {
-    let style = match config.log.format {
+    telemetry::init(log_style(config.log.format, env), &config.log.level);
+}
+
+/// The configured log format, with `auto` settled when the environment says where stderr goes.
+fn log_style(format: config::LogFormat, env: &HashMap<String, String>) -> LogStyle {
+    match format {
         config::LogFormat::Text => LogStyle::Text,
         config::LogFormat::Json => LogStyle::Json,
-        // Under systemd, stderr goes to the journal: structured lines.
+        // Under systemd, stderr goes to the journal (systemd sets JOURNAL_STREAM to say so):
+        // structured lines.
         config::LogFormat::Auto if env.contains_key("JOURNAL_STREAM") => LogStyle::Json,
         config::LogFormat::Auto => LogStyle::Auto,
-    };
-    telemetry::init(style, &config.log.level);
+    }
 }
 
 /// The stages of a production worker: the real adapters where this build has them.
@@ -486,4 +491,24 @@ pub fn validate(args: &ValidateArgs, env: &HashMap<String, String>) -> ExitCode 
         }
     }
     ExitCode::from(worst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::LogFormat;
+
+    #[test]
+    fn auto_log_format_is_json_under_journald() {
+        let journal = HashMap::from([("JOURNAL_STREAM".to_owned(), "8:12345".to_owned())]);
+        assert_eq!(log_style(LogFormat::Auto, &journal), LogStyle::Json);
+        assert_eq!(log_style(LogFormat::Auto, &HashMap::new()), LogStyle::Auto);
+    }
+
+    #[test]
+    fn explicit_log_format_wins_over_journald() {
+        let journal = HashMap::from([("JOURNAL_STREAM".to_owned(), "8:12345".to_owned())]);
+        assert_eq!(log_style(LogFormat::Text, &journal), LogStyle::Text);
+        assert_eq!(log_style(LogFormat::Json, &HashMap::new()), LogStyle::Json);
+    }
 }

@@ -16,6 +16,7 @@ use crate::egress::EgressPolicy;
 use crate::error::{JobError, Stage};
 use crate::job::{BuildSource, DockerFile, JobEvent};
 use crate::ports::{FetchedSource, Fetcher, StageContext};
+use crate::telemetry::metrics;
 
 /// Fetches and seals docker-file sources. Build one at start-up and share it.
 #[derive(Debug, Clone)]
@@ -53,26 +54,36 @@ impl Fetcher for SourceFetcher {
         cx.emit(JobEvent::Stage {
             stage: Stage::Fetch,
         });
-        let result = match &origin.source {
-            BuildSource::Repo(repo) => self
-                .git
-                .fetch(repo, &origin.context_dir, &origin.build_file, cx)
-                .await
-                .map(|s| FetchedSource {
-                    context: s.context,
-                    revision: Some(s.revision),
-                    fetched_bytes: s.fetched_bytes,
-                }),
-            BuildSource::TargzUrl(url) => self
-                .tarball
-                .fetch(url, &origin.context_dir, &origin.build_file, cx)
-                .await
-                .map(|s| FetchedSource {
-                    context: s.context,
-                    revision: None,
-                    fetched_bytes: s.fetched_bytes,
-                }),
+        let (source_kind, result) = match &origin.source {
+            BuildSource::Repo(repo) => (
+                "git",
+                self.git
+                    .fetch(repo, &origin.context_dir, &origin.build_file, cx)
+                    .await
+                    .map(|s| FetchedSource {
+                        context: s.context,
+                        revision: Some(s.revision),
+                        fetched_bytes: s.fetched_bytes,
+                    }),
+            ),
+            BuildSource::TargzUrl(url) => (
+                "tarball",
+                self.tarball
+                    .fetch(url, &origin.context_dir, &origin.build_file, cx)
+                    .await
+                    .map(|s| FetchedSource {
+                        context: s.context,
+                        revision: None,
+                        fetched_bytes: s.fetched_bytes,
+                    }),
+            ),
         };
+        if let Ok(fetched) = &result {
+            metrics()
+                .fetched_bytes
+                .with_label_values(&[source_kind])
+                .inc_by(fetched.fetched_bytes);
+        }
         // Second line of defence: no credential in any message that leaves the process.
         result.map_err(|mut e| {
             e.message = cx.redactor.redact(&e.message);

@@ -66,14 +66,6 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
             let t = Instant::now();
             let fetched = stages.fetcher.fetch(docker_file, cx).await?;
             timings.fetch = elapsed_ms(t);
-            let source = match docker_file.source {
-                crate::job::BuildSource::Repo(_) => "git",
-                crate::job::BuildSource::TargzUrl(_) => "tarball",
-            };
-            crate::telemetry::metrics()
-                .fetched_bytes
-                .with_label_values(&[source])
-                .inc_by(fetched.fetched_bytes);
 
             enter(cx, Stage::Build)?;
             let t = Instant::now();

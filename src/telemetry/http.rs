@@ -116,9 +116,12 @@ pub async fn serve(listener: TcpListener, health: Arc<Health>, stop: Cancellatio
             let mut words = head.split_whitespace();
             let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
             let (status, content_type, body) = respond(method, path, &health);
+            // HEAD gets GET's headers, Content-Length included, and no body: a client reads
+            // anything after the head as the start of the next response.
+            let length = body.len();
+            let body = if method == "HEAD" { "" } else { body.as_str() };
             let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+                "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n{body}"
             );
             if let Err(e) = socket.write_all(response.as_bytes()).await {
                 debug!(error = %e, "Metrics client went away.");
@@ -182,5 +185,33 @@ mod tests {
             "405 Method Not Allowed"
         );
         assert_eq!(respond("GET", "/nope", &health).0, "404 Not Found");
+    }
+
+    async fn exchange(request: &str) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let health = Arc::new(Health::new(
+            Arc::new(ConnectionState::default()),
+            dir.path().to_owned(),
+        ));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        tokio::spawn(serve(listener, health, stop.clone()));
+        let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+        socket.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        socket.read_to_string(&mut response).await.unwrap();
+        stop.cancel();
+        response
+    }
+
+    #[tokio::test]
+    async fn head_request_gets_the_headers_without_a_body() {
+        let get = exchange("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(get.ends_with("\r\n\r\nok\n"), "{get:?}");
+        let head = exchange("HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head:?}");
+        assert!(head.contains("Content-Length: 3\r\n"), "{head:?}");
+        assert!(head.ends_with("\r\n\r\n"), "{head:?}");
     }
 }

@@ -22,14 +22,19 @@ pub enum LogStyle {
     Json,
 }
 
+/// Whether log lines are JSON: as the style says, and for `Auto` human text only on a terminal.
+fn writes_json(style: LogStyle, stderr_is_terminal: bool) -> bool {
+    match style {
+        LogStyle::Json => true,
+        LogStyle::Text => false,
+        LogStyle::Auto => !stderr_is_terminal,
+    }
+}
+
 /// Installs the global subscriber. `level` is an `EnvFilter` directive (`info`, `factoryd=debug`).
 pub fn init(style: LogStyle, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = match style {
-        LogStyle::Json => true,
-        LogStyle::Text => false,
-        LogStyle::Auto => !std::io::stderr().is_terminal(),
-    };
+    let json = writes_json(style, std::io::stderr().is_terminal());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -39,4 +44,21 @@ pub fn init(style: LogStyle, level: &str) {
     } else {
         builder.try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_style_is_text_on_a_terminal_and_json_elsewhere() {
+        assert!(!writes_json(LogStyle::Auto, true));
+        assert!(writes_json(LogStyle::Auto, false));
+    }
+
+    #[test]
+    fn explicit_styles_ignore_the_terminal() {
+        assert!(writes_json(LogStyle::Json, true));
+        assert!(!writes_json(LogStyle::Text, false));
+    }
 }

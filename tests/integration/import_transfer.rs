@@ -247,6 +247,43 @@ async fn reimport_of_a_stored_image_transfers_no_layer_bytes() {
     assert_eq!(second.bytes_moved(), 0);
 }
 
+/// Regression: `factoryd_fetched_bytes_total{source="registry"}` and
+/// `factoryd_blobs_skipped_total` were registered but never counted. The registry is
+/// process-wide and other tests import in parallel, so only lower bounds hold.
+#[tokio::test]
+async fn import_counts_fetched_bytes_and_skipped_blobs_in_metrics() {
+    let m = factoryd::telemetry::metrics();
+    let fetched = || m.fetched_bytes.with_label_values(&["registry"]).get();
+    let registry = Registry::start(Auth::None);
+    seed_single(&registry.host, "counted/app:1", &[200_000, 200_000], &[]);
+    let store = tempfile::tempdir().unwrap();
+    let job = job(registry_origin(&registry.host, "counted/app:1", None));
+    let imp = importer(&["linux/amd64"]);
+    let creds = credentials(None);
+    let import = |tag: &'static str| {
+        run(
+            &imp,
+            &creds,
+            &job,
+            layout(store.path(), tag),
+            Arc::new(Recorder::default()),
+        )
+    };
+
+    let before = fetched();
+    import("first").await.expect("first import");
+    assert!(
+        fetched() - before >= 400_000,
+        "{} bytes",
+        fetched() - before
+    );
+
+    let skipped_before = m.blobs_skipped.get();
+    import("second").await.expect("second import");
+    // Both layers and the config were already in the store.
+    assert!(m.blobs_skipped.get() - skipped_before >= 3);
+}
+
 #[tokio::test]
 async fn registry_destination_receives_the_manifest_byte_for_byte() {
     let source = Registry::start(Auth::None);

@@ -5,6 +5,8 @@ mod cli;
 mod import_auth;
 mod import_credentials;
 mod import_transfer;
+#[cfg(feature = "test-util")]
+mod ops;
 mod serve_import;
 mod sources_git;
 mod sources_local;

@@ -134,6 +134,26 @@ fn valid_archive() -> Vec<u8> {
     ]))
 }
 
+/// Regression: `factoryd_fetched_bytes_total{source="tarball"}` was registered but never
+/// counted. The registry is process-wide and other tests fetch in parallel: a lower bound.
+#[tokio::test]
+async fn a_fetched_archive_counts_its_bytes_in_metrics() {
+    let counter = factoryd::telemetry::metrics()
+        .fetched_bytes
+        .with_label_values(&["tarball"]);
+    let setup = setup();
+    let archive = valid_archive();
+    let size = archive.len() as u64;
+    let url = setup
+        .server
+        .route("/counted.tar.gz", Route::Body(Arc::new(archive)));
+    let before = counter.get();
+    let (result, _ws) = fetch(&setup, &url, "/", "/app-one/Dockerfile", "").await;
+    let source = result.unwrap();
+    assert_eq!(source.fetched_bytes, size);
+    assert!(counter.get() - before >= size);
+}
+
 #[tokio::test]
 async fn a_valid_archive_seals_with_the_dockerfile_in_app_one_and_context_root() {
     let setup = setup();

@@ -16,14 +16,16 @@ use serde_json::json;
 use crate::support::nats::{cluster, write_config, NatsServer};
 use crate::support::ChildGuard;
 
-struct Fleet {
+/// Workers (the scripted test worker) against a set of servers, with their configs, logs and
+/// job scripts in one directory. Shared with `ops`.
+pub(crate) struct Fleet {
     dir: tempfile::TempDir,
     servers: Vec<String>,
     replicas: u32,
 }
 
 impl Fleet {
-    fn new(servers: Vec<String>, replicas: u32, dir: tempfile::TempDir) -> Fleet {
+    pub(crate) fn new(servers: Vec<String>, replicas: u32, dir: tempfile::TempDir) -> Fleet {
         std::fs::create_dir_all(dir.path().join("scripts")).unwrap();
         Fleet {
             dir,
@@ -36,7 +38,7 @@ impl Fleet {
         self.dir.path().join("scripts")
     }
 
-    fn script(&self, job_id: &str, script: &str) {
+    pub(crate) fn script(&self, job_id: &str, script: &str) {
         std::fs::write(self.scripts().join(job_id), script).unwrap();
     }
 
@@ -57,7 +59,17 @@ impl Fleet {
         )
     }
 
-    fn worker(&self, name: &str, grace_secs: u32) -> ChildGuard {
+    pub(crate) fn worker(&self, name: &str, grace_secs: u32) -> ChildGuard {
+        self.worker_with_env(name, grace_secs, &[])
+    }
+
+    /// A worker whose environment holds only `env` (e.g. `FACTORYD__LOG__FORMAT=json`).
+    pub(crate) fn worker_with_env(
+        &self,
+        name: &str,
+        grace_secs: u32,
+        env: &[(&str, &str)],
+    ) -> ChildGuard {
         let config = self.config(name, grace_secs);
         let log = std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_factoryd-testworker"));
@@ -66,16 +78,26 @@ impl Fleet {
             .arg("--script-dir")
             .arg(self.scripts())
             .env_clear()
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         ChildGuard::spawn(name, &mut cmd)
     }
 
-    fn log(&self, name: &str) -> String {
+    /// Where worker `name` serves /metrics, /healthz and /readyz (from its config file).
+    pub(crate) fn metrics_addr(&self, name: &str) -> std::net::SocketAddr {
+        let path = self.dir.path().join(format!("{name}.toml"));
+        factoryd::config::load(Some(&path), &HashMap::new())
+            .expect("worker config")
+            .metrics
+            .listen
+    }
+
+    pub(crate) fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
-    async fn client(&self) -> Nats {
+    pub(crate) async fn client(&self) -> Nats {
         let config = factoryd::config::load(Some(&self.config("client", 30)), &HashMap::new())
             .expect("client config");
         let state = std::sync::Arc::new(ConnectionState::default());
@@ -107,24 +129,35 @@ fn job(id: &str) -> Bytes {
     .into()
 }
 
-async fn publish(nats: &Nats, id: &str) -> bool {
+pub(crate) async fn publish(nats: &Nats, id: &str) -> bool {
     nats.publish_job(Kind::Import, id, job(id)).await.unwrap()
 }
 
 /// Waits until results for all of `ids` are stored; returns them by job id.
-async fn wait_results(
+pub(crate) async fn wait_results(
     nats: &Nats,
     ids: &[String],
     timeout: Duration,
 ) -> HashMap<String, JobResult> {
-    let mut stream = nats
-        .follow(
-            &nats.names.results_stream,
-            format!("{}.results.>", nats.names.prefix),
-            DeliverPolicy::All,
-        )
-        .await
-        .unwrap();
+    // Right after a leader change the server may not answer a consumer request at once.
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match nats
+            .follow(
+                &nats.names.results_stream,
+                format!("{}.results.>", nats.names.prefix),
+                DeliverPolicy::All,
+            )
+            .await
+        {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() < give_up => {
+                eprintln!("cannot follow results yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("cannot follow results: {e}"),
+        }
+    };
     let mut found = HashMap::new();
     let deadline = tokio::time::Instant::now() + timeout;
     while ids.iter().any(|id| !found.contains_key(id)) {
@@ -147,19 +180,37 @@ async fn wait_results(
 /// message per subject, so a second publish that got past de-duplication would bump the
 /// sequence without adding a message).
 async fn assert_one_result_each(nats: &Nats, expected: usize) {
-    let mut stream = nats
-        .js
-        .get_stream(&nats.names.results_stream)
-        .await
-        .unwrap();
-    let state = stream.info().await.unwrap().state.clone();
+    let state = stream_state(nats, &nats.names.results_stream).await;
     assert_eq!(state.messages as usize, expected, "results stored");
     assert_eq!(state.last_sequence as usize, expected, "results published");
-    let mut dlq = nats.js.get_stream(&nats.names.dlq_stream).await.unwrap();
-    assert_eq!(dlq.info().await.unwrap().state.messages, 0, "dead letters");
+    let dlq = stream_state(nats, &nats.names.dlq_stream).await;
+    assert_eq!(dlq.messages, 0, "dead letters");
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+/// A stream's state, retried for a while (a leader election can delay the answer).
+async fn stream_state(nats: &Nats, name: &str) -> async_nats::jetstream::stream::State {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = async {
+            let mut stream = nats.js.get_stream(name).await.map_err(|e| e.to_string())?;
+            stream
+                .info()
+                .await
+                .map(|i| i.state.clone())
+                .map_err(|e| e.to_string())
+        };
+        match info.await {
+            Ok(state) => return state,
+            Err(e) if Instant::now() < give_up => {
+                eprintln!("stream {name} not answering yet: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("stream {name}: {e}"),
+        }
+    }
+}
+
+pub(crate) async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -167,13 +218,13 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
     }
 }
 
-fn single() -> (tempfile::TempDir, NatsServer) {
+pub(crate) fn single() -> (tempfile::TempDir, NatsServer) {
     let dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start(dir.path());
     (dir, server)
 }
 
-fn ids(prefix: &str, n: usize) -> Vec<String> {
+pub(crate) fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}{i}")).collect()
 }
 

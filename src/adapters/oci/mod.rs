@@ -51,6 +51,7 @@ use crate::manifest::{
 use crate::ports::{
     CredentialResolver, Destination, EventSink, ImportRequest, Importer, StageContext,
 };
+use crate::telemetry::metrics;
 
 const STAGE: Stage = Stage::Import;
 /// A progress event per blob at most every this many bytes (and at the end).
@@ -258,12 +259,18 @@ impl RegistryImporter {
             }
         }
         let blob_bytes: u64 = blobs.iter().map(|(d, _)| d.size).sum();
-        let configs: HashMap<String, Bytes> = futures_util::stream::iter(blobs)
+        let copied: Result<HashMap<String, Bytes>, JobError> = futures_util::stream::iter(blobs)
             .map(|(descriptor, is_config)| run.copy_blob(descriptor, is_config))
             .buffer_unordered(self.settings.max_parallel_blobs)
             .try_filter_map(|kept| async move { Ok(kept) })
             .try_collect()
-            .await?;
+            .await;
+        // Counted whether or not the copy succeeded: the bytes crossed the network either way.
+        metrics()
+            .fetched_bytes
+            .with_label_values(&["registry"])
+            .inc_by(run.transferred.load(Ordering::Relaxed));
+        let configs = copied?;
 
         let (stored, manifest_bytes) = run.write_manifests(&plan).await?;
         let platforms = match &plan.index {
@@ -291,10 +298,6 @@ impl RegistryImporter {
                 .map(|(_, m)| m.digest.to_string())
                 .unwrap_or_default(),
         };
-        crate::telemetry::metrics()
-            .fetched_bytes
-            .with_label_values(&["registry"])
-            .inc_by(run.transferred.load(Ordering::Relaxed));
         tracing::info!(
             job.id = %cx.job_id,
             source = %reference,
@@ -642,7 +645,7 @@ impl Run<'_> {
         let kept = match &self.sink {
             Sink::Layout { store, .. } => {
                 if store.has_blob(&digest, size).await {
-                    crate::telemetry::metrics().blobs_skipped.inc();
+                    metrics().blobs_skipped.inc();
                     return Ok(if keep {
                         store
                             .read_blob(&digest)
@@ -666,7 +669,7 @@ impl Run<'_> {
                 })
                 .await?;
                 if present {
-                    crate::telemetry::metrics().blobs_skipped.inc();
+                    metrics().blobs_skipped.inc();
                     if keep {
                         retrying(policy, "config", || self.read_source_blob(&digest, size)).await?
                     } else {
@@ -735,6 +738,8 @@ impl Run<'_> {
             .then_some(self.source.repository.as_str());
         let location = match client.start_upload(repository, digest, mount_from).await? {
             UploadStart::Mounted => {
+                // The destination registry had it, in another repository: nothing transferred.
+                metrics().blobs_skipped.inc();
                 return if keep {
                     self.read_source_blob(digest, size).await
                 } else {

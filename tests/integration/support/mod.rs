@@ -8,6 +8,7 @@
 pub mod http;
 pub mod import;
 pub mod nats;
+pub mod prometheus;
 pub mod registry;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
