@@ -12,11 +12,11 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use futures_util::StreamExt;
 use tracing::{error, info, warn};
 
+use crate::adapters::buildkit::DockerBuilder;
 use crate::adapters::credentials::OriginCredentials;
 use crate::adapters::nats::{self, ConnectionState, Nats};
 use crate::adapters::oci::RegistryImporter;
 use crate::adapters::sources::SourceFetcher;
-use crate::adapters::unavailable::NotInThisBuild;
 use crate::cli::{ServeArgs, SubmitArgs, ValidateArgs};
 use crate::config::{self, Config, ConfigError};
 use crate::job::{self, EventEnvelope, JobEvent, JobResult, Status};
@@ -93,10 +93,9 @@ pub fn init_logs(config: &Config, env: &HashMap<String, String>) {
 
 /// The stages of a production worker: the real adapters where this build has them.
 pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobError> {
-    let none = Arc::new(NotInThisBuild);
     Ok(Stages {
         fetcher: Arc::new(SourceFetcher::new(config)?),
-        builder: none,
+        builder: Arc::new(DockerBuilder::from_config(config)?),
         resolver: Arc::new(OriginCredentials::from_config(config)?),
         importer: Arc::new(RegistryImporter::from_config(config)?),
         node_registry_auth: Vec::new(),

@@ -66,7 +66,7 @@ pub enum StoreError {
     },
     #[error("the OCI layout holds OCI manifests only, not {0:?}")]
     NotOci(String),
-    #[error("invalid tag {0:?}: expected 1-128 of [A-Za-z0-9_.-], not starting with . or -")]
+    #[error("invalid tag {0:?}: expected an OCI ref name (1-255 of [A-Za-z0-9] joined by single [-._:@+/] or \"--\")")]
     InvalidTag(String),
     #[error("malformed index.json in {}: {message}", path.display())]
     BadIndex { path: PathBuf, message: String },
@@ -504,12 +504,29 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     result
 }
 
+/// The `org.opencontainers.image.ref.name` grammar of the image-spec: alphanumeric components
+/// joined by single `-._:@+` or `--`, separated by `/`. It admits the `repository:tag` names
+/// the destination templates render (`src-web:job-7f3c`), as `skopeo` reads them back.
 fn is_tag(tag: &str) -> bool {
-    (1..=128).contains(&tag.len())
-        && !tag.starts_with(['.', '-'])
-        && tag
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    if tag.is_empty() || tag.len() > 255 {
+        return false;
+    }
+    tag.split('/').all(|component| {
+        let bytes = component.as_bytes();
+        let (Some(first), Some(last)) = (bytes.first(), bytes.last()) else {
+            return false;
+        };
+        if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
+            return false;
+        }
+        let separator = |b: u8| matches!(b, b'-' | b'.' | b'_' | b':' | b'@' | b'+');
+        bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || separator(*b))
+            && !bytes
+                .windows(2)
+                .any(|w| separator(w[0]) && separator(w[1]) && w != b"--")
+    })
 }
 
 /// Opened stores by directory, so that every job writing to one directory shares one lock.
@@ -625,6 +642,24 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::NotOci(_)), "{err}");
+    }
+
+    #[test]
+    fn rendered_repository_and_tag_names_are_valid_tags() {
+        // Regression: the destination renders `repository:tag` (default `{source_id}:{job_id}`),
+        // which the store refused, so nothing reached an OCI layout through the pipeline.
+        for ok in [
+            "src-web:job-7f3c",
+            "built/src-a:job_1",
+            "v1.2",
+            "a--b",
+            "x@y+z",
+        ] {
+            assert!(is_tag(ok), "{ok}");
+        }
+        for bad in ["", ":x", "a:", "a//b", "a..b", "-a", "a b", "a/../b"] {
+            assert!(!is_tag(bad), "{bad}");
+        }
     }
 
     #[tokio::test]
