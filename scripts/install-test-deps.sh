@@ -23,6 +23,11 @@ packages=(
   openssh-server openssh-client
   # Benchmark (scripts/bench-sources.sh): curl | tar xz baseline and GNU time for peak RSS.
   curl time
+  # builds::* tests, cli::run_* and scripts/bench-build.sh: Debian's Docker Engine (dockerd with
+  # its embedded BuildKit, and the matching /usr/bin/docker client for checks and baselines),
+  # busybox-static for base images made from scratch, procps (ps) to check that a cancelled
+  # RUN step's process is gone, iproute2 for each test engine's private network bridge.
+  docker.io busybox-static procps iproute2
 )
 
 missing=()

@@ -731,3 +731,144 @@ async fn an_unreachable_engine_is_a_transient_failure() {
         "{e}"
     );
 }
+
+/// `factoryd run` with a config for `engine`, an OCI layout under `root` and `job`.
+fn factoryd_run(
+    engine: &Engine,
+    root: &Path,
+    job: &serde_json::Value,
+    context: &Path,
+) -> std::process::Command {
+    let config = root.join("factoryd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nwork_root = \"{}\"\n[builder]\ndocker_host = \"{}\"\n\
+             [destination]\nkind = \"oci-layout\"\npath = \"{}\"\n[egress]\nallow_loopback = true\n",
+            root.join("work").display(),
+            engine.host(),
+            root.join("store").display()
+        ),
+    )
+    .unwrap();
+    let job_file = root.join("job.json");
+    std::fs::write(&job_file, job.to_string()).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_factoryd"));
+    cmd.arg("run")
+        .arg(&job_file)
+        .arg("--config")
+        .arg(&config)
+        .arg("--context")
+        .arg(context)
+        .env_remove("FACTORYD__BUILDER__DOCKER_HOST");
+    cmd
+}
+
+#[test]
+fn factoryd_run_builds_a_local_directory_prints_the_result_and_masks_secrets() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-cli");
+    let dir = dir_with(&[
+        (
+            "app/Dockerfile",
+            &format!(
+                "FROM {}/base/busybox:1\nARG TOKEN\nCOPY hello.txt /hello.txt\n\
+                 RUN echo \"echoed $TOKEN\"\n",
+                base.host
+            ),
+        ),
+        ("app/hello.txt", "hi\n"),
+    ]);
+    let root = tempfile::tempdir().unwrap();
+    let job = json!({
+        "v": 1, "id": "job-cli", "source_id": "src-cli",
+        "origin": {"type": "docker-file", "details": {
+            "targz_url": "https://example.invalid/not-fetched.tar.gz",
+            "context_dir": "/app", "build_file": "/app/Dockerfile",
+            "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
+        }},
+        "build": {"args": {"TOKEN": PASSWORD}}
+    });
+    let out = factoryd_run(&engine, root.path(), &job, dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout).expect("result JSON on stdout");
+    assert_eq!(result["status"], "succeeded");
+    assert_eq!(result["job_id"], "job-cli");
+    assert!(result["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    assert!(stderr.contains("echoed ***"), "{stderr}");
+    assert!(!stderr.contains(PASSWORD) && !stdout.contains(PASSWORD));
+    let text = run_from_layout(
+        &engine,
+        &root.path().join("store"),
+        "src-cli:job-cli",
+        &["/hello.txt"],
+    );
+    assert_eq!(text, "hi\n");
+}
+
+#[test]
+fn factoryd_run_interrupted_during_a_build_exits_cancelled() {
+    let engine = Engine::shared();
+    let seconds = 400 + (std::process::id() % 97);
+    let needle = format!("sleep {seconds}");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"{}\", \"{seconds}\"]\n", "sleep"),
+    )]);
+    std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let job = json!({
+        "v": 1, "id": "job-cli-cancel", "source_id": "src-cli",
+        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
+    });
+    let child = factoryd_run(&engine, root.path(), &job, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !Engine::process_running(&format!("/bin/busybox {needle}")) {
+        assert!(Instant::now() < deadline, "the RUN step never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let interrupted = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        interrupted.elapsed()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["status"], "cancelled");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Engine::process_running(&format!("/bin/busybox {needle}")) {
+        assert!(
+            Instant::now() < deadline,
+            "the RUN step outlived the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
