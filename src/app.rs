@@ -99,10 +99,41 @@ pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobErr
         builder: Arc::new(DockerBuilder::from_config(config)?),
         resolver: Arc::new(OriginCredentials::from_config(config)?),
         importer: Arc::new(RegistryImporter::from_config(config)?),
-        node_registry_auth: Vec::new(),
+        node_registry_auth: node_registry_auth(config)?,
         insecure_registries: config.registries.insecure.clone(),
         destinations: DestinationSettings::new(config.destination.clone()),
     })
+}
+
+/// `registries.credentials`, with each password read from its file now: a file that cannot be
+/// read stops the start-up rather than failing every build that needs it.
+fn node_registry_auth(
+    config: &Config,
+) -> Result<Vec<(String, crate::ports::BasicAuth)>, crate::error::JobError> {
+    config
+        .registries
+        .credentials
+        .iter()
+        .map(|(host, login)| {
+            let text = std::fs::read_to_string(&login.password_file).map_err(|e| {
+                crate::error::JobError::transient(
+                    crate::error::Stage::Resolve,
+                    crate::error::ErrorCode::LocalIo,
+                    format!(
+                        "cannot read registries.credentials.{host:?}.password_file {}: {e}",
+                        login.password_file.display()
+                    ),
+                )
+            })?;
+            Ok((
+                host.clone(),
+                crate::ports::BasicAuth {
+                    username: login.username.clone(),
+                    password: crate::secret::Secret::new(text.trim_end_matches(['\r', '\n'])),
+                },
+            ))
+        })
+        .collect()
 }
 
 /// `factoryd serve`.
