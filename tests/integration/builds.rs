@@ -872,3 +872,54 @@ fn factoryd_run_interrupted_during_a_build_exits_cancelled() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout() {
+    let engine = Engine::shared();
+    let seconds = 500 + (std::process::id() % 97);
+    let needle = format!("/bin/busybox sleep {seconds}");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sleep\", \"{seconds}\"]\n"
+        ),
+    )]);
+    std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let job = json!({
+        "v": 1, "id": "job-cli-timeout", "source_id": "src-cli", "timeout_secs": 4,
+        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
+    });
+    let started = Instant::now();
+    let out = factoryd_run(&engine, root.path(), &job, dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("\"sleep\", \"{seconds}\"]")),
+        "the step started: {stderr}"
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["status"], "failed");
+    assert_eq!(result["error"]["code"], "timeout");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Engine::process_running(&needle) {
+        assert!(
+            Instant::now() < deadline,
+            "the RUN step outlived the job's timeout"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
