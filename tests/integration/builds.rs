@@ -739,12 +739,23 @@ fn factoryd_run(
     job: &serde_json::Value,
     context: &Path,
 ) -> std::process::Command {
+    factoryd_run_with(engine, root, job, context, "")
+}
+
+/// [`factoryd_run`] with `extra` TOML appended to the config.
+fn factoryd_run_with(
+    engine: &Engine,
+    root: &Path,
+    job: &serde_json::Value,
+    context: &Path,
+    extra: &str,
+) -> std::process::Command {
     let config = root.join("factoryd.toml");
     std::fs::write(
         &config,
         format!(
             "[worker]\nwork_root = \"{}\"\n[builder]\ndocker_host = \"{}\"\n\
-             [destination]\nkind = \"oci-layout\"\npath = \"{}\"\n[egress]\nallow_loopback = true\n",
+             [destination]\nkind = \"oci-layout\"\npath = \"{}\"\n[egress]\nallow_loopback = true\n{extra}",
             root.join("work").display(),
             engine.host(),
             root.join("store").display()
@@ -922,4 +933,72 @@ fn factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn node_registry_credentials_from_the_config_reach_the_build() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-node");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}/base/busybox:1\nRUN cat /etc/base-marker\n",
+            base.host
+        ),
+    )]);
+    let root = tempfile::tempdir().unwrap();
+    let password_file = root.path().join("base.pass");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let job = json!({
+        "v": 1, "id": "job-node-creds", "source_id": "src-cli",
+        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
+    });
+    let extra = format!(
+        "[registries]\ncredentials = {{ \"{}\" = {{ username = \"{USER}\", password_file = \"{}\" }} }}\n",
+        base.host,
+        password_file.display()
+    );
+    let out = factoryd_run_with(&engine, root.path(), &job, dir.path(), &extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("marker-node"), "{stderr}");
+
+    // The same job without them: refused.
+    let out = factoryd_run(&engine, root.path(), &job, dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["error"]["code"], "auth_failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builds_leave_no_session_or_connection_open_in_the_engine() {
+    let engine = Engine::private();
+    let dir = dir_with(&[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\n")]);
+    let build = || {
+        build_dir(
+            &engine,
+            dir.path(),
+            BuildOptions::default(),
+            Vec::new(),
+            &[],
+            CancellationToken::new(),
+        )
+    };
+    build().await.result.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = engine.open_fds();
+    for _ in 0..5 {
+        build().await.result.unwrap_or_else(|e| panic!("{e}"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = engine.open_fds();
+    eprintln!("dockerd fds: {before} -> {after}");
+    assert!(
+        after <= before + 2,
+        "dockerd holds {before} fds before 5 builds, {after} after"
+    );
 }

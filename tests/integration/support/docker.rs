@@ -40,6 +40,19 @@ impl Engine {
         engine
     }
 
+    /// An engine of the caller's own, for tests that count what the engine holds.
+    pub fn private() -> Engine {
+        Engine::start()
+    }
+
+    /// How many file descriptors dockerd holds open (its client connections among them).
+    pub fn open_fds(&self) -> usize {
+        let pid = self.child.lock().unwrap_or_else(|e| e.into_inner()).id();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
     fn start() -> Engine {
         require_program("dockerd", "docker.io");
         require_program("ip", "iproute2");
