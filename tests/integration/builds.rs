@@ -1002,3 +1002,28 @@ async fn builds_leave_no_session_or_connection_open_in_the_engine() {
         "dockerd holds {before} fds before 5 builds, {after} after"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_base_image_is_a_permanent_not_found() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-missing");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!("FROM {}/base/no-such-image:1\n", base.host),
+    )]);
+    let built = build_dir(
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        base_auth(&base.host),
+        &[PASSWORD],
+        CancellationToken::new(),
+    )
+    .await;
+    let e = built.result.expect_err("no such image");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::NotFound),
+        "{e}"
+    );
+}
