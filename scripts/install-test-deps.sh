@@ -29,6 +29,11 @@ packages=(
   # Integration (ops::systemd_analyze_*, ops::sysusers_*, ops::tmpfiles_*): systemd-analyze
   # verify/security, systemd-sysusers and systemd-tmpfiles on the files in systemd/.
   systemd
+  # builds::* tests, cli::run_* and scripts/bench-build.sh: Debian's Docker Engine (dockerd with
+  # its embedded BuildKit, and the matching /usr/bin/docker client for checks and baselines),
+  # busybox-static for base images made from scratch, procps (ps) to check that a cancelled
+  # RUN step's process is gone, iproute2 for each test engine's private network bridge.
+  docker.io busybox-static procps iproute2
 )
 
 missing=()

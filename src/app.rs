@@ -12,12 +12,13 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use futures_util::StreamExt;
 use tracing::{error, info, warn};
 
+use crate::adapters::buildkit::DockerBuilder;
 use crate::adapters::credentials::OriginCredentials;
+use crate::adapters::local::LocalFetcher;
 use crate::adapters::nats::{self, ConnectionState, Nats};
 use crate::adapters::oci::RegistryImporter;
 use crate::adapters::sources::SourceFetcher;
-use crate::adapters::unavailable::NotInThisBuild;
-use crate::cli::{ServeArgs, SubmitArgs, ValidateArgs};
+use crate::cli::{RunArgs, ServeArgs, SubmitArgs, ValidateArgs};
 use crate::config::{self, Config, ConfigError};
 use crate::job::{self, EventEnvelope, JobEvent, JobResult, Status};
 use crate::pipeline::{DestinationSettings, Stages};
@@ -98,16 +99,46 @@ fn log_style(format: config::LogFormat, env: &HashMap<String, String>) -> LogSty
 
 /// The stages of a production worker: the real adapters where this build has them.
 pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobError> {
-    let none = Arc::new(NotInThisBuild);
     Ok(Stages {
         fetcher: Arc::new(SourceFetcher::new(config)?),
-        builder: none,
+        builder: Arc::new(DockerBuilder::from_config(config)?),
         resolver: Arc::new(OriginCredentials::from_config(config)?),
         importer: Arc::new(RegistryImporter::from_config(config)?),
-        node_registry_auth: Vec::new(),
+        node_registry_auth: node_registry_auth(config)?,
         insecure_registries: config.registries.insecure.clone(),
         destinations: DestinationSettings::new(config.destination.clone()),
     })
+}
+
+/// `registries.credentials`, with each password read from its file now: a file that cannot be
+/// read stops the start-up rather than failing every build that needs it.
+fn node_registry_auth(
+    config: &Config,
+) -> Result<Vec<(String, crate::ports::BasicAuth)>, crate::error::JobError> {
+    config
+        .registries
+        .credentials
+        .iter()
+        .map(|(host, login)| {
+            let text = std::fs::read_to_string(&login.password_file).map_err(|e| {
+                crate::error::JobError::transient(
+                    crate::error::Stage::Resolve,
+                    crate::error::ErrorCode::LocalIo,
+                    format!(
+                        "cannot read registries.credentials.{host:?}.password_file {}: {e}",
+                        login.password_file.display()
+                    ),
+                )
+            })?;
+            Ok((
+                host.clone(),
+                crate::ports::BasicAuth {
+                    username: login.username.clone(),
+                    password: crate::secret::Secret::new(text.trim_end_matches(['\r', '\n'])),
+                },
+            ))
+        })
+        .collect()
 }
 
 /// `factoryd serve`.
@@ -230,6 +261,167 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
         warn!(error = %e, "Cannot flush NATS on exit.");
     }
     ExitCode::SUCCESS
+}
+
+/// `factoryd run`: one job through [`crate::pipeline::run_job`] on the production stages, no
+/// NATS. Events go to stderr as the worker would publish them (redacted); the result, built by
+/// the worker's own [`crate::worker::job_result`], goes to stdout.
+pub fn run(args: &RunArgs, env: &HashMap<String, String>) -> ExitCode {
+    let config = match load_config(args.config.as_deref(), env) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logs(&config, env);
+    let bytes = match std::fs::read(&args.job) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", args.job.display());
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
+    };
+    let job = match job::decode(&bytes) {
+        Ok(job) => job,
+        Err(problems) => {
+            eprintln!("{}: {} problem(s):", args.job.display(), problems.len());
+            for p in problems.iter() {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    if args.context.is_some() && !matches!(job.origin, job::Origin::DockerFile(_)) {
+        eprintln!(
+            "--context builds docker-file jobs only; job {} is an import",
+            job.id
+        );
+        return ExitCode::from(EXIT_INVALID);
+    }
+    runtime().block_on(run_one(job, config, args.context.clone()))
+}
+
+async fn run_one(job: job::Job, config: Config, context: Option<std::path::PathBuf>) -> ExitCode {
+    use crate::worker::{job_result, JobRun, RedactingSink};
+
+    let mut stages = match production_stages(&config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("run: {e}");
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    if let Some(dir) = context {
+        stages.fetcher = Arc::new(LocalFetcher::new(
+            dir,
+            crate::context::Limits::from_config(&config.sources),
+        ));
+    }
+    let worker = config.worker.name.clone();
+    let redactor = Arc::new(job::Redactor::for_job(&job));
+    let events: Arc<dyn crate::ports::EventSink> = Arc::new(RedactingSink {
+        inner: Arc::new(StderrEvents {
+            job_id: job.id.clone(),
+            seq: std::sync::atomic::AtomicU64::new(0),
+            live: std::io::stderr().is_terminal(),
+        }),
+        redactor: Arc::clone(&redactor),
+    });
+    events.emit(JobEvent::Started {
+        kind: job.kind(),
+        worker: worker.clone(),
+    });
+    let started_at = time::OffsetDateTime::now_utc();
+    let workspace = match crate::workspace::Workspace::create(&config.worker.work_root, &job.id) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("run: {e}");
+            return ExitCode::from(EXIT_NO_INPUT);
+        }
+    };
+    let cancel = CancellationToken::new();
+    let cx = crate::ports::StageContext {
+        job_id: job.id.clone(),
+        attempt: 1,
+        cancel: cancel.clone(),
+        events: Arc::clone(&events),
+        redactor: Arc::clone(&redactor),
+        workspace: workspace.path().to_owned(),
+    };
+    let timeout = job
+        .timeout_secs
+        .map(Duration::from_secs)
+        .unwrap_or(config.worker.default_job_timeout)
+        .min(config.worker.max_job_timeout);
+
+    let pipeline = crate::pipeline::run_job(&job, &stages, &cx);
+    tokio::pin!(pipeline);
+    let mut timed_out = false;
+    let outcome = tokio::select! {
+        outcome = &mut pipeline => outcome,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("run: interrupted; cancelling the job");
+            cancel.cancel();
+            pipeline.await
+        }
+        _ = tokio::time::sleep(timeout) => {
+            timed_out = true;
+            cancel.cancel();
+            pipeline.await
+        }
+    };
+    let outcome = match outcome {
+        Err(e) if timed_out => Err(crate::error::JobError::permanent(
+            e.stage,
+            crate::error::ErrorCode::Timeout,
+            format!("job timed out after {} s", timeout.as_secs()),
+        )),
+        other => other,
+    };
+    drop(workspace);
+    let finished_at = time::OffsetDateTime::now_utc();
+    let result = job_result(
+        JobRun {
+            job_id: &job.id,
+            source_id: &job.source_id,
+            attempt: 1,
+            worker: &worker,
+            started_at,
+            finished_at,
+        },
+        outcome.as_ref().map_err(|e| (e, false)),
+        &redactor,
+    );
+    events.emit(JobEvent::Finished {
+        status: result.status,
+    });
+    let text = serde_json::to_string_pretty(&result).unwrap_or_default();
+    let _ = writeln!(std::io::stdout(), "{text}");
+    ExitCode::from(match result.status {
+        Status::Succeeded => 0,
+        Status::Failed => EXIT_JOB_FAILED,
+        Status::Cancelled => EXIT_JOB_CANCELLED,
+    })
+}
+
+/// `factoryd run`'s events: printed to stderr as `submit --follow` shows them.
+struct StderrEvents {
+    job_id: String,
+    seq: std::sync::atomic::AtomicU64,
+    live: bool,
+}
+
+impl crate::ports::EventSink for StderrEvents {
+    fn emit(&self, event: JobEvent) {
+        let seq = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        let envelope = EventEnvelope {
+            v: job::WIRE_VERSION,
+            job_id: self.job_id.clone(),
+            seq,
+            attempt: 1,
+            at: time::OffsetDateTime::now_utc(),
+            event,
+        };
+        show_event(&envelope, self.live);
+    }
 }
 
 /// `factoryd submit`.

@@ -1,4 +1,4 @@
-//! The command line: `factoryd serve | submit | validate | version`.
+//! The command line: `factoryd serve | run | submit | validate | version`.
 //!
 //! Subcommands arrive with the issues that give them meaning (`run` arrives with builds and
 //! imports); none is declared before it works.
@@ -22,6 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the worker: pull jobs from NATS JetStream until SIGTERM/SIGINT, then drain.
     Serve(ServeArgs),
+    /// Run one job here, without NATS: progress on stderr, the result JSON on stdout. Exits 0
+    /// when the job succeeded, 1 failed, 2 cancelled (Ctrl-C cancels), 64 invalid job or
+    /// config, 66 unreadable file.
+    Run(RunArgs),
     /// Publish a job (or a cancel request) and optionally follow it to its result. Exits 0 when
     /// the job succeeded (or without --wait/--follow, once published), 1 failed, 2 cancelled,
     /// 64 invalid job, 69 NATS unreachable, 75 no result within --wait-timeout-secs.
@@ -38,6 +42,20 @@ pub struct ServeArgs {
     /// Config file (default /etc/factoryd/factoryd.toml when it exists).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The job file (JSON, wire format v1).
+    #[arg(value_name = "JOB.json")]
+    pub job: PathBuf,
+    /// Config file (default /etc/factoryd/factoryd.toml when it exists).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Build a docker-file job from this local directory instead of fetching its source; the
+    /// job's `context_dir` and `build_file` are taken inside it.
+    #[arg(long, value_name = "DIR")]
+    pub context: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     let env: std::collections::HashMap<String, String> = std::env::vars().collect();
     match cli.command {
         Command::Serve(args) => app::serve(&args, &env),
+        Command::Run(args) => app::run(&args, &env),
         Command::Submit(args) => app::submit(&args, &env),
         Command::Validate(args) => app::validate(&args, &env),
         Command::Version => {

@@ -771,42 +771,81 @@ impl Worker {
         finished_at: OffsetDateTime,
         redactor: &Redactor,
     ) -> JobResult {
-        let (status, image, revision, error, timings) = match outcome {
-            Ok(out) => (
-                Status::Succeeded,
-                Some(out.image.clone()),
-                out.revision.clone(),
-                None,
-                out.timings,
-            ),
-            Err((e, exhausted)) => (
-                if e.class == ErrorClass::Cancelled {
-                    Status::Cancelled
-                } else {
-                    Status::Failed
-                },
-                None,
-                None,
-                Some(redacted_info(e, attempt, exhausted, redactor)),
-                job::Timings::default(),
-            ),
-        };
-        let mut timings = timings;
-        timings.total = (finished_at - started_at).whole_milliseconds().max(0) as u64;
-        JobResult {
-            v: job::WIRE_VERSION,
-            job_id: job_id.to_owned(),
-            source_id: source_id.to_owned(),
-            status,
-            attempt,
-            worker: self.settings.name.clone(),
-            image,
-            revision,
-            error,
-            timings_ms: timings,
-            started_at,
-            finished_at,
-        }
+        job_result(
+            JobRun {
+                job_id,
+                source_id,
+                attempt,
+                worker: &self.settings.name,
+                started_at,
+                finished_at,
+            },
+            outcome,
+            redactor,
+        )
+    }
+}
+
+/// Who ran which attempt of a job, and when: what a result says besides the outcome.
+pub struct JobRun<'a> {
+    pub job_id: &'a str,
+    pub source_id: &'a str,
+    pub attempt: u32,
+    pub worker: &'a str,
+    pub started_at: OffsetDateTime,
+    pub finished_at: OffsetDateTime,
+}
+
+/// The result (§4) of one attempt: the worker's and `factoryd run`'s. `outcome`'s error carries
+/// whether the retry budget is spent; its message is redacted with `redactor`.
+pub fn job_result(
+    run: JobRun<'_>,
+    outcome: Result<&JobOutput, (&JobError, bool)>,
+    redactor: &Redactor,
+) -> JobResult {
+    let JobRun {
+        job_id,
+        source_id,
+        attempt,
+        worker,
+        started_at,
+        finished_at,
+    } = run;
+    let (status, image, revision, error, timings) = match outcome {
+        Ok(out) => (
+            Status::Succeeded,
+            Some(out.image.clone()),
+            out.revision.clone(),
+            None,
+            out.timings,
+        ),
+        Err((e, exhausted)) => (
+            if e.class == ErrorClass::Cancelled {
+                Status::Cancelled
+            } else {
+                Status::Failed
+            },
+            None,
+            None,
+            Some(redacted_info(e, attempt, exhausted, redactor)),
+            job::Timings::default(),
+        ),
+    };
+    let mut timings = timings;
+    timings.total = (finished_at - started_at).whole_milliseconds().max(0) as u64;
+    JobResult {
+        v: job::WIRE_VERSION,
+        job_id: job_id.to_owned(),
+        source_id: source_id.to_owned(),
+        status,
+        attempt,
+        worker: worker.to_owned(),
+        image,
+        revision,
+        error,
+        timings_ms: timings,
+        started_at,
+        finished_at,
     }
 }
 
@@ -817,9 +856,9 @@ fn redacted_info(e: &JobError, attempt: u32, exhausted: bool, redactor: &Redacto
 }
 
 /// Masks the job's secrets in every text an event carries.
-struct RedactingSink {
-    inner: Arc<dyn EventSink>,
-    redactor: Arc<Redactor>,
+pub struct RedactingSink {
+    pub inner: Arc<dyn EventSink>,
+    pub redactor: Arc<Redactor>,
 }
 
 impl EventSink for RedactingSink {

@@ -15,7 +15,8 @@ use crate::context::{
     self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE, MAX_DOCKERIGNORE_BYTES,
 };
 use crate::error::{classify_io, JobError, Stage};
-use crate::ports::{ContextWriter, SealedContext};
+use crate::job::DockerFile;
+use crate::ports::{ContextWriter, FetchedSource, Fetcher, SealedContext, StageContext};
 use crate::workspace::random_hex;
 
 /// Seals `context_dir` / `build_file` of the directory `root`. Blocking.
@@ -63,6 +64,52 @@ pub fn seal(
     };
     writer.walk(None)?;
     Ok(SealedContext::new(name, Box::new(writer)))
+}
+
+/// The [`Fetcher`] of `factoryd run --context DIR`: every docker-file job is built from `DIR`
+/// (its `repo` or `targz_url` is not fetched), sealed by [`seal`] with the job's `context_dir`
+/// and `build_file`.
+#[derive(Debug, Clone)]
+pub struct LocalFetcher {
+    root: PathBuf,
+    limits: Limits,
+}
+
+impl LocalFetcher {
+    pub fn new(root: impl Into<PathBuf>, limits: Limits) -> LocalFetcher {
+        LocalFetcher {
+            root: root.into(),
+            limits,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Fetcher for LocalFetcher {
+    async fn fetch(
+        &self,
+        origin: &DockerFile,
+        _cx: &StageContext,
+    ) -> Result<FetchedSource, JobError> {
+        let root = self.root.clone();
+        let (context_dir, build_file) = (origin.context_dir.clone(), origin.build_file.clone());
+        let limits = self.limits;
+        let context =
+            tokio::task::spawn_blocking(move || seal(&root, &context_dir, &build_file, limits))
+                .await
+                .map_err(|e| {
+                    JobError::transient(
+                        Stage::Seal,
+                        crate::error::ErrorCode::Internal,
+                        format!("sealing the local context failed: {e}"),
+                    )
+                })??;
+        Ok(FetchedSource {
+            context,
+            revision: None,
+            fetched_bytes: 0,
+        })
+    }
 }
 
 struct DirContext {

@@ -6,9 +6,12 @@
 //!   [`local`] seals a developer's directory the same way.
 //! * [`oci`] — registry imports ([`crate::ports::Importer`]) into [`oci_layout`] or a registry;
 //!   [`credentials`] resolves origins' credentials with [`webhook`] and [`ecr`].
+//! * [`buildkit`] — the [`crate::ports::Builder`]: Dockerfile builds on a Docker Engine's
+//!   BuildKit, exported to [`oci_layout`] or pushed to a registry.
 //! * [`nats`] — the JetStream work queue, job state, results, events and cancel requests.
 
 pub mod archive;
+pub mod buildkit;
 pub mod credentials;
 pub mod ecr;
 pub mod git;

@@ -673,6 +673,24 @@ mod tests {
         assert!(matches!(err, StoreError::NotOci(_)), "{err}");
     }
 
+    #[test]
+    fn rendered_repository_and_tag_names_are_valid_tags() {
+        // Regression: the destination renders `repository:tag` (default `{source_id}:{job_id}`),
+        // which the store refused, so nothing reached an OCI layout through the pipeline.
+        for ok in [
+            "src-web:job-7f3c",
+            "built/src-a:job_1",
+            "v1.2",
+            "a--b",
+            "x@y+z",
+        ] {
+            assert!(is_tag(ok), "{ok}");
+        }
+        for bad in ["", ":x", "a:", "a//b", "a..b", "-a", "a b", "a/../b"] {
+            assert!(!is_tag(bad), "{bad}");
+        }
+    }
+
     #[tokio::test]
     async fn tagging_replaces_the_previous_target_and_keeps_other_tags() {
         let (_dir, store) = store().await;

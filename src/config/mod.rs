@@ -428,6 +428,9 @@ pub struct RegistriesConfig {
     pub webhook_timeout: Duration,
     /// Largest credentials webhook answer read.
     pub webhook_max_bytes: usize,
+    /// Node-level credentials for builds' `FROM` registries, by host (`docker.io` for Docker
+    /// Hub); passwords are read from their files when the worker starts.
+    pub credentials: Vec<(String, RegistryCredentials)>,
 }
 
 /// An OCI platform, `os/architecture[/variant]`.
@@ -1017,6 +1020,34 @@ fn validate_destination(
 }
 
 fn validate_registries(raw: &raw::RawRegistries, p: &mut Problems) -> RegistriesConfig {
+    let mut credentials = Vec::new();
+    for (host, login) in &raw.credentials {
+        let path = format!("registries.credentials.{host:?}");
+        if let Err(why) = bare_authority(host) {
+            p.push(
+                path.clone(),
+                format!("expected a registry host or host:port as the key ({why})"),
+            );
+        }
+        if login.username.is_empty() {
+            p.push(format!("{path}.username"), "expected a user name, got \"\"");
+        }
+        let file = secret_file(p, &format!("{path}.password_file"), &login.password_file);
+        match file {
+            Some(password_file) => credentials.push((
+                host.clone(),
+                RegistryCredentials {
+                    username: login.username.clone(),
+                    password_file,
+                },
+            )),
+            None if login.password_file.is_empty() => p.push(
+                format!("{path}.password_file"),
+                "expected the path of the file holding the password or token",
+            ),
+            None => {}
+        }
+    }
     for (i, entry) in raw.insecure.iter().enumerate() {
         let path = format!("registries.insecure[{i}]");
         if let Err(why) = bare_authority(entry) {
@@ -1104,6 +1135,7 @@ fn validate_registries(raw: &raw::RawRegistries, p: &mut Problems) -> Registries
             300,
         ),
         webhook_max_bytes: raw.webhook_max_bytes.clamp(16, 1024 * 1024) as usize,
+        credentials,
         insecure: raw.insecure.clone(),
         platforms,
         mirrors,

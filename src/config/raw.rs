@@ -168,6 +168,17 @@ pub struct RawRegistries {
     pub webhook_timeout_secs: u64,
     /// Largest credentials webhook answer read, in bytes.
     pub webhook_max_bytes: u64,
+    /// Node-level credentials for the registries of builds' `FROM` lines, by registry host; a
+    /// job's own credentials for the same host win.
+    pub credentials: BTreeMap<String, RawRegistryLogin>,
+}
+
+/// One registry login: a user name and the file holding the password or token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRegistryLogin {
+    pub username: String,
+    pub password_file: String,
 }
 
 impl Default for RawRegistries {
@@ -181,6 +192,7 @@ impl Default for RawRegistries {
             ecr_endpoint: String::new(),
             webhook_timeout_secs: 10,
             webhook_max_bytes: 4096,
+            credentials: BTreeMap::new(),
         }
     }
 }

@@ -817,3 +817,27 @@ fn keyword_enums_spell_as_in_the_file() {
     assert_eq!(UnalignedHash::UseBranchHead.as_str(), "use-branch-head");
     assert_eq!(LogFormat::Json.as_str(), "json");
 }
+
+#[test]
+fn node_registry_credentials_are_read_by_host_and_checked() {
+    let config = from_toml_str(
+        "[registries]\ncredentials = { \"registry.example.com:5000\" = { username = \"ci\", password_file = \"/etc/factoryd/reg.pass\" } }",
+        &HashMap::new(),
+    )
+    .unwrap();
+    let (host, login) = &config.registries.credentials[0];
+    assert_eq!(host, "registry.example.com:5000");
+    assert_eq!(login.username, "ci");
+    assert_eq!(login.password_file, PathBuf::from("/etc/factoryd/reg.pass"));
+
+    let found = problems(
+        "[registries]\ncredentials = { \"https://x\" = { username = \"\", password_file = \"reg.pass\" } }",
+    );
+    for path in [
+        "registries.credentials.\"https://x\"",
+        "registries.credentials.\"https://x\".username",
+        "registries.credentials.\"https://x\".password_file",
+    ] {
+        assert!(paths(&found).contains(&path), "{path} in {found:?}");
+    }
+}

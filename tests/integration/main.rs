@@ -1,6 +1,7 @@
 //! Integration tests: the real `factoryd` binary, and (as the issues land) real servers started
 //! on free loopback ports and stopped on drop. One test binary, one module per area.
 
+mod builds;
 mod cli;
 mod import_auth;
 mod import_credentials;

@@ -83,6 +83,7 @@ impl Drop for ChildGuard {
     }
 }
 
+pub mod docker;
 pub mod git_servers;
 pub mod http_files;
 pub mod sources;

@@ -1,0 +1,1029 @@
+//! Dockerfile builds against a real Docker Engine (Debian's dockerd, started by the harness on a
+//! private socket) and `docker-registry` with htpasswd auth: sources, private base images,
+//! options, the context's rules, failures, secrets in logs, cancellation, export to an OCI
+//! layout and to a registry. Base images are made here from busybox-static; no internet.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use factoryd::adapters::buildkit::DockerBuilder;
+use factoryd::adapters::local;
+use factoryd::adapters::sources::SourceFetcher;
+use factoryd::adapters::unavailable::NotInThisBuild;
+use factoryd::config::{Config, DaemonAddr};
+use factoryd::context::Limits;
+use factoryd::error::{ErrorClass, ErrorCode, JobError};
+use factoryd::job::{BuildOptions, Job, JobEvent, Redactor};
+use factoryd::pipeline::{run_job, DestinationSettings, JobOutput, Stages};
+use factoryd::ports::{BasicAuth, BuildRequest, Builder, Destination, StageContext};
+use factoryd::secret::Secret;
+use factoryd::workspace::Workspace;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::docker::{path_str, Engine};
+use crate::support::git_servers::{git, GitHttpServer};
+use crate::support::http_files::{FileServer, Route};
+use crate::support::registry::{Auth, Registry};
+use crate::support::sources::Recorder;
+
+const USER: &str = "builder";
+const PASSWORD: &str = "base-pass-7f3c19";
+
+/// A private registry holding the busybox base image `base/busybox:1`.
+fn base_registry(engine: &Engine, marker: &str) -> Registry {
+    let registry = Registry::start(Auth::Htpasswd(vec![(USER.into(), PASSWORD.into())]));
+    engine.push_base_image(&registry.host, USER, PASSWORD, "base/busybox:1", marker);
+    registry
+}
+
+fn test_config(extra: &str) -> Config {
+    let text = format!("[egress]\nallow_loopback = true\n{extra}");
+    factoryd::config::from_toml_str(&text, &std::collections::HashMap::new()).expect("config")
+}
+
+fn builder(engine: &Engine) -> DockerBuilder {
+    DockerBuilder::new(DaemonAddr::Unix(engine.socket.clone()))
+}
+
+fn stages(engine: &Engine, config: &Config) -> Stages {
+    Stages {
+        fetcher: Arc::new(SourceFetcher::new(config).expect("fetcher")),
+        builder: Arc::new(builder(engine)),
+        resolver: Arc::new(NotInThisBuild),
+        importer: Arc::new(NotInThisBuild),
+        node_registry_auth: Vec::new(),
+        insecure_registries: Vec::new(),
+        destinations: DestinationSettings::new(config.destination.clone()),
+    }
+}
+
+fn context_for(
+    job: &Job,
+    work: &Path,
+    recorder: Arc<Recorder>,
+    cancel: CancellationToken,
+) -> (StageContext, Workspace) {
+    let ws = Workspace::create(work, &job.id).expect("workspace");
+    let cx = StageContext {
+        job_id: job.id.clone(),
+        attempt: 1,
+        cancel,
+        events: recorder,
+        redactor: Arc::new(Redactor::for_job(job)),
+        workspace: ws.path().to_path_buf(),
+    };
+    (cx, ws)
+}
+
+async fn run(
+    engine: &Engine,
+    config: &Config,
+    job: serde_json::Value,
+    work: &Path,
+) -> (Result<JobOutput, JobError>, Arc<Recorder>) {
+    let job = factoryd::job::decode(job.to_string().as_bytes()).expect("job decodes");
+    let recorder = Arc::new(Recorder::default());
+    let (cx, _ws) = context_for(&job, work, recorder.clone(), CancellationToken::new());
+    (run_job(&job, &stages(engine, config), &cx).await, recorder)
+}
+
+fn log_lines(recorder: &Recorder) -> Vec<String> {
+    recorder
+        .events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Log { lines } => Some(lines.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+fn targz(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, body) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, body.as_bytes())
+            .unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+fn app_one_dockerfile(base_host: &str) -> String {
+    format!(
+        "FROM {base_host}/base/busybox:1\n\
+         COPY app-one/hello.txt /app/hello.txt\n\
+         RUN echo built-by-run > /app/built.txt && cat /etc/base-marker\n"
+    )
+}
+
+/// Runs `cat PATHS` in the image stored at `layout:tag`, loaded into the engine with skopeo.
+fn run_from_layout(engine: &Engine, layout: &Path, tag: &str, paths: &[&str]) -> String {
+    let name = format!("check/{}:1", factoryd::workspace::random_hex(4));
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-daemon-host", &engine.host()])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker-daemon:{name}"))
+        .output()
+        .expect("skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut args = vec!["run", "--rm", "--network", "none", &name, "cat"];
+    args.extend_from_slice(paths);
+    let text = engine.docker_ok(&args);
+    engine.docker_ok(&["rmi", &name]);
+    text
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_runs() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-targz");
+    let server = FileServer::start();
+    let url = server.route(
+        "/src.tar.gz",
+        Route::Body(Arc::new(targz(&[
+            ("app-one/Dockerfile", &app_one_dockerfile(&base.host)),
+            ("app-one/hello.txt", "hello from the tarball\n"),
+        ]))),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let layout = root.path().join("store");
+    let config = test_config(&format!(
+        "[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n",
+        layout.display()
+    ));
+    let job = json!({
+        "v": 1, "id": "job-targz", "source_id": "src-build",
+        "origin": {"type": "docker-file", "details": {
+            "targz_url": url, "context_dir": "/", "build_file": "/app-one/Dockerfile",
+            "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
+        }}
+    });
+    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    let out = result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
+    assert!(out.image.digest.starts_with("sha256:"), "{:?}", out.image);
+    assert_eq!(out.image.platforms, ["linux/amd64"]);
+    assert!(out.image.reference.starts_with("oci:"), "{:?}", out.image);
+    let lines = log_lines(&recorder);
+    assert!(
+        lines.iter().any(|l| l.ends_with(" marker-targz")),
+        "RUN output in the log: {lines:?}"
+    );
+
+    let tag = "src-build:job-targz";
+    let inspect = std::process::Command::new("skopeo")
+        .args(["inspect", "--raw"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .output()
+        .unwrap();
+    assert!(
+        inspect.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    let text = run_from_layout(&engine, &layout, tag, &["/app/hello.txt", "/app/built.txt"]);
+    assert_eq!(text, "hello from the tarball\nbuilt-by-run\n");
+    // The build's own image left the engine.
+    let images = engine.docker_ok(&["images", "--format", "{{.Repository}}"]);
+    assert!(!images.contains("factoryd-build"), "{images}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn git_source_is_pushed_to_the_destination_registry_and_runs() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-git");
+    let dest = Registry::start(Auth::Htpasswd(vec![(
+        "pusher".into(),
+        "push-pass-55aa".into(),
+    )]));
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("src");
+    std::fs::create_dir_all(work.join("app-one")).unwrap();
+    std::fs::write(
+        work.join("app-one/Dockerfile"),
+        app_one_dockerfile(&base.host),
+    )
+    .unwrap();
+    std::fs::write(work.join("app-one/hello.txt"), "hello from git\n").unwrap();
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "app"]);
+    let repos = root.path().join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    git(
+        root.path(),
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            &path_str(&work),
+            &path_str(&repos.join("app.git")),
+        ],
+    );
+    let server = GitHttpServer::start(&repos, "gituser", "git-pass-1234");
+
+    let password_file = root.path().join("dest-password");
+    std::fs::write(&password_file, "push-pass-55aa\n").unwrap();
+    let config = test_config(&format!(
+        "[git]\ninsecure_hosts = [\"127.0.0.1:{}\"]\n[destination]\nkind = \"registry\"\nregistry = \"{}\"\nrepository = \"built/{{source_id}}\"\ntag = \"{{job_id}}\"\nusername = \"pusher\"\npassword_file = \"{}\"\n",
+        server.port,
+        dest.host,
+        password_file.display()
+    ));
+    let job = json!({
+        "v": 1, "id": "job-git", "source_id": "src-git",
+        "origin": {"type": "docker-file", "details": {
+            "repo": {"url": server.url("app.git"), "branch": "main",
+                     "auth": {"type": "http", "credentials": {"username": "gituser", "password": "git-pass-1234"}}},
+            "context_dir": "/", "build_file": "/app-one/Dockerfile",
+            "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
+        }}
+    });
+    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    let out = result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
+    let reference = format!("{}/built/src-git:job-git", dest.host);
+    assert_eq!(out.image.reference, reference);
+    assert!(out.revision.is_some());
+
+    // The registry serves that digest.
+    let manifest = crate::support::registry::skopeo_raw(
+        &format!("docker://{reference}"),
+        &["--creds", "pusher:push-pass-55aa", "--tls-verify=false"],
+    );
+    assert_eq!(
+        crate::support::registry::digest_of(&manifest),
+        out.image.digest
+    );
+
+    let client = engine.login(&dest.host, "pusher", "push-pass-55aa");
+    engine.docker_ok_in(client.path(), &["pull", "-q", &reference]);
+    let text = engine.docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &reference,
+        "cat",
+        "/app/hello.txt",
+        "/app/built.txt",
+    ]);
+    assert_eq!(text, "hello from git\nbuilt-by-run\n");
+    engine.docker_ok(&["rmi", &reference]);
+}
+
+/// A local directory sealed as `factoryd run --context` does.
+fn seal_dir(dir: &Path) -> factoryd::ports::SealedContext {
+    local::seal(
+        dir,
+        "/",
+        "/Dockerfile",
+        Limits {
+            max_context_bytes: 1 << 30,
+            max_entries: 100_000,
+            max_path_depth: 64,
+        },
+    )
+    .expect("seal")
+}
+
+struct LocalBuild {
+    result: Result<factoryd::job::ImageInfo, JobError>,
+    recorder: Arc<Recorder>,
+    layout: tempfile::TempDir,
+    tag: String,
+}
+
+async fn build_dir(
+    engine: &Engine,
+    dir: &Path,
+    options: BuildOptions,
+    auth: Vec<(String, BasicAuth)>,
+    secrets: &[&str],
+    cancel: CancellationToken,
+) -> LocalBuild {
+    let layout = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let ws = Workspace::create(work.path(), "job-local").unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let secrets: Vec<Secret> = secrets.iter().map(|s| Secret::new(*s)).collect();
+    let cx = StageContext {
+        job_id: "job-local".into(),
+        attempt: 1,
+        cancel,
+        events: recorder.clone(),
+        redactor: Arc::new(Redactor::new(secrets.iter(), [USER])),
+        workspace: ws.path().to_path_buf(),
+    };
+    let tag = "local:1".to_owned();
+    let request = BuildRequest {
+        context: seal_dir(dir),
+        options,
+        registry_auth: auth,
+        destination: Destination::OciLayout {
+            path: layout.path().to_path_buf(),
+            tag: tag.clone(),
+        },
+    };
+    let result = builder(engine).build(request, &cx).await;
+    LocalBuild {
+        result,
+        recorder,
+        layout,
+        tag,
+    }
+}
+
+fn base_auth(host: &str) -> Vec<(String, BasicAuth)> {
+    vec![(
+        host.to_owned(),
+        BasicAuth {
+            username: USER.into(),
+            password: Secret::new(PASSWORD),
+        },
+    )]
+}
+
+fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in files {
+        let path = dir.path().join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, body).unwrap();
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cached() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-private");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}/base/busybox:1\nRUN cat /etc/base-marker\n",
+            base.host
+        ),
+    )]);
+
+    let without = build_dir(
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        Vec::new(),
+        &[],
+        CancellationToken::new(),
+    )
+    .await;
+    let e = without.result.expect_err("no credentials: refused");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::AuthFailed),
+        "{e}"
+    );
+
+    let with = build_dir(
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        base_auth(&base.host),
+        &[PASSWORD],
+        CancellationToken::new(),
+    )
+    .await;
+    with.result
+        .unwrap_or_else(|e| panic!("with credentials: {e}"));
+
+    // Right after a successful build of the same base on the same engine: still refused.
+    let again = build_dir(
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        Vec::new(),
+        &[],
+        CancellationToken::new(),
+    )
+    .await;
+    let e = again
+        .result
+        .expect_err("cached base, no credentials: refused");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::AuthFailed),
+        "{e}"
+    );
+    assert!(!e.message.contains(PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_stage_build_from_two_private_registries_uses_both_credentials() {
+    let engine = Engine::shared();
+    let one = base_registry(&engine, "marker-one");
+    let two = Registry::start(Auth::Htpasswd(vec![(
+        "second".into(),
+        "second-pass-9".into(),
+    )]));
+    engine.push_base_image(
+        &two.host,
+        "second",
+        "second-pass-9",
+        "tools/busybox:2",
+        "marker-two",
+    );
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}/tools/busybox:2 AS tools\nRUN cp /etc/base-marker /tools-marker\n\
+             FROM {}/base/busybox:1\nCOPY --from=tools /tools-marker /tools-marker\n",
+            two.host, one.host
+        ),
+    )]);
+    let mut auth = base_auth(&one.host);
+    auth.push((
+        two.host.clone(),
+        BasicAuth {
+            username: "second".into(),
+            password: Secret::new("second-pass-9"),
+        },
+    ));
+    let built = build_dir(
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        auth,
+        &[],
+        CancellationToken::new(),
+    )
+    .await;
+    built.result.unwrap_or_else(|e| panic!("{e}"));
+    let text = run_from_layout(
+        &engine,
+        built.layout.path(),
+        &built.tag,
+        &["/tools-marker", "/etc/base-marker"],
+    );
+    assert_eq!(text, "marker-two\nmarker-one\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_args_target_dockerignore_and_symlinks_reach_the_build_as_given() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-opts");
+    let dir = dir_with(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {}/base/busybox:1 AS wanted\nARG GREETING=unset\nCOPY . /ctx\n\
+                 RUN echo \"$GREETING\" > /greeting\n\
+                 FROM wanted AS other\nRUN echo other > /other\n",
+                base.host
+            ),
+        ),
+        (".dockerignore", "secret.txt\n"),
+        ("secret.txt", "must not be sent\n"),
+        ("kept.txt", "kept\n"),
+    ]);
+    // A link inside the context travels as a link (never followed, never a copy).
+    std::os::unix::fs::symlink("kept.txt", dir.path().join("inner-link")).unwrap();
+    let options = BuildOptions {
+        args: [("GREETING".to_owned(), "hello-arg".to_owned())].into(),
+        target: Some("wanted".into()),
+        ..BuildOptions::default()
+    };
+    let built = build_dir(
+        &engine,
+        dir.path(),
+        options,
+        base_auth(&base.host),
+        &[],
+        CancellationToken::new(),
+    )
+    .await;
+    built.result.unwrap_or_else(|e| panic!("{e}"));
+
+    let name = format!("check/opts-{}:1", factoryd::workspace::random_hex(4));
+    let out = std::process::Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-daemon-host", &engine.host()])
+        .arg(format!(
+            "oci:{}:{}",
+            built.layout.path().display(),
+            built.tag
+        ))
+        .arg(format!("docker-daemon:{name}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let script = "cat /greeting; cat /ctx/kept.txt; \
+                  test -e /ctx/secret.txt && echo secret-present; \
+                  test -e /other && echo other-present; \
+                  readlink /ctx/inner-link; true";
+    let text = engine.docker_ok(&[
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        &name,
+        "sh",
+        "-c",
+        script,
+    ]);
+    engine.docker_ok(&["rmi", &name]);
+    assert_eq!(
+        text, "hello-arg\nkept\nkept.txt\n",
+        "arg, target, ignore, link as link"
+    );
+}
+
+#[tokio::test]
+async fn a_symlink_to_a_host_file_never_brings_the_host_file_into_the_build() {
+    let outside = tempfile::tempdir().unwrap();
+    let host_file = outside.path().join("host-only.txt");
+    std::fs::write(&host_file, "host-only-content\n").unwrap();
+    let dir = dir_with(&[("Dockerfile", "FROM scratch\nCOPY . /ctx\n")]);
+    std::os::unix::fs::symlink(&host_file, dir.path().join("host-link")).unwrap();
+    let limits = Limits {
+        max_context_bytes: 1 << 20,
+        max_entries: 100,
+        max_path_depth: 8,
+    };
+    let e = local::seal(dir.path(), "/", "/Dockerfile", limits)
+        .expect_err("a link out of the context is refused before anything reaches the engine");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::UnsafeSource),
+        "{e}"
+    );
+    assert!(!e.message.contains("host-only-content"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_run_fails_permanently_with_the_steps_output_and_secrets_masked() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-fail");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}/base/busybox:1\nARG TOKEN\n\
+             RUN echo \"token is $TOKEN\"; echo step-output-before-failure; exit 3\n",
+            base.host
+        ),
+    )]);
+    let options = BuildOptions {
+        args: [("TOKEN".to_owned(), PASSWORD.to_owned())].into(),
+        ..BuildOptions::default()
+    };
+    let built = build_dir(
+        &engine,
+        dir.path(),
+        options,
+        base_auth(&base.host),
+        &[PASSWORD],
+        CancellationToken::new(),
+    )
+    .await;
+    let e = built.result.expect_err("RUN exits 3");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::BuildStepFailed),
+        "{e}"
+    );
+    assert!(
+        e.message.contains("step-output-before-failure"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("token is ***"), "{}", e.message);
+    assert!(!e.message.contains(PASSWORD), "{}", e.message);
+    let lines = log_lines(&built.recorder);
+    assert!(
+        lines.iter().any(|l| l.ends_with("token is ***")),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains(PASSWORD)), "{lines:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dockerfile_syntax_error_is_permanent() {
+    let engine = Engine::shared();
+    let dir = dir_with(&[("Dockerfile", "FROM scratch\nFRM nothing\n")]);
+    let built = build_dir(
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        Vec::new(),
+        &[],
+        CancellationToken::new(),
+    )
+    .await;
+    let e = built.result.expect_err("syntax error");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::DockerfileError),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancel_during_a_long_run_stops_the_step_in_buildkit() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-cancel");
+    // A number no other process has on its command line.
+    let seconds = 300 + (std::process::id() % 97);
+    let needle = format!("sleep {seconds}");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}/base/busybox:1\nRUN echo sleeping-now && {needle}\n",
+            base.host
+        ),
+    )]);
+    let cancel = CancellationToken::new();
+    let watcher = {
+        let cancel = cancel.clone();
+        let needle = needle.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !Engine::process_running(&needle) {
+                assert!(Instant::now() < deadline, "the RUN step never started");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let at = Instant::now();
+            cancel.cancel();
+            at
+        })
+    };
+    let built = build_dir(
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        base_auth(&base.host),
+        &[],
+        cancel,
+    )
+    .await;
+    let cancelled_at = watcher.await.unwrap();
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(5),
+        "the build answered the cancel in {:?}",
+        cancelled_at.elapsed()
+    );
+    let e = built.result.expect_err("cancelled");
+    assert_eq!(e.class, ErrorClass::Cancelled, "{e}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Engine::process_running(&needle) {
+        assert!(
+            Instant::now() < deadline,
+            "`{needle}` still runs 10 s after the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let containers = engine.docker_ok(&["ps", "-aq"]);
+    assert_eq!(containers.trim(), "", "no container remains");
+}
+
+#[tokio::test]
+async fn an_unreachable_engine_is_a_transient_failure() {
+    let dir = dir_with(&[("Dockerfile", "FROM scratch\n")]);
+    let missing = tempfile::tempdir().unwrap();
+    let builder = DockerBuilder::new(DaemonAddr::Unix(missing.path().join("docker.sock")));
+    let ws = Workspace::create(missing.path(), "job-x").unwrap();
+    let cx = StageContext {
+        job_id: "job-x".into(),
+        attempt: 1,
+        cancel: CancellationToken::new(),
+        events: Arc::new(Recorder::default()),
+        redactor: Arc::new(Redactor::default()),
+        workspace: ws.path().to_path_buf(),
+    };
+    let request = BuildRequest {
+        context: seal_dir(dir.path()),
+        options: BuildOptions::default(),
+        registry_auth: Vec::new(),
+        destination: Destination::OciLayout {
+            path: missing.path().join("store"),
+            tag: "x:1".into(),
+        },
+    };
+    let e = builder.build(request, &cx).await.expect_err("no engine");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Transient, ErrorCode::Unavailable),
+        "{e}"
+    );
+}
+
+/// `factoryd run` with a config for `engine`, an OCI layout under `root` and `job`.
+fn factoryd_run(
+    engine: &Engine,
+    root: &Path,
+    job: &serde_json::Value,
+    context: &Path,
+) -> std::process::Command {
+    factoryd_run_with(engine, root, job, context, "")
+}
+
+/// [`factoryd_run`] with `extra` TOML appended to the config.
+fn factoryd_run_with(
+    engine: &Engine,
+    root: &Path,
+    job: &serde_json::Value,
+    context: &Path,
+    extra: &str,
+) -> std::process::Command {
+    let config = root.join("factoryd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nwork_root = \"{}\"\n[builder]\ndocker_host = \"{}\"\n\
+             [destination]\nkind = \"oci-layout\"\npath = \"{}\"\n[egress]\nallow_loopback = true\n{extra}",
+            root.join("work").display(),
+            engine.host(),
+            root.join("store").display()
+        ),
+    )
+    .unwrap();
+    let job_file = root.join("job.json");
+    std::fs::write(&job_file, job.to_string()).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_factoryd"));
+    cmd.arg("run")
+        .arg(&job_file)
+        .arg("--config")
+        .arg(&config)
+        .arg("--context")
+        .arg(context)
+        .env_remove("FACTORYD__BUILDER__DOCKER_HOST");
+    cmd
+}
+
+#[test]
+fn factoryd_run_builds_a_local_directory_prints_the_result_and_masks_secrets() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-cli");
+    let dir = dir_with(&[
+        (
+            "app/Dockerfile",
+            &format!(
+                "FROM {}/base/busybox:1\nARG TOKEN\nCOPY hello.txt /hello.txt\n\
+                 RUN echo \"echoed $TOKEN\"\n",
+                base.host
+            ),
+        ),
+        ("app/hello.txt", "hi\n"),
+    ]);
+    let root = tempfile::tempdir().unwrap();
+    let job = json!({
+        "v": 1, "id": "job-cli", "source_id": "src-cli",
+        "origin": {"type": "docker-file", "details": {
+            "targz_url": "https://example.invalid/not-fetched.tar.gz",
+            "context_dir": "/app", "build_file": "/app/Dockerfile",
+            "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
+        }},
+        "build": {"args": {"TOKEN": PASSWORD}}
+    });
+    let out = factoryd_run(&engine, root.path(), &job, dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout).expect("result JSON on stdout");
+    assert_eq!(result["status"], "succeeded");
+    assert_eq!(result["job_id"], "job-cli");
+    assert!(result["image"]["digest"]
+        .as_str()
+        .unwrap()
+        .starts_with("sha256:"));
+    assert!(stderr.contains("echoed ***"), "{stderr}");
+    assert!(!stderr.contains(PASSWORD) && !stdout.contains(PASSWORD));
+    let text = run_from_layout(
+        &engine,
+        &root.path().join("store"),
+        "src-cli:job-cli",
+        &["/hello.txt"],
+    );
+    assert_eq!(text, "hi\n");
+}
+
+#[test]
+fn factoryd_run_interrupted_during_a_build_exits_cancelled() {
+    let engine = Engine::shared();
+    let seconds = 400 + (std::process::id() % 97);
+    let needle = format!("sleep {seconds}");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!("FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"{}\", \"{seconds}\"]\n", "sleep"),
+    )]);
+    std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let job = json!({
+        "v": 1, "id": "job-cli-cancel", "source_id": "src-cli",
+        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
+    });
+    let child = factoryd_run(&engine, root.path(), &job, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !Engine::process_running(&format!("/bin/busybox {needle}")) {
+        assert!(Instant::now() < deadline, "the RUN step never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let interrupted = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        interrupted.elapsed()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["status"], "cancelled");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Engine::process_running(&format!("/bin/busybox {needle}")) {
+        assert!(
+            Instant::now() < deadline,
+            "the RUN step outlived the cancel"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout() {
+    let engine = Engine::shared();
+    let seconds = 500 + (std::process::id() % 97);
+    let needle = format!("/bin/busybox sleep {seconds}");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"sleep\", \"{seconds}\"]\n"
+        ),
+    )]);
+    std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
+    let root = tempfile::tempdir().unwrap();
+    let job = json!({
+        "v": 1, "id": "job-cli-timeout", "source_id": "src-cli", "timeout_secs": 4,
+        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
+    });
+    let started = Instant::now();
+    let out = factoryd_run(&engine, root.path(), &job, dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("\"sleep\", \"{seconds}\"]")),
+        "the step started: {stderr}"
+    );
+    let result: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(result["status"], "failed");
+    assert_eq!(result["error"]["code"], "timeout");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Engine::process_running(&needle) {
+        assert!(
+            Instant::now() < deadline,
+            "the RUN step outlived the job's timeout"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn node_registry_credentials_from_the_config_reach_the_build() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-node");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}/base/busybox:1\nRUN cat /etc/base-marker\n",
+            base.host
+        ),
+    )]);
+    let root = tempfile::tempdir().unwrap();
+    let password_file = root.path().join("base.pass");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let job = json!({
+        "v": 1, "id": "job-node-creds", "source_id": "src-cli",
+        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
+    });
+    let extra = format!(
+        "[registries]\ncredentials = {{ \"{}\" = {{ username = \"{USER}\", password_file = \"{}\" }} }}\n",
+        base.host,
+        password_file.display()
+    );
+    let out = factoryd_run_with(&engine, root.path(), &job, dir.path(), &extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("marker-node"), "{stderr}");
+
+    // The same job without them: refused.
+    let out = factoryd_run(&engine, root.path(), &job, dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(result["error"]["code"], "auth_failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builds_leave_no_session_or_connection_open_in_the_engine() {
+    let engine = Engine::private();
+    let dir = dir_with(&[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\n")]);
+    let build = || {
+        build_dir(
+            &engine,
+            dir.path(),
+            BuildOptions::default(),
+            Vec::new(),
+            &[],
+            CancellationToken::new(),
+        )
+    };
+    build().await.result.unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = engine.open_fds();
+    for _ in 0..5 {
+        build().await.result.unwrap_or_else(|e| panic!("{e}"));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = engine.open_fds();
+    eprintln!("dockerd fds: {before} -> {after}");
+    assert!(
+        after <= before + 2,
+        "dockerd holds {before} fds before 5 builds, {after} after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_base_image_is_a_permanent_not_found() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-missing");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!("FROM {}/base/no-such-image:1\n", base.host),
+    )]);
+    let built = build_dir(
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        base_auth(&base.host),
+        &[PASSWORD],
+        CancellationToken::new(),
+    )
+    .await;
+    let e = built.result.expect_err("no such image");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::NotFound),
+        "{e}"
+    );
+}
