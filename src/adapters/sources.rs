@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::context::Limits;
 use crate::egress::EgressPolicy;
 use crate::error::{JobError, Stage};
-use crate::job::{BuildSource, DockerFile, JobEvent};
+use crate::job::{BuildSource, DockerFile};
 use crate::ports::{FetchedSource, Fetcher, StageContext};
 use crate::telemetry::metrics;
 
@@ -51,9 +51,7 @@ impl Fetcher for SourceFetcher {
         if cx.cancel.is_cancelled() {
             return Err(JobError::cancelled(Stage::Fetch));
         }
-        cx.emit(JobEvent::Stage {
-            stage: Stage::Fetch,
-        });
+        // The pipeline announced the fetch stage; this adapter reports progress within it.
         let (source_kind, result) = match &origin.source {
             BuildSource::Repo(repo) => (
                 "git",
