@@ -191,6 +191,32 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
         Arc::clone(&health),
         http_stop.clone(),
     ));
+    if config.worker.build_slots > 0 {
+        // The build backend is probed in the background so /readyz answers at once.
+        let builder = Arc::clone(&stages.builder);
+        let health = Arc::clone(&health);
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticks.tick() => {
+                        let down = builder.ready().await.err();
+                        if let Ok(mut slot) = health.builder_down.lock() {
+                            if slot.is_some() != down.is_some() {
+                                match &down {
+                                    Some(why) => warn!(reason = %why, "Build backend unreachable."),
+                                    None => info!("Build backend reachable."),
+                                }
+                            }
+                            *slot = down;
+                        }
+                    }
+                }
+            }
+        });
+    }
     if let Some(every) = systemd.watchdog_interval() {
         let pinger = systemd.clone();
         let stop = http_stop.clone();

@@ -12,6 +12,11 @@ use crate::job::{BuildOptions, ImageInfo};
 #[async_trait]
 pub trait Builder: Send + Sync {
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError>;
+
+    /// Whether the build backend answers now (for `/readyz`); the reason when it does not.
+    async fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 #[derive(Debug)]

@@ -23,6 +23,9 @@ pub struct Health {
     pub nats: Arc<ConnectionState>,
     pub draining: AtomicBool,
     pub work_root: PathBuf,
+    /// Why the build backend is not reachable, from the last probe; `None` when it is (or
+    /// this worker does not build).
+    pub builder_down: std::sync::Mutex<Option<String>>,
 }
 
 impl Health {
@@ -31,6 +34,7 @@ impl Health {
             nats,
             draining: AtomicBool::new(false),
             work_root,
+            builder_down: std::sync::Mutex::new(None),
         }
     }
 
@@ -42,6 +46,14 @@ impl Health {
         }
         if self.draining.load(Ordering::Relaxed) {
             reasons.push("draining for shutdown".to_owned());
+        }
+        if let Some(why) = self
+            .builder_down
+            .lock()
+            .map(|b| b.clone())
+            .unwrap_or_default()
+        {
+            reasons.push(format!("builder unreachable: {why}"));
         }
         if let Err(e) = probe_writable(&self.work_root) {
             reasons.push(format!(
@@ -173,6 +185,9 @@ mod tests {
         assert_eq!(health.not_ready(), ["not connected to NATS"]);
         health.nats.connected.store(true, Ordering::Relaxed);
         assert!(health.not_ready().is_empty());
+        *health.builder_down.lock().unwrap() = Some("no engine".to_owned());
+        assert_eq!(health.not_ready(), ["builder unreachable: no engine"]);
+        *health.builder_down.lock().unwrap() = None;
         health.draining.store(true, Ordering::Relaxed);
         assert_eq!(health.not_ready(), ["draining for shutdown"]);
         let (status, _, _) = respond("GET", "/readyz", &health);

@@ -93,6 +93,24 @@ impl DockerBuilder {
 
 #[async_trait]
 impl Builder for DockerBuilder {
+    async fn ready(&self) -> Result<(), String> {
+        let probe = async {
+            let docker = connect(&self.host).await.map_err(|e| e.message)?;
+            docker
+                .ping()
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("the Docker Engine at {} does not answer: {e}", self.host))
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(5), probe).await {
+            Ok(result) => result,
+            Err(_) => Err(format!(
+                "the Docker Engine at {} did not answer in 5 s",
+                self.host
+            )),
+        }
+    }
+
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError> {
         // A child token, cancelled when this future is dropped too, so the build thread never
         // outlives a caller that stopped waiting.
@@ -436,6 +454,14 @@ async fn remove_image(docker: &Docker, image: &str) {
 mod tests {
     use super::*;
     use crate::secret::Secret;
+
+    #[tokio::test]
+    async fn an_engine_that_does_not_answer_is_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let builder = DockerBuilder::new(DaemonAddr::Unix(dir.path().join("docker.sock")));
+        let why = builder.ready().await.unwrap_err();
+        assert!(why.contains("docker.sock"), "{why}");
+    }
 
     #[test]
     fn docker_hub_credentials_are_offered_under_the_host_buildkit_asks_for() {
