@@ -22,6 +22,11 @@ struct Node {
 
 impl Node {
     fn start() -> Node {
+        Node::start_with("build_slots = 0\n")
+    }
+
+    /// `worker` is added to the `[worker]` section.
+    fn start_with(worker: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let server = NatsServer::start(dir.path());
         let metrics_port = free_port();
@@ -30,6 +35,7 @@ impl Node {
             &config,
             format!(
                 "[nats]\nservers = [\"{}\"]\n[worker]\nname = \"serve-test\"\nwork_root = \"{}\"\n\
+                 {worker}\
                  [destination]\npath = \"{}\"\n[egress]\nallow_loopback = true\n\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[log]\nformat = \"json\"\n",
                 server.url(),
@@ -178,7 +184,9 @@ fn serve_exits_zero_on_sigterm_and_its_metrics_counted_the_job() {
         metrics.contains("factoryd_jobs_completed_total{kind=\"import\",outcome=\"succeeded\"} 1"),
         "{metrics}"
     );
-    assert!(http_get(node.metrics_port, "/readyz").starts_with("HTTP/1.1 200"));
+    // An import-only worker (no build slots) does not depend on a Docker Engine.
+    let ready = http_get(node.metrics_port, "/readyz");
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
 
     let mut serve = node.serve.take().unwrap();
     let status = Command::new("kill")
@@ -211,4 +219,25 @@ fn http_get(port: u16, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
+}
+
+#[test]
+fn a_build_worker_without_a_reachable_engine_is_not_ready_and_says_why() {
+    let node = Node::start_with(
+        "build_slots = 1\n[builder]\ndocker_host = \"unix:///nonexistent/docker.sock\"\n",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = http_get(node.metrics_port, "/readyz");
+        if ready.starts_with("HTTP/1.1 503") && ready.contains("builder unreachable") {
+            assert!(ready.contains("/nonexistent/docker.sock"), "{ready}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ready}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
