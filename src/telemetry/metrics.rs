@@ -94,7 +94,7 @@ impl Metrics {
             &r,
             IntCounter::new(
                 "factoryd_nats_reconnects_total",
-                "Times the NATS connection was lost and re-established.",
+                "Times the NATS connection was lost (the client then reconnects on its own).",
             ),
         );
         let events_dropped = register(
