@@ -217,15 +217,28 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
             }
         });
     }
+    // The watchdog is pinged only while the worker's pull loops go round (see Worker::alive);
+    // during start-up, before the worker exists, the runtime answering is enough.
+    let live_worker: Arc<std::sync::OnceLock<Arc<Worker>>> = Arc::default();
     if let Some(every) = systemd.watchdog_interval() {
         let pinger = systemd.clone();
         let stop = http_stop.clone();
+        let live_worker = Arc::clone(&live_worker);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(every);
+            let mut warned = false;
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => break,
-                    _ = ticks.tick() => pinger.watchdog(),
+                    _ = ticks.tick() => {
+                        if live_worker.get().is_none_or(|w| w.alive()) {
+                            pinger.watchdog();
+                            warned = false;
+                        } else if !warned {
+                            error!("A pull loop is stuck; withholding the watchdog ping.");
+                            warned = true;
+                        }
+                    }
                 }
             }
         });
@@ -262,6 +275,7 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     };
     let settings = WorkerSettings::from_config(&config);
     let worker = Worker::new(settings, ports, stages);
+    let _ = live_worker.set(Arc::clone(&worker));
     info!(
         build_slots = config.worker.build_slots,
         import_slots = config.worker.import_slots,

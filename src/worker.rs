@@ -133,6 +133,8 @@ pub struct Worker {
     stages: Stages,
     running: Mutex<HashMap<String, Running>>,
     stats: Mutex<WorkerStats>,
+    /// Per pull loop: its slots and when it last went round, for [`Worker::alive`].
+    beats: Mutex<HashMap<Kind, (Arc<Semaphore>, Instant)>>,
     /// Wall clock derived from tokio's clock, so paused-time tests move leases too.
     wall_base_ms: u64,
     instant_base: Instant,
@@ -150,9 +152,32 @@ impl Worker {
             stages,
             running: Mutex::new(HashMap::new()),
             stats: Mutex::new(WorkerStats::default()),
+            beats: Mutex::new(HashMap::new()),
             wall_base_ms,
             instant_base: Instant::now(),
         })
+    }
+
+    /// True while every pull loop goes round: each waits at most `pull_wait` for a message,
+    /// so one that has not come back for longer, while it has a free slot, is stuck. A loop
+    /// whose slots are all busy is waiting for its jobs, which is fine. Drives the systemd
+    /// watchdog.
+    pub fn alive(&self) -> bool {
+        let limit = self.settings.pull_wait + Duration::from_secs(30);
+        self.beats
+            .lock()
+            .map(|beats| {
+                beats
+                    .values()
+                    .all(|(slots, last)| slots.available_permits() == 0 || last.elapsed() <= limit)
+            })
+            .unwrap_or(false)
+    }
+
+    fn beat(&self, kind: Kind, slots: &Arc<Semaphore>) {
+        if let Ok(mut beats) = self.beats.lock() {
+            beats.insert(kind, (Arc::clone(slots), Instant::now()));
+        }
     }
 
     pub fn stats(&self) -> WorkerStats {
@@ -273,6 +298,7 @@ impl Worker {
     ) {
         let mut backoff = Duration::from_millis(100);
         loop {
+            self.beat(kind, &slots);
             let permit = tokio::select! {
                 _ = stop.cancelled() => return,
                 permit = Arc::clone(&slots).acquire_owned() => match permit {
@@ -282,6 +308,7 @@ impl Worker {
             };
             let free = metrics().slots_free.with_label_values(&[kind.as_str()]);
             free.set(slots.available_permits() as i64);
+            self.beat(kind, &slots);
             let pulled = tokio::select! {
                 _ = stop.cancelled() => return,
                 pulled = self.ports.queue.pull(kind, self.settings.pull_wait) => pulled,
@@ -879,3 +906,6 @@ impl EventSink for RedactingSink {
         self.inner.emit(event);
     }
 }
+
+#[cfg(test)]
+mod tests;

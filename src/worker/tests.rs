@@ -405,3 +405,58 @@ async fn a_delivery_of_a_job_running_elsewhere_is_put_back() {
     assert_eq!(results[0].worker, "node-a");
     assert_eq!(r.stages.runs("j1"), 1);
 }
+
+/// A queue whose pulls never come back (a wedged client).
+struct StuckQueue;
+
+#[async_trait::async_trait]
+impl crate::ports::JobQueue for StuckQueue {
+    async fn pull(
+        &self,
+        _: Kind,
+        _: Duration,
+    ) -> Result<Option<crate::ports::Delivery>, crate::ports::QueueError> {
+        std::future::pending().await
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pull_loop_that_stops_going_round_is_not_alive() {
+    let work_root = tempfile::tempdir().unwrap();
+    let ports = QueuePorts {
+        queue: Arc::new(StuckQueue),
+        states: Arc::new(MemStates::new()),
+        results: Arc::new(MemResults::new()),
+        events: Arc::new(MemEvents::new()),
+        cancels: Arc::new(MemCancels::new()),
+    };
+    let stages = ScriptedStages::new().stages(work_root.path().join("store"));
+    let worker = Worker::new(settings(work_root.path()), ports, stages);
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn(Arc::clone(&worker).run(stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(worker.alive());
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    assert!(!worker.alive(), "stuck for longer than pull_wait + 30 s");
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_whose_slots_are_all_busy_stays_alive() {
+    let mut r = rig_with(|s| {
+        s.import_slots = 1;
+        s.build_slots = 0;
+    });
+    r.stages
+        .script("long", vec![Behaviour::Sleep(Duration::from_secs(600))]);
+    r.publish("long");
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(r.stages.runs("long"), 1);
+    assert!(
+        r.worker.alive(),
+        "waiting for a job to finish is not being stuck"
+    );
+    r.results.wait_for(1).await;
+    r.stop().await;
+}
