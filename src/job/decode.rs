@@ -501,7 +501,7 @@ fn read_repo(value: &Value, path: &str, p: &mut Problems) -> Option<GitRepo> {
 
 /// Accepts `https://`, `http://` and `ssh://` URLs and scp-like `user@host:path`. Refuses
 /// `file://`, local paths, `git://`, `ext::` and other transports, and passwords in URLs.
-fn parse_git_url(path: &str, raw: &str, p: &mut Problems) -> Option<GitRemote> {
+pub(crate) fn parse_git_url(path: &str, raw: &str, p: &mut Problems) -> Option<GitRemote> {
     const EXPECTED: &str =
         "expected an https://, http:// or ssh:// URL, or scp-like user@host:path";
     if raw.contains("::") || raw.starts_with('/') || raw.starts_with('.') || raw.starts_with('~') {

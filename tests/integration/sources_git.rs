@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::git_servers::{
-    git, revision_fixture, ssh_key, GitHttpServer, RevisionFixture, SshServer,
+    git, revision_fixture, ssh_key, submodule_fixture, GitHttpServer, RevisionFixture, SshServer,
 };
 use crate::support::sources::{config, docker_file, stage_context, tar_entries, Recorder};
 
@@ -532,4 +532,165 @@ async fn a_branch_tip_fetch_brings_only_the_tip_commit() {
         let oid = git2::Oid::from_str(older).unwrap();
         assert!(repo.find_commit(oid).is_err(), "{older} was fetched");
     }
+}
+
+fn submodule_details(server: &GitHttpServer, submodules: bool) -> serde_json::Value {
+    json!({
+        "repo": {"url": server.url("app-sub.git"), "submodules": submodules,
+                 "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}}},
+        "context_dir": "/app", "build_file": "/app/Dockerfile",
+    })
+}
+
+/// Fetches the fixture's submodule from the job's own server; returns the refs of the
+/// submodule's repository in the workspace (which tell how its commit was fetched).
+async fn fetch_same_host_submodule(allow_reachable_hash: bool) -> String {
+    let root = tempfile::tempdir().unwrap();
+    let repos = root.path().join("repos");
+    let fixture = submodule_fixture(&repos, &repos, Some("../lib.git"), None);
+    if allow_reachable_hash {
+        git(
+            &repos.join("lib.git"),
+            &["config", "uploadpack.allowReachableSHA1InWant", "true"],
+        );
+    }
+    let server = GitHttpServer::start(&repos, USER, PASSWORD);
+    let (result, _, _ws) = fetch_with(
+        &fetcher(""),
+        &root.path().join("wr"),
+        submodule_details(&server, true),
+    )
+    .await;
+    let source = result.unwrap();
+    let entries = tar_entries(&context_bytes(&source));
+    let file = |name: &str| {
+        entries
+            .iter()
+            .find(|e| e.0 == name)
+            .map(|e| String::from_utf8(e.4.clone()).unwrap())
+    };
+    // The pinned commit (not the submodule's tip), streamed under the gitlink's path.
+    assert_ne!(fixture.lib_pinned, fixture.lib_tip);
+    assert_eq!(file("lib.txt"), None);
+    assert_eq!(file("lib/lib.txt").as_deref(), Some("lib one\n"));
+    assert_eq!(file("lib/docs/readme.md").as_deref(), Some("# lib\n"));
+    let lib = entries
+        .iter()
+        .find(|e| e.0 == "lib")
+        .expect("lib directory");
+    assert_eq!(lib.2, b'5', "lib is a directory");
+    assert!(file("Dockerfile").is_some());
+    // The submodule's repository was asked for with the job's credentials.
+    assert!(server
+        .requests()
+        .iter()
+        .any(|l| l.starts_with("200 ") && l.contains("/lib.git/")));
+    git(&_ws.path().join("submodules/1.git"), &["for-each-ref"])
+}
+
+#[tokio::test]
+async fn a_submodule_on_the_jobs_host_is_fetched_at_its_pinned_commit_when_asked_for() {
+    // git http-backend announces no allow-reachable-sha1-in-want by default: libgit2 will not
+    // ask for the bare hash, so the branches are fetched until the pinned commit shows up.
+    let refs = fetch_same_host_submodule(false).await;
+    assert!(refs.contains("refs/factoryd/heads/main"), "{refs}");
+    assert!(!refs.contains("refs/factoryd/submodule"), "{refs}");
+}
+
+#[tokio::test]
+async fn a_submodule_commit_is_fetched_by_hash_when_the_server_allows_it() {
+    let refs = fetch_same_host_submodule(true).await;
+    assert!(refs.contains("refs/factoryd/submodule"), "{refs}");
+    assert!(!refs.contains("refs/factoryd/heads/"), "{refs}");
+}
+
+#[tokio::test]
+async fn without_the_flag_a_real_submodule_is_an_empty_directory() {
+    let root = tempfile::tempdir().unwrap();
+    let repos = root.path().join("repos");
+    submodule_fixture(&repos, &repos, Some("../lib.git"), None);
+    let server = GitHttpServer::start(&repos, USER, PASSWORD);
+    let (result, _, _ws) = fetch_with(
+        &fetcher(""),
+        &root.path().join("wr"),
+        submodule_details(&server, false),
+    )
+    .await;
+    let entries = tar_entries(&context_bytes(&result.unwrap()));
+    let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
+    assert!(names.contains(&"lib"), "{names:?}");
+    assert!(!names.iter().any(|n| n.starts_with("lib/")), "{names:?}");
+    assert!(!server.requests().iter().any(|l| l.contains("/lib.git/")));
+}
+
+#[tokio::test]
+async fn the_jobs_credentials_are_not_offered_to_a_submodule_on_another_port() {
+    let root = tempfile::tempdir().unwrap();
+    let repos = root.path().join("repos");
+    let other_repos = root.path().join("other-repos");
+    std::fs::create_dir_all(&other_repos).unwrap();
+    let other = GitHttpServer::start(&other_repos, "other-user", "other-Passw0rd");
+    submodule_fixture(&repos, &other_repos, Some(&other.url("lib.git")), None);
+    let server = GitHttpServer::start(&repos, USER, PASSWORD);
+    let (result, _, _ws) = fetch_with(
+        &fetcher(""),
+        &root.path().join("wr"),
+        submodule_details(&server, true),
+    )
+    .await;
+    let err = result.err().expect("the other host wants its own password");
+    assert_eq!(err.code, ErrorCode::AuthFailed, "{err}");
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert!(err.message.contains("app/lib"), "{err}");
+    assert!(!err.message.contains(PASSWORD), "{err}");
+    // The other server was asked (anonymously), never with the job's credentials.
+    use base64::Engine as _;
+    let jobs = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let requests = other.requests();
+    assert!(
+        requests.iter().any(|l| l.contains("/lib.git/")),
+        "{requests:?}"
+    );
+    for line in &requests {
+        assert!(line.ends_with("auth=-"), "{line}");
+        assert!(!line.contains(&jobs), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn a_submodule_without_a_gitmodules_entry_is_a_permanent_error_naming_it() {
+    let root = tempfile::tempdir().unwrap();
+    let repos = root.path().join("repos");
+    submodule_fixture(&repos, &repos, None, None);
+    let server = GitHttpServer::start(&repos, USER, PASSWORD);
+    let (result, _, _ws) = fetch_with(
+        &fetcher(""),
+        &root.path().join("wr"),
+        submodule_details(&server, true),
+    )
+    .await;
+    let err = result.err().expect("no URL for the submodule");
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert_eq!(err.code, ErrorCode::NotFound, "{err}");
+    assert!(err.message.contains("\"app/lib\""), "{err}");
+}
+
+#[tokio::test]
+async fn a_submodule_commit_its_repository_lacks_is_a_permanent_not_found_naming_it() {
+    let root = tempfile::tempdir().unwrap();
+    let repos = root.path().join("repos");
+    let missing = "2222222222222222222222222222222222222222";
+    submodule_fixture(&repos, &repos, Some("../lib.git"), Some(missing));
+    let server = GitHttpServer::start(&repos, USER, PASSWORD);
+    let (result, _, _ws) = fetch_with(
+        &fetcher(""),
+        &root.path().join("wr"),
+        submodule_details(&server, true),
+    )
+    .await;
+    let err = result.err().expect("the pinned commit does not exist");
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert_eq!(err.code, ErrorCode::NotFound, "{err}");
+    assert!(err.message.contains("\"app/lib\""), "{err}");
+    assert!(err.message.contains(missing), "{err}");
 }

@@ -21,8 +21,15 @@
 //!   fetch of a hash that is not advertised needs server options many hosts lack; only when the
 //!   whole branch lacks it are the other branches and tags fetched, to tell "elsewhere" from
 //!   "unknown".
-//! * Submodules: not fetched. Without `repo.submodules` a submodule is sent as an empty
-//!   directory (as `git archive` does); with it, a context holding one fails as `unsupported`.
+//! * Submodules: without `repo.submodules` a submodule is sent as an empty directory (as
+//!   `git archive` does). With it, each gitlink inside the context is looked up in the
+//!   superproject commit's `.gitmodules` (relative URLs resolve against the job's URL), checked
+//!   like the job's URL (transports, `git.insecure_hosts`, egress), and its pinned commit is
+//!   fetched into its own bare repository in the workspace: by hash first, and if the server
+//!   refuses an unadvertised hash, its branches and tags, deeper and deeper, until the commit
+//!   shows up. The job's credentials go only to a submodule on the job's host and port; any
+//!   other submodule is fetched anonymously. One level: a submodule inside a submodule fails
+//!   as `unsupported`.
 //! * Progress is emitted as `Progress` events; cancellation stops the transfer at the next
 //!   packet, and libgit2's connect and I/O timeouts (`git.connect_timeout_secs`,
 //!   `git.io_timeout_secs`) bound a silent server. Bytes received are capped by
@@ -32,6 +39,7 @@
 //! search paths are emptied at start), or put a credential or URL userinfo in an error.
 
 pub mod known_hosts;
+mod submodule;
 mod tree;
 
 use std::cell::RefCell;
@@ -158,6 +166,7 @@ impl GitFetcher {
             context_dir: context_dir.to_owned(),
             build_file: build_file.to_owned(),
             cx: cx.clone(),
+            fetcher: self.clone(),
         };
         // libgit2 blocks; the task watches `cx.cancel` from its progress callback. It is always
         // awaited, so when this returns nothing writes into the workspace any more.
@@ -221,6 +230,8 @@ struct FetchTask {
     context_dir: String,
     build_file: String,
     cx: StageContext,
+    /// For the settings a submodule's fetch is checked against.
+    fetcher: GitFetcher,
 }
 
 /// What the callbacks of one connection saw, to classify a libgit2 failure precisely.
@@ -348,15 +359,32 @@ impl FetchTask {
             }
         };
         revision.commit = commit.to_string();
+        let gitmodules = if self.repo.submodules {
+            submodule::read_gitmodules(&repo, commit).map_err(|e| self.local_error(e))?
+        } else {
+            None
+        };
         drop(repo);
 
+        let mut fetched_submodules = 0usize;
+        let mut fetch_submodule = |path: &str, pinned: Oid| {
+            fetched_submodules += 1;
+            let (repo_path, bytes) =
+                self.fetch_submodule(gitmodules.as_deref(), path, pinned, fetched_submodules)?;
+            total_bytes += bytes;
+            Ok(repo_path)
+        };
         let context = tree::seal(
             &self.repo_path,
             commit,
             &self.context_dir,
             &self.build_file,
             self.limits,
-            self.repo.submodules,
+            if self.repo.submodules {
+                Some(&mut fetch_submodule)
+            } else {
+                None
+            },
         )?;
         Ok(GitSource {
             context,

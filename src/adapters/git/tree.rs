@@ -2,6 +2,7 @@
 //! context stream read straight from the object database (like `git archive`), never from a
 //! checkout.
 
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -22,15 +23,20 @@ const MODE_BLOB_EXECUTABLE: i32 = 0o100755;
 const MODE_LINK: i32 = 0o120000;
 const MODE_COMMIT: i32 = 0o160000;
 
+/// Fetches one submodule: given its path from the superproject's root and the commit its
+/// gitlink pins, returns the bare repository holding that commit.
+pub type SubmoduleFetch<'a> = dyn FnMut(&str, Oid) -> Result<PathBuf, JobError> + 'a;
+
 /// Resolves and checks the context of `commit` in the bare repository at `repo_path`, and
-/// returns the sealed context that streams it.
+/// returns the sealed context that streams it. With `submodules`, each gitlink inside the
+/// context is fetched through it (during the check walk) and streamed at its path.
 pub fn seal(
     repo_path: &Path,
     commit: Oid,
     context_dir: &str,
     build_file: &str,
     limits: Limits,
-    submodules: bool,
+    submodules: Option<&mut SubmoduleFetch<'_>>,
 ) -> Result<SealedContext, JobError> {
     let repo = open(repo_path)?;
     let commit_obj = repo.find_commit(commit).map_err(internal)?;
@@ -84,17 +90,22 @@ pub fn seal(
     };
     ignore.keep(DOCKERIGNORE);
 
-    let writer = GitContext {
+    let mut writer = GitContext {
         repo_path: repo_path.to_path_buf(),
         tree: context_tree.id(),
+        prefix: context.path.clone(),
         ignore,
         limits,
         mtime,
         extra,
-        submodules,
+        submodules: submodules.is_some(),
+        fetched: BTreeMap::new(),
     };
     // Check every entry now, so an unsafe or oversized tree fails the seal stage, not the build.
-    writer.walk(None)?;
+    // This walk also fetches the submodules it meets, so the stream can read them later.
+    let mut fetched = BTreeMap::new();
+    writer.walk(None, submodules, &mut fetched)?;
+    writer.fetched = fetched;
     Ok(SealedContext::new(name, Box::new(writer)))
 }
 
@@ -111,14 +122,24 @@ struct GitContext {
     limits: Limits,
     mtime: u64,
     extra: Option<BuildFile>,
-    /// The job asked for submodules, which this worker does not fetch yet: refuse rather
-    /// than silently send empty directories.
+    /// The context directory's path from the repository root.
+    prefix: Vec<String>,
+    /// The job asked for submodules: each gitlink in the context is streamed from its own
+    /// repository (one level; a submodule inside a submodule is refused).
     submodules: bool,
+    /// Gitlink path in the context → the bare repository its commit was fetched into.
+    fetched: BTreeMap<String, PathBuf>,
 }
 
 impl GitContext {
     /// Walks the context tree; writes the stream when `out` is given, only checks otherwise.
-    fn walk(&self, out: Option<&mut dyn Write>) -> Result<u64, JobError> {
+    /// `fetch` (check walk only) fetches the submodules met, recorded in `fetched`.
+    fn walk(
+        &self,
+        out: Option<&mut dyn Write>,
+        fetch: Option<&mut SubmoduleFetch<'_>>,
+        fetched: &mut BTreeMap<String, PathBuf>,
+    ) -> Result<u64, JobError> {
         let repo = open(&self.repo_path)?;
         let writing = out.is_some();
         let mut sealer = match out {
@@ -127,7 +148,13 @@ impl GitContext {
         };
         let tree = repo.find_tree(self.tree).map_err(internal)?;
         let mut rel = Vec::new();
-        self.walk_tree(&repo, &tree, &mut rel, &mut sealer, writing)?;
+        let mut walk = Walk {
+            writing,
+            fetch,
+            fetched,
+            in_submodule: false,
+        };
+        self.walk_tree(&repo, &tree, &mut rel, &mut sealer, &mut walk)?;
         if let Some(extra) = &self.extra {
             let blob = repo.find_blob(extra.blob).map_err(internal)?;
             let meta = Meta {
@@ -145,8 +172,9 @@ impl GitContext {
         tree: &Tree<'_>,
         rel: &mut Vec<String>,
         sealer: &mut Sealer<'_>,
-        writing: bool,
+        walk: &mut Walk<'_, '_>,
     ) -> Result<(), JobError> {
+        let writing = walk.writing;
         let odb = repo.odb().map_err(internal)?;
         for entry in tree.iter() {
             let Ok(name) = entry.name() else {
@@ -166,7 +194,7 @@ impl GitContext {
                     sealer.add(rel, dir_meta(self.mtime), Entry::Dir)?;
                     if sealer.descend(rel) {
                         let sub = repo.find_tree(entry.id()).map_err(internal)?;
-                        self.walk_tree(repo, &sub, rel, sealer, writing)?;
+                        self.walk_tree(repo, &sub, rel, sealer, walk)?;
                     }
                 }
                 MODE_BLOB | MODE_BLOB_GROUP_WRITABLE | MODE_BLOB_EXECUTABLE => {
@@ -202,16 +230,11 @@ impl GitContext {
                         sealer.add(rel, meta, Entry::Symlink { target })?;
                     }
                 }
-                MODE_COMMIT if self.submodules && !sealer.excluded(rel) => {
-                    return Err(JobError::permanent(
-                        Stage::Seal,
-                        ErrorCode::Unsupported,
-                        format!(
-                            "{:?} is a submodule; fetching submodules (repo.submodules) is not \
-                             supported yet",
-                            rel.join("/")
-                        ),
-                    ));
+                MODE_COMMIT if self.submodules => {
+                    sealer.add(rel, dir_meta(self.mtime), Entry::Dir)?;
+                    if sealer.descend(rel) {
+                        self.walk_submodule(rel, entry.id(), sealer, walk)?;
+                    }
                 }
                 // A submodule not asked for: `git archive` writes an empty directory, so do we.
                 MODE_COMMIT => sealer.add(rel, dir_meta(self.mtime), Entry::Dir)?,
@@ -221,11 +244,75 @@ impl GitContext {
         }
         Ok(())
     }
+
+    /// Streams the tree of submodule commit `commit` at `rel`, fetching it first on the check
+    /// walk.
+    fn walk_submodule(
+        &self,
+        rel: &mut Vec<String>,
+        commit: Oid,
+        sealer: &mut Sealer<'_>,
+        walk: &mut Walk<'_, '_>,
+    ) -> Result<(), JobError> {
+        let key = rel.join("/");
+        let full = self
+            .prefix
+            .iter()
+            .chain(rel.iter())
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("/");
+        if walk.in_submodule {
+            return Err(JobError::permanent(
+                Stage::Fetch,
+                ErrorCode::Unsupported,
+                format!(
+                    "{full:?} is a submodule inside a submodule; only one level of submodules \
+                     is fetched"
+                ),
+            ));
+        }
+        let repo_path = match walk.fetched.get(&key) {
+            Some(path) => path.clone(),
+            None => {
+                let Some(fetch) = walk.fetch.as_deref_mut() else {
+                    return Err(JobError::transient(
+                        Stage::Seal,
+                        ErrorCode::Internal,
+                        format!("submodule {full:?} was not fetched when the context was checked"),
+                    ));
+                };
+                let path = fetch(&full, commit)?;
+                walk.fetched.insert(key, path.clone());
+                path
+            }
+        };
+        let repo = open(&repo_path)?;
+        let tree = repo
+            .find_commit(commit)
+            .and_then(|c| c.tree())
+            .map_err(internal)?;
+        walk.in_submodule = true;
+        let result = self.walk_tree(&repo, &tree, rel, sealer, walk);
+        walk.in_submodule = false;
+        result
+    }
+}
+
+/// The state of one walk over the context.
+struct Walk<'f, 'm> {
+    /// Whether the stream is written (else only checked).
+    writing: bool,
+    fetch: Option<&'f mut SubmoduleFetch<'m>>,
+    fetched: &'f mut BTreeMap<String, PathBuf>,
+    /// Inside a submodule's tree: a gitlink there is a nested submodule.
+    in_submodule: bool,
 }
 
 impl ContextWriter for GitContext {
     fn write_tar(&self, out: &mut dyn Write) -> Result<u64, JobError> {
-        self.walk(Some(out))
+        let mut fetched = self.fetched.clone();
+        self.walk(Some(out), None, &mut fetched)
     }
 }
 

@@ -5,7 +5,8 @@ Usage: git_http_backend.py PORT PROJECT_ROOT USER PASSWORD LOG_FILE
 
 Serves every repository under PROJECT_ROOT on 127.0.0.1:PORT. Every request must carry Basic
 credentials USER:PASSWORD (401 otherwise). Each request is logged to LOG_FILE as
-"<status> <method> <path>" so tests can count attempts. Chunked request bodies (libgit2 sends
+"<status> <method> <path> auth=<Authorization header or ->" so tests can count attempts and see
+which credentials reached this server. Chunked request bodies (libgit2 sends
 large POSTs chunked) are decoded before they reach the CGI.
 """
 import base64
@@ -48,8 +49,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def handle_any(self):
         body = self.read_body() if self.command == "POST" else b""
         path, _, query = self.path.partition("?")
+        auth = "auth=" + (self.headers.get("Authorization") or "-")
         if self.headers.get("Authorization") != EXPECTED:
-            log(f"401 {self.command} {path}")
+            log(f"401 {self.command} {path} {auth}")
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="git"')
             self.send_header("Content-Length", "0")
@@ -88,7 +90,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 status = int(value.strip().split()[0])
             else:
                 headers.append((name, value.strip()))
-        log(f"{status} {self.command} {path}")
+        log(f"{status} {self.command} {path} {auth}")
         self.send_response(status)
         for name, value in headers:
             self.send_header(name, value)

@@ -96,6 +96,82 @@ pub fn revision_fixture(root: &Path) -> RevisionFixture {
     }
 }
 
+/// A superproject with a submodule, in `repos/app-sub.git`: `app/Dockerfile`, and a gitlink at
+/// `app/lib` pinned to the first of two commits of `lib_repos/lib.git` (`lib.txt` = "lib one",
+/// `docs/readme.md`), or to `pin_override`; `.gitmodules` gives `gitmodules_url` for it (no
+/// entry when `None`).
+pub struct SubmoduleFixture {
+    pub lib_pinned: String,
+    pub lib_tip: String,
+}
+
+pub fn submodule_fixture(
+    repos: &Path,
+    lib_repos: &Path,
+    gitmodules_url: Option<&str>,
+    pin_override: Option<&str>,
+) -> SubmoduleFixture {
+    let scratch = repos.join("..").join("submodule-work");
+    let lib = scratch.join("lib");
+    std::fs::create_dir_all(lib.join("docs")).unwrap();
+    git(&lib, &["init", "-q", "-b", "main"]);
+    std::fs::write(lib.join("lib.txt"), "lib one\n").unwrap();
+    std::fs::write(lib.join("docs/readme.md"), "# lib\n").unwrap();
+    git(&lib, &["add", "-A"]);
+    git(&lib, &["commit", "-q", "-m", "lib one"]);
+    let lib_pinned = git(&lib, &["rev-parse", "HEAD"]);
+    std::fs::write(lib.join("lib.txt"), "lib two\n").unwrap();
+    git(&lib, &["commit", "-q", "-am", "lib two"]);
+    let lib_tip = git(&lib, &["rev-parse", "HEAD"]);
+    std::fs::create_dir_all(lib_repos).unwrap();
+    git(
+        &scratch,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            lib.to_str().unwrap(),
+            lib_repos.join("lib.git").to_str().unwrap(),
+        ],
+    );
+
+    let app = scratch.join("app");
+    std::fs::create_dir_all(app.join("app")).unwrap();
+    git(&app, &["init", "-q", "-b", "main"]);
+    std::fs::write(app.join("app/Dockerfile"), "FROM scratch\nCOPY . /\n").unwrap();
+    let gitmodules = match gitmodules_url {
+        Some(url) => format!("[submodule \"lib\"]\n\tpath = app/lib\n\turl = {url}\n"),
+        None => "[submodule \"other\"]\n\tpath = elsewhere\n\turl = ../x.git\n".to_owned(),
+    };
+    std::fs::write(app.join(".gitmodules"), gitmodules).unwrap();
+    git(&app, &["add", "-A"]);
+    git(
+        &app,
+        &[
+            "update-index",
+            "--add",
+            "--cacheinfo",
+            &format!("160000,{},app/lib", pin_override.unwrap_or(&lib_pinned)),
+        ],
+    );
+    git(&app, &["commit", "-q", "-m", "app with a submodule"]);
+    std::fs::create_dir_all(repos).unwrap();
+    git(
+        &scratch,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            app.to_str().unwrap(),
+            repos.join("app-sub.git").to_str().unwrap(),
+        ],
+    );
+    SubmoduleFixture {
+        lib_pinned,
+        lib_tip,
+    }
+}
+
 /// `git http-backend` on a free loopback port, every request requiring basic auth.
 pub struct GitHttpServer {
     _guard: ChildGuard,
@@ -133,6 +209,15 @@ impl GitHttpServer {
     /// `http://127.0.0.1:PORT/<repo>`.
     pub fn url(&self, repo: &str) -> String {
         format!("http://127.0.0.1:{}/{repo}", self.port)
+    }
+
+    /// Every request line logged so far ("<status> <method> <path> auth=<header or ->").
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Requests answered 401 so far.
