@@ -54,6 +54,9 @@ git -C "$src" add -A
 git -C "$src" commit -q -m bench
 mkdir -p "$work/repos"
 git clone -q --bare "$src" "$work/repos/bench.git"
+# Served repositories are packed (as on any git server); a local clone leaves loose objects,
+# which would make the server recompress every object on each fetch, for both sides alike.
+git -C "$work/repos/bench.git" repack -a -d -q
 echo "   repository: $(du -sh "$src" --exclude=.git | cut -f1) in $(git -C "$src" ls-files | wc -l) files"
 
 echo "== generating a $tar_files-file tar.gz"
