@@ -13,4 +13,14 @@ cargo clippy --locked --all-targets --features test-util -- -D warnings
 
 echo "== unit, pipeline and integration tests"
 # test-util builds the in-memory fakes and the scripted test worker the integration tests spawn.
-cargo test --locked --all-targets --features test-util
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --locked --all-targets --features test-util 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+
+# One closing line over every test binary (cargo's own last line is a target without tests).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i; if ($(i+1) ~ /^ignored;/) s += $i } }
+     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+exit "$status"
