@@ -21,5 +21,4 @@ pub mod oci;
 pub mod oci_layout;
 pub mod sources;
 pub mod tarball;
-pub mod unavailable;
 pub mod webhook;

@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use crate::error::{JobError, Stage};
 use crate::job::{ImageInfo, Job, JobEvent, Origin, Revision, Timings};
 use crate::ports::{
-    BasicAuth, BuildRequest, Builder, CredentialResolver, Destination, Fetcher, ImportRequest,
-    Importer, StageContext,
+    BasicAuth, BuildRequest, Builder, CredentialResolver, Fetcher, ImportRequest, Importer,
+    StageContext,
 };
 
 pub use destination::DestinationSettings;
@@ -166,9 +166,4 @@ fn build_registry_auth(
         }
     }
     out
-}
-
-/// For callers that only need the destination a job would be stored at.
-pub fn destination_of(job: &Job, stages: &Stages) -> Result<Destination, JobError> {
-    stages.destinations.resolve(job)
 }

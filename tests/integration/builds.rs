@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use factoryd::adapters::buildkit::DockerBuilder;
+use factoryd::adapters::credentials::OriginCredentials;
 use factoryd::adapters::local;
+use factoryd::adapters::oci::RegistryImporter;
 use factoryd::adapters::sources::SourceFetcher;
-use factoryd::adapters::unavailable::NotInThisBuild;
 use factoryd::config::{Config, DaemonAddr};
 use factoryd::context::Limits;
 use factoryd::error::{ErrorClass, ErrorCode, JobError};
@@ -52,8 +53,9 @@ fn stages(engine: &Engine, config: &Config) -> Stages {
     Stages {
         fetcher: Arc::new(SourceFetcher::new(config).expect("fetcher")),
         builder: Arc::new(builder(engine)),
-        resolver: Arc::new(NotInThisBuild),
-        importer: Arc::new(NotInThisBuild),
+        // Build jobs never reach these; the production ones are cheap to make.
+        resolver: Arc::new(OriginCredentials::from_config(config).expect("resolver")),
+        importer: Arc::new(RegistryImporter::from_config(config).expect("importer")),
         node_registry_auth: Vec::new(),
         insecure_registries: Vec::new(),
         destinations: DestinationSettings::new(config.destination.clone()),
