@@ -181,6 +181,9 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
             return ExitCode::from(EXIT_UNAVAILABLE);
         }
     };
+    if let Ok(addr) = listener.local_addr() {
+        info!(listen = %addr, "Serving metrics and health.");
+    }
     let health = Arc::new(Health::new(
         Arc::clone(&state),
         config.worker.work_root.clone(),

@@ -34,9 +34,12 @@ fn writes_json(style: LogStyle, stderr_is_terminal: bool) -> bool {
 /// Installs the global subscriber. `level` is an `EnvFilter` directive (`info`, `factoryd=debug`).
 pub fn init(style: LogStyle, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = writes_json(style, std::io::stderr().is_terminal());
+    let terminal = std::io::stderr().is_terminal();
+    let json = writes_json(style, terminal);
+    // Colours only for a terminal: a file or pipe gets plain text that grep can read.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(terminal)
         .with_writer(std::io::stderr);
     // A second init (tests) keeps the first subscriber.
     let _ = if json {

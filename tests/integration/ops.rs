@@ -285,7 +285,7 @@ async fn prometheus_sees_the_job_counters_move_after_jobs_run() {
     let fleet = Fleet::new(vec![server.url()], 1, dir);
     fleet.script("p-fails", "permanent");
     let _worker = fleet.worker("node-a", 30);
-    let addr = fleet.metrics_addr("node-a");
+    let addr = fleet.metrics_addr("node-a").await;
     wait_status(addr, "/readyz", 200, Duration::from_secs(30)).await;
     let store = tempfile::tempdir().unwrap();
     let prometheus = Prometheus::start(store.path(), addr).await;
@@ -327,7 +327,7 @@ async fn promtool_finds_nothing_to_report_in_the_metrics_exposition() {
     let fleet = Fleet::new(vec![server.url()], 1, dir);
     fleet.script("m-retry", "transient,succeed");
     let _worker = fleet.worker("node-a", 30);
-    let addr = fleet.metrics_addr("node-a");
+    let addr = fleet.metrics_addr("node-a").await;
     wait_status(addr, "/readyz", 200, Duration::from_secs(30)).await;
     // Jobs first, so that histograms and labelled series have samples to lint.
     let nats = fleet.client().await;
@@ -365,7 +365,7 @@ async fn readyz_is_unavailable_while_nats_is_down_and_ready_once_it_returns() {
     let (dir, mut server) = single();
     let fleet = Fleet::new(vec![server.url()], 1, dir);
     let _worker = fleet.worker("node-a", 30);
-    let addr = fleet.metrics_addr("node-a");
+    let addr = fleet.metrics_addr("node-a").await;
     wait_status(addr, "/readyz", 200, Duration::from_secs(30)).await;
 
     server.stop();

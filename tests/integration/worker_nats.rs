@@ -84,13 +84,65 @@ impl Fleet {
         ChildGuard::spawn(name, &mut cmd)
     }
 
-    /// Where worker `name` serves /metrics, /healthz and /readyz (from its config file).
-    pub(crate) fn metrics_addr(&self, name: &str) -> std::net::SocketAddr {
-        let path = self.dir.path().join(format!("{name}.toml"));
-        factoryd::config::load(Some(&path), &HashMap::new())
-            .expect("worker config")
-            .metrics
-            .listen
+    /// Where worker `name` serves /metrics, /healthz and /readyz: the address it logged once
+    /// it had bound the port.
+    pub(crate) async fn metrics_addr(&self, name: &str) -> std::net::SocketAddr {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = self.log(name);
+            let bound = log
+                .lines()
+                .filter(|l| l.contains("Serving metrics and health."))
+                // Text (`listen=ADDR`) or JSON (`"listen":"ADDR"`) format.
+                .find_map(|l| {
+                    let rest = l
+                        .split("listen=")
+                        .nth(1)
+                        .or(l.split("\"listen\":").nth(1))?;
+                    let addr = rest.split([' ', ',', '}']).next()?;
+                    addr.trim_matches('"').parse().ok()
+                });
+            if let Some(addr) = bound {
+                return addr;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "worker {name} never said where it serves metrics:\n{log}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until `check` holds; on a timeout the panic carries every worker's log.
+    pub(crate) async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut() -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        while !check() {
+            if Instant::now() >= deadline {
+                panic!("timed out waiting for {what}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every worker log in the fleet's directory, each under its file name.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return out;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                out.push_str(&format!("--- {} ---\n{text}\n", path.display()));
+            }
+        }
+        out
     }
 
     pub(crate) fn log(&self, name: &str) -> String {
@@ -210,14 +262,6 @@ async fn stream_state(nats: &Nats, name: &str) -> async_nats::jetstream::stream:
     }
 }
 
-pub(crate) async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 pub(crate) fn single() -> (tempfile::TempDir, NatsServer) {
     let dir = tempfile::tempdir().unwrap();
     let server = NatsServer::start(dir.path());
@@ -272,12 +316,13 @@ async fn a_worker_killed_mid_job_is_taken_over_after_its_lease_lapses() {
     let mut first = fleet.worker("node-a", 30);
     let nats = fleet.client().await;
     assert!(publish(&nats, "long").await);
-    wait_until(
-        "the first worker to start the job",
-        Duration::from_secs(20),
-        || fleet.runs("long") == 1,
-    )
-    .await;
+    fleet
+        .wait_until(
+            "the first worker to start the job",
+            Duration::from_secs(20),
+            || fleet.runs("long") == 1,
+        )
+        .await;
     // SIGKILL: no nak, no result, the lease is left to lapse.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
@@ -340,10 +385,11 @@ async fn cancel_before_start_and_during_the_job_end_cancelled() {
     assert!(nats.cancel("before").await.unwrap());
     assert!(publish(&nats, "before").await);
     assert!(publish(&nats, "during").await);
-    wait_until("the job to start", Duration::from_secs(20), || {
-        fleet.runs("during") == 1
-    })
-    .await;
+    fleet
+        .wait_until("the job to start", Duration::from_secs(20), || {
+            fleet.runs("during") == 1
+        })
+        .await;
     assert!(nats.cancel("during").await.unwrap());
 
     let ids = vec!["before".to_string(), "during".to_string()];
@@ -363,12 +409,13 @@ async fn sigterm_mid_job_hands_it_to_another_worker_and_exits_zero() {
     let mut first = fleet.worker("node-a", 1);
     let nats = fleet.client().await;
     assert!(publish(&nats, "handover").await);
-    wait_until(
-        "the first worker to start the job",
-        Duration::from_secs(20),
-        || fleet.runs("handover") == 1,
-    )
-    .await;
+    fleet
+        .wait_until(
+            "the first worker to start the job",
+            Duration::from_secs(20),
+            || fleet.runs("handover") == 1,
+        )
+        .await;
     let _second = fleet.worker("node-b", 30);
     let status = Command::new("kill")
         .args(["-TERM", &first.pid().to_string()])
@@ -402,10 +449,11 @@ async fn a_restarted_server_loses_nothing() {
         for id in &all {
             assert!(publish(&nats, id).await);
         }
-        wait_until("some jobs to run", Duration::from_secs(20), || {
-            all.iter().filter(|id| fleet.runs(id) > 0).count() >= 4
-        })
-        .await;
+        fleet
+            .wait_until("some jobs to run", Duration::from_secs(20), || {
+                all.iter().filter(|id| fleet.runs(id) > 0).count() >= 4
+            })
+            .await;
     }
     server.restart();
     let nats = fleet.client().await;
@@ -429,10 +477,11 @@ async fn a_three_node_cluster_survives_losing_its_stream_leader_during_50_jobs()
     for id in &all {
         assert!(publish(&nats, id).await);
     }
-    wait_until("some jobs to run", Duration::from_secs(30), || {
-        all.iter().filter(|id| fleet.runs(id) > 0).count() >= 5
-    })
-    .await;
+    fleet
+        .wait_until("some jobs to run", Duration::from_secs(30), || {
+            all.iter().filter(|id| fleet.runs(id) > 0).count() >= 5
+        })
+        .await;
     let mut jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
     let leader = jobs
         .info()
@@ -553,4 +602,36 @@ async fn credentials_from_files_connect_and_a_wrong_one_is_refused() {
     .await
     .is_ok());
     assert!(connect(userpass.url(), String::new()).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn workers_starting_together_on_a_fresh_server_all_set_up_the_assets() {
+    // A fleet restarted at once: every worker finds the assets missing and creates them.
+    for round in 0..3 {
+        let (dir, server) = single();
+        let fleet = Fleet::new(vec![server.url()], 1, dir);
+        let config = factoryd::config::load(Some(&fleet.config("racer", 30)), &HashMap::new())
+            .expect("config");
+        let opens = (0..6).map(|i| {
+            let config = config.clone();
+            tokio::spawn(async move {
+                let state = std::sync::Arc::new(ConnectionState::default());
+                let client = nats::connect(&config.nats, &format!("racer-{i}"), state, false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Nats::open(client, &config.nats)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
+        });
+        for (i, open) in futures_util::future::join_all(opens)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let outcome = open.expect("task");
+            assert!(outcome.is_ok(), "round {round}, worker {i}: {outcome:?}");
+        }
+    }
 }

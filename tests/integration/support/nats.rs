@@ -116,7 +116,9 @@ pub fn cluster(dir: &Path) -> Vec<NatsServer> {
         .collect()
 }
 
-/// A config file for a worker (or `submit`) against `servers`.
+/// A config file for a worker (or `submit`) against `servers`. The metrics endpoint takes a
+/// port the kernel picks when it binds (a port picked earlier could be taken by then); the
+/// worker logs the address it got.
 pub fn write_config(
     dir: &Path,
     name: &str,
@@ -130,11 +132,10 @@ pub fn write_config(
          [worker]\nname = \"{name}\"\nwork_root = \"{}\"\n\
          retry_base_delay_secs = 1\nretry_max_delay_secs = 2\n{extra}\n\
          [destination]\npath = \"{}\"\n[log]\nformat = \"text\"\nlevel = \"info,async_nats=warn\"\n\
-         [metrics]\nlisten = \"127.0.0.1:{}\"\n",
+         [metrics]\nlisten = \"127.0.0.1:0\"\n",
         servers.join(", "),
         dir.join(format!("work-{name}")).display(),
         dir.join("store").display(),
-        free_port(),
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).expect("write config");
