@@ -1,7 +1,8 @@
 //! Test harness: real servers on free loopback ports, stopped when dropped.
 //!
 //! Nothing here installs anything (`scripts/install-test-deps.sh` does); a missing server binary
-//! fails the test with a message naming the package. No fixed ports, no global state.
+//! fails the test with a message naming the package. No fixed ports; the one piece of global
+//! state is the cursor of `free_port`.
 
 #![allow(dead_code)]
 
@@ -16,12 +17,32 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
+/// Where `free_port` hands out ports: below Linux's default ephemeral range (32768-60999), so
+/// neither an outgoing connection nor a bind to port 0 can take a port between the moment it
+/// is handed out and the moment its server binds it.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A free TCP port on 127.0.0.1 for a server to bind. Each call of this process gets another
+/// port (a cursor walks `PORTS` from a point set by the process id), and the port is checked
+/// free by binding it once.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port on 127.0.0.1")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORTS.end - PORTS.start);
+    let _ = CURSOR.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let step = CURSOR.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORTS.start + u16::try_from(step).expect("step below span");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {PORTS:?}");
 }
 
 /// Waits until something accepts TCP connections on `addr`, or panics after `timeout`.
