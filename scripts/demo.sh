@@ -47,7 +47,7 @@ wait_port() {
 }
 
 step "installing what is missing"
-packages=(nats-server docker.io docker-registry skopeo busybox-static git python3 curl build-essential pkg-config libssl-dev libssh2-1-dev zlib1g-dev)
+packages=(nats-server docker.io docker-registry skopeo busybox-static git python3 curl build-essential pkg-config libssl-dev libssh2-1-dev zlib1g-dev cmake)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -17,8 +17,9 @@ packages=(
   # keys and token signatures for the token service (import_auth::token_auth_*), and Python
   # for the token service and moto's ECR server (import_credentials::ecr_*).
   docker-registry skopeo apache2-utils openssl python3-venv
-  # Build: git2 links the system OpenSSL (https) and libssh2 (ssh); zlib for libgit2 and flate2.
-  libssl-dev libssh2-1-dev zlib1g-dev
+  # Build: git2 links the system OpenSSL (https) and libssh2 (ssh, which links the system zlib);
+  # libgit2 and flate2 use zlib-ng, which libz-sys builds from its vendored source with cmake.
+  libssl-dev libssh2-1-dev zlib1g-dev cmake
   # Integration (sources_git ssh_* tests): sshd and ssh-keygen.
   openssh-server openssh-client
   # Benchmark (scripts/bench-sources.sh): curl | tar xz baseline and GNU time for peak RSS.
