@@ -98,7 +98,8 @@ impl Names {
 #[derive(Debug, Default)]
 pub struct ConnectionState {
     pub connected: AtomicBool,
-    pub reconnects: AtomicU64,
+    /// Times the connection was lost.
+    pub disconnects: AtomicU64,
 }
 
 /// Connects with the configured servers, auth and TLS. Auth secrets are read from their files
@@ -146,17 +147,16 @@ pub async fn connect(
                 // async-nats reports each state change once (not each attempt): log those.
                 match event {
                     async_nats::Event::Connected => {
-                        let again = state.reconnects.load(Ordering::Relaxed) > 0
-                            || !state.connected.swap(true, Ordering::Relaxed);
-                        state.connected.store(true, Ordering::Relaxed);
-                        if again {
-                            info!("Connected to NATS.");
+                        let was_connected = state.connected.swap(true, Ordering::Relaxed);
+                        // A connection after a lost one is a reconnect; the first one is not.
+                        if !was_connected && state.disconnects.load(Ordering::Relaxed) > 0 {
+                            crate::telemetry::metrics().nats_reconnects.inc();
+                            info!("Connected to NATS again.");
                         }
                     }
                     async_nats::Event::Disconnected => {
                         state.connected.store(false, Ordering::Relaxed);
-                        state.reconnects.fetch_add(1, Ordering::Relaxed);
-                        crate::telemetry::metrics().nats_reconnects.inc();
+                        state.disconnects.fetch_add(1, Ordering::Relaxed);
                         warn!("Disconnected from NATS; reconnecting.");
                     }
                     async_nats::Event::LameDuckMode => {

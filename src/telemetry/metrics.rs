@@ -94,7 +94,7 @@ impl Metrics {
             &r,
             IntCounter::new(
                 "factoryd_nats_reconnects_total",
-                "Times the NATS connection was lost (the client then reconnects on its own).",
+                "Times the worker connected to NATS again after losing its connection.",
             ),
         );
         let events_dropped = register(

@@ -367,15 +367,38 @@ async fn readyz_is_unavailable_while_nats_is_down_and_ready_once_it_returns() {
     let _worker = fleet.worker("node-a", 30);
     let addr = fleet.metrics_addr("node-a").await;
     wait_status(addr, "/readyz", 200, Duration::from_secs(30)).await;
+    let reconnects = "factoryd_nats_reconnects_total";
+    assert_eq!(
+        sample(&get(addr, "/metrics").await.1, reconnects),
+        Some(0.0)
+    );
 
     server.stop();
     let body = wait_status(addr, "/readyz", 503, Duration::from_secs(30)).await;
     assert!(body.contains("not connected to NATS"), "{body}");
     // Alive all along: only readiness follows the connection.
     assert_eq!(get(addr, "/healthz").await.0, 200);
+    // Lost, not yet regained: no reconnect so far.
+    assert_eq!(
+        sample(&get(addr, "/metrics").await.1, reconnects),
+        Some(0.0)
+    );
 
     server.restart();
     wait_status(addr, "/readyz", 200, Duration::from_secs(60)).await;
+    // One connection lost, one regained: counted once, as a reconnect.
+    assert_eq!(
+        sample(&get(addr, "/metrics").await.1, reconnects),
+        Some(1.0)
+    );
+}
+
+/// The value of the unlabelled series `name` in a Prometheus exposition.
+fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The worker's log lines that are JSON objects.
