@@ -1,15 +1,19 @@
 //! Credentials from a webhook and from AWS ECR (moto's server), used against real registries.
 
+use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use base64::Engine as _;
 use factoryd::adapters::webhook::WebhookCredentials;
 use factoryd::egress::EgressPolicy;
-use factoryd::error::{ErrorClass, ErrorCode};
+use factoryd::error::{ErrorClass, ErrorCode, JobError};
+use factoryd::job::ImageInfo;
+use tracing::instrument::WithSubscriber as _;
 
 use crate::import_auth::seed;
-use crate::support::http::StaticServer;
-use crate::support::import::{credentials, importer, job, layout, run, Recorder};
+use crate::support::http::{Fault, FaultProxy, StaticServer};
+use crate::support::import::{credentials, importer, job, layout, run, LogCapture, Recorder};
 use crate::support::registry::{Auth, Moto, Registry, MOTO_ECR_PASSWORD};
 
 fn webhook_origin(host: &str, target: &str, webhook: &str) -> serde_json::Value {
@@ -97,9 +101,19 @@ async fn webhook_on_a_refused_address_is_refused_by_the_egress_policy() {
     assert_eq!(hook.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
 }
 
-#[tokio::test]
-async fn ecr_token_from_moto_authenticates_against_a_registry() {
-    let moto = Moto::start();
+/// An `oci-registry` origin on `host` whose credentials come from ECR (moto's API).
+fn ecr_origin(host: &str, target: &str) -> serde_json::Value {
+    serde_json::json!({"type": "oci-registry", "details": {
+        "url": format!("http://{host}"), "target": target,
+        "auth": {"type": "provider", "details": {"flavor": "ecr", "credentials": {
+            "region": "us-east-1", "api_key": "AKIDEXAMPLEKEY", "secret": ECR_SECRET}}}}})
+}
+
+const ECR_SECRET: &str = "example-secret-key-value";
+
+/// A registry that takes moto's ECR token (user `AWS`), seeded with `team/svc:9`; returned with
+/// the image's manifest digest.
+fn ecr_registry() -> (Registry, String) {
     let registry = Registry::start(Auth::Htpasswd(vec![(
         "AWS".into(),
         MOTO_ECR_PASSWORD.into(),
@@ -109,10 +123,14 @@ async fn ecr_token_from_moto_authenticates_against_a_registry() {
         "team/svc:9",
         Some(("AWS", MOTO_ECR_PASSWORD)),
     );
-    let job = job(serde_json::json!({"type": "oci-registry", "details": {
-        "url": format!("http://{}", registry.host), "target": "team/svc:9",
-        "auth": {"type": "provider", "details": {"flavor": "ecr", "credentials": {
-            "region": "us-east-1", "api_key": "AKIDEXAMPLEKEY", "secret": "example-secret-key-value"}}}}}));
+    (registry, digest)
+}
+
+#[tokio::test]
+async fn ecr_token_from_moto_authenticates_against_a_registry() {
+    let moto = Moto::start();
+    let (registry, digest) = ecr_registry();
+    let job = job(ecr_origin(&registry.host, "team/svc:9"));
     let store = tempfile::tempdir().unwrap();
     let info = run(
         &importer(&["linux/amd64"]),
@@ -124,4 +142,189 @@ async fn ecr_token_from_moto_authenticates_against_a_registry() {
     .await
     .expect("import");
     assert_eq!(info.digest, digest);
+}
+
+/// An ECR-authenticated registry seeded with `team/svc:9`, reached through a proxy that answers
+/// the first `refusals` blob GETs with the registry's own 401 challenge; moto's API reached
+/// through a proxy that sees every `GetAuthorizationToken` call.
+struct RefusingEcrSource {
+    registry_proxy: FaultProxy,
+    moto_proxy: FaultProxy,
+    digest: String,
+    _registry: Registry,
+    _moto: Moto,
+}
+
+impl RefusingEcrSource {
+    async fn start(refusals: usize) -> RefusingEcrSource {
+        let moto = Moto::start();
+        let (registry, digest) = ecr_registry();
+        let challenge = basic_challenge(&registry.host).await;
+        let refusal = Fault {
+            status: 401,
+            retry_after: None,
+            www_authenticate: Some(challenge),
+        };
+        let moto_host = moto.endpoint.trim_start_matches("http://");
+        RefusingEcrSource {
+            registry_proxy: FaultProxy::start(&registry.host, vec![refusal; refusals]),
+            moto_proxy: FaultProxy::start(moto_host, Vec::new()),
+            digest,
+            _registry: registry,
+            _moto: moto,
+        }
+    }
+
+    /// Imports `team/svc:9` into a layout at `store` as `tag`, logging into `log`.
+    async fn import(
+        &self,
+        store: &Path,
+        tag: &str,
+        events: Arc<Recorder>,
+        log: &LogCapture,
+    ) -> Result<ImageInfo, JobError> {
+        let job = job(ecr_origin(&self.registry_proxy.host(), "team/svc:9"));
+        let endpoint = format!("http://{}", self.moto_proxy.host());
+        run(
+            &importer(&["linux/amd64"]),
+            &credentials(Some(&endpoint)),
+            &job,
+            layout(store, tag),
+            events,
+        )
+        .with_subscriber(log.subscriber())
+        .await
+    }
+
+    /// `GetAuthorizationToken` calls that reached moto.
+    fn token_calls(&self) -> usize {
+        self.moto_proxy
+            .request_heads()
+            .iter()
+            .filter(|head| {
+                head.starts_with("POST ")
+                    && head.lines().any(|line| {
+                        let line = line.to_ascii_lowercase();
+                        line.starts_with("x-amz-target:") && line.contains("getauthorizationtoken")
+                    })
+            })
+            .count()
+    }
+}
+
+/// The `WWW-Authenticate` challenge the registry sends to an anonymous request.
+async fn basic_challenge(host: &str) -> String {
+    let response = reqwest::get(format!("http://{host}/v2/"))
+        .await
+        .expect("GET /v2/");
+    assert_eq!(
+        response.status().as_u16(),
+        401,
+        "the registry wants credentials"
+    );
+    let challenge = response
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .expect("a challenge")
+        .to_owned();
+    assert!(challenge.starts_with("Basic "), "{challenge}");
+    challenge
+}
+
+fn is_blob_get(head: &str) -> bool {
+    head.starts_with("GET ") && head.contains("/blobs/sha256:")
+}
+
+/// The strings that must never reach an event, a log line or an error message.
+fn ecr_secrets() -> [String; 3] {
+    let token =
+        base64::engine::general_purpose::STANDARD.encode(format!("AWS:{MOTO_ECR_PASSWORD}"));
+    [ECR_SECRET.to_owned(), MOTO_ECR_PASSWORD.to_owned(), token]
+}
+
+#[tokio::test]
+async fn an_ecr_token_refused_mid_import_is_fetched_again_once_and_the_import_succeeds() {
+    let source = RefusingEcrSource::start(1).await;
+    let store = tempfile::tempdir().unwrap();
+    let events = Arc::new(Recorder::default());
+    let log = LogCapture::default();
+    let info = source
+        .import(store.path(), "refreshed", events.clone(), &log)
+        .await
+        .expect("import after one refresh");
+
+    assert_eq!(info.source_digest.as_deref(), Some(source.digest.as_str()));
+    assert_eq!(
+        source.registry_proxy.faults_served.load(Ordering::SeqCst),
+        1
+    );
+    assert_eq!(source.token_calls(), 2, "the first token and one refresh");
+    // Mid-import: the manifest came with the first token before the first blob was refused.
+    let heads = source.registry_proxy.request_heads();
+    let first_blob = heads
+        .iter()
+        .position(|h| is_blob_get(h))
+        .expect("a blob GET");
+    assert!(
+        heads[..first_blob].iter().any(|h| h.starts_with("GET ")
+            && h.contains("/manifests/")
+            && h.to_ascii_lowercase().contains("\r\nauthorization: basic ")),
+        "no authenticated manifest GET before the first blob GET"
+    );
+    let log = log.text();
+    assert!(
+        log.contains("resolving them afresh once"),
+        "the refresh was not logged"
+    );
+    let events = serde_json::to_string(&*events.0.lock().unwrap()).unwrap();
+    assert!(events.contains("progress"), "no events recorded");
+    for secret in ecr_secrets() {
+        assert!(!events.contains(&secret), "an event holds a secret");
+        assert!(!log.contains(&secret), "the log holds a secret");
+    }
+}
+
+#[tokio::test]
+async fn an_ecr_token_still_refused_after_one_refresh_is_a_permanent_auth_error() {
+    // More refusals than the import can ask for: every blob GET is refused.
+    let source = RefusingEcrSource::start(64).await;
+    let store = tempfile::tempdir().unwrap();
+    let log = LogCapture::default();
+    let err = source
+        .import(store.path(), "refused", Arc::new(Recorder::default()), &log)
+        .await
+        .unwrap_err();
+
+    let log = log.text();
+    for secret in ecr_secrets() {
+        assert!(
+            !err.to_string().contains(&secret),
+            "the error holds a secret"
+        );
+        assert!(!log.contains(&secret), "the log holds a secret");
+    }
+    assert_eq!(
+        (err.code, err.class),
+        (ErrorCode::AuthFailed, ErrorClass::Permanent),
+        "{err}"
+    );
+    assert_eq!(
+        source.token_calls(),
+        2,
+        "the first token and one refresh, no more"
+    );
+    assert!(
+        source.registry_proxy.faults_served.load(Ordering::SeqCst) >= 2,
+        "the GET with the fresh token was not refused too"
+    );
+    assert_eq!(
+        source
+            .registry_proxy
+            .blob_gets_forwarded
+            .load(Ordering::SeqCst),
+        0
+    );
+    let index = std::fs::read_to_string(store.path().join("index.json")).unwrap_or_default();
+    assert!(!index.contains("\"refused\""), "tagged anyway: {index}");
 }

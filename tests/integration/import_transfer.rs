@@ -129,14 +129,17 @@ async fn source_failing_first_blob_requests_with_500_and_429_then_recovering_imp
             Fault {
                 status: 500,
                 retry_after: None,
+                www_authenticate: None,
             },
             Fault {
                 status: 429,
                 retry_after: Some(1),
+                www_authenticate: None,
             },
             Fault {
                 status: 503,
                 retry_after: None,
+                www_authenticate: None,
             },
         ],
     );
@@ -434,7 +437,8 @@ async fn cancelled_import_stops_and_tags_nothing() {
         vec![
             Fault {
                 status: 429,
-                retry_after: Some(4)
+                retry_after: Some(4),
+                www_authenticate: None,
             };
             8
         ],

@@ -96,13 +96,17 @@ impl StaticServer {
 pub struct Fault {
     pub status: u16,
     pub retry_after: Option<u64>,
+    /// The challenge of a 401, as the registry would send it.
+    pub www_authenticate: Option<String>,
 }
 
-/// A proxy in front of a registry: the first blob GETs get the queued faults, the rest go
-/// through. Counts blob GETs that reached the registry.
+/// A proxy in front of a server (a registry, moto): the first blob GETs get the queued faults,
+/// the rest go through. Counts blob GETs that reached the registry, and keeps every request
+/// head in order of arrival.
 pub struct FaultProxy {
     acceptor: Acceptor,
     faults: Arc<Mutex<VecDeque<Fault>>>,
+    heads: Arc<Mutex<Vec<String>>>,
     pub blob_gets_forwarded: Arc<AtomicUsize>,
     pub faults_served: Arc<AtomicUsize>,
 }
@@ -111,13 +115,20 @@ impl FaultProxy {
     pub fn start(upstream: &str, faults: Vec<Fault>) -> FaultProxy {
         let upstream = upstream.to_owned();
         let queue = Arc::new(Mutex::new(VecDeque::from(faults)));
+        let heads = Arc::new(Mutex::new(Vec::new()));
         let forwarded = Arc::new(AtomicUsize::new(0));
         let served = Arc::new(AtomicUsize::new(0));
-        let (q, f, s) = (queue.clone(), forwarded.clone(), served.clone());
+        let (q, h, f, s) = (
+            queue.clone(),
+            heads.clone(),
+            forwarded.clone(),
+            served.clone(),
+        );
         let acceptor = serve(move |mut client| {
             let Some((head, rest)) = read_head(&mut client) else {
                 return;
             };
+            h.lock().expect("request heads").push(head.clone());
             let request_line = head.lines().next().unwrap_or("").to_owned();
             let is_blob_get =
                 request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
@@ -131,6 +142,9 @@ impl FaultProxy {
                     );
                     if let Some(after) = fault.retry_after {
                         answer.push_str(&format!("Retry-After: {after}\r\n"));
+                    }
+                    if let Some(challenge) = &fault.www_authenticate {
+                        answer.push_str(&format!("WWW-Authenticate: {challenge}\r\n"));
                     }
                     answer.push_str("\r\n");
                     let _ = client.write_all(answer.as_bytes());
@@ -168,6 +182,7 @@ impl FaultProxy {
         FaultProxy {
             acceptor,
             faults: queue,
+            heads,
             blob_gets_forwarded: forwarded,
             faults_served: served,
         }
@@ -179,5 +194,11 @@ impl FaultProxy {
 
     pub fn faults_left(&self) -> usize {
         self.faults.lock().expect("fault queue").len()
+    }
+
+    /// The request heads received so far (request line and headers), oldest first, faulted
+    /// ones included. They hold the requests' `Authorization` headers: never print them.
+    pub fn request_heads(&self) -> Vec<String> {
+        self.heads.lock().expect("request heads").clone()
     }
 }

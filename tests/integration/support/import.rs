@@ -45,6 +45,37 @@ impl Recorder {
     }
 }
 
+/// What factoryd logs, at every level, while a future runs with [`LogCapture::subscriber`]
+/// (`tracing::instrument::WithSubscriber`), kept as plain text.
+#[derive(Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
+        let capture = self.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("factoryd=trace"))
+            .with_ansi(false)
+            .with_writer(move || capture.clone())
+            .finish()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log")).into_owned()
+    }
+}
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 pub const LOOPBACK: EgressPolicy = EgressPolicy {
     allow_loopback: true,
     allow_private: false,
