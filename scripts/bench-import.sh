@@ -3,13 +3,16 @@
 # same kind of destination, one run each, on local registries (docker-registry on loopback).
 #
 # Images: "big" = 4 x 256 MiB random layers (1 GiB); "many" = 200 x 256 KiB layers.
-# Cases: registry -> OCI layout (fresh), registry -> registry (fresh, one destination registry
-# each), and re-import into a layout that already holds the image.
-# Prints time, throughput and peak RSS (GNU time's maximum resident set size) of each, and the
-# ratios. Disk: about 6 GiB under $BENCH_DIR, removed at the end. Time: a few minutes.
+# Cases: registry -> OCI layout (fresh), registry -> registry (fresh: a new destination registry
+# for each tool and round, so neither finds a blob it could skip or mount), and re-import into a
+# layout that already holds the image.
+# Each case runs RUNS rounds (default 3), skopeo and factoryd alternating, each measurement
+# starting after `sync` so neither pays for the other's writeback; the median round of each
+# side is reported, with time, throughput, peak RSS (GNU time's maximum resident set size) and
+# the ratio. Disk: up to about 4 GiB under $BENCH_DIR at a time, removed at the end.
 #
 # Environment: BENCH_DIR (default /tmp/factoryd-bench), FACTORYD_PARALLEL (blobs at once,
-# default 4, the config default), BIG_LAYERS / BIG_SIZE / MANY_LAYERS / MANY_SIZE to shrink it.
+# default 4, the config default), RUNS, BIG_LAYERS / BIG_SIZE / MANY_LAYERS / MANY_SIZE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,19 +24,19 @@ BENCH_DIR=${BENCH_DIR:-/tmp/factoryd-bench}
 PARALLEL=${FACTORYD_PARALLEL:-4}
 BIG_LAYERS=${BIG_LAYERS:-4}; BIG_SIZE=${BIG_SIZE:-268435456}
 MANY_LAYERS=${MANY_LAYERS:-200}; MANY_SIZE=${MANY_SIZE:-262144}
+RUNS=${RUNS:-3}
 
 cargo build --release --quiet --example import
 BIN=target/release/examples/import
 
 rm -rf "$BENCH_DIR"; mkdir -p "$BENCH_DIR"
-pids=()
-cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$BENCH_DIR"; }
+cleanup() { for f in "$BENCH_DIR"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null; done; wait 2>/dev/null || true; rm -rf "$BENCH_DIR"; }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-start_registry() { # name -> prints host:port
+start_registry() { # name -> prints host:port (its pid goes to $BENCH_DIR/NAME.pid)
   local name=$1 port; port=$(free_port)
-  mkdir -p "$BENCH_DIR/$name"
+  rm -rf "${BENCH_DIR:?}/$name"; mkdir -p "$BENCH_DIR/$name"
   cat >"$BENCH_DIR/$name/config.yml" <<YML
 version: 0.1
 log: {level: error, accesslog: {disabled: true}}
@@ -41,58 +44,67 @@ storage: {filesystem: {rootdirectory: $BENCH_DIR/$name/data}}
 http: {addr: 127.0.0.1:$port, secret: bench}
 YML
   docker-registry serve "$BENCH_DIR/$name/config.yml" >/dev/null 2>&1 &
-  pids+=($!)
+  echo $! >"$BENCH_DIR/$name.pid"
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
   echo "127.0.0.1:$port"
 }
 SRC=$(start_registry src)
-DST_F=$(start_registry dst-factoryd)
-DST_S=$(start_registry dst-skopeo)
 
-echo "== seeding: big = $BIG_LAYERS x $BIG_SIZE B, many = $MANY_LAYERS x $MANY_SIZE B (blobs at once: $PARALLEL)"
+echo "== seeding: big = $BIG_LAYERS x $BIG_SIZE B, many = $MANY_LAYERS x $MANY_SIZE B (blobs at once: $PARALLEL, $RUNS rounds)"
 $BIN seed "$BENCH_DIR/seed-big" big "$BIG_LAYERS" "$BIG_SIZE"
 $BIN seed "$BENCH_DIR/seed-many" many "$MANY_LAYERS" "$MANY_SIZE"
 skopeo copy -q --dest-tls-verify=false "oci:$BENCH_DIR/seed-big:big" "docker://$SRC/big:1"
 skopeo copy -q --dest-tls-verify=false "oci:$BENCH_DIR/seed-many:many" "docker://$SRC/many:1"
 rm -rf "$BENCH_DIR/seed-big" "$BENCH_DIR/seed-many"
-sync
 
-# measure NAME COMMAND... -> sets SECS and RSS_KIB
+# measure FILE COMMAND... -> appends "<seconds> <peak RSS KiB>" to FILE, after writeback settles
 measure() {
-  local out="$BENCH_DIR/time.out"
-  /usr/bin/time -f "%e %M" -o "$out" "$@" >/dev/null
-  read -r SECS RSS_KIB <"$out"
+  local file=$1; shift
+  sync
+  /usr/bin/time -f "%e %M" -o "$BENCH_DIR/time.out" "$@" >/dev/null
+  cat "$BENCH_DIR/time.out" >>"$file"
 }
+stop_registry() { kill "$(cat "$BENCH_DIR/$1.pid")" 2>/dev/null || true; wait "$(cat "$BENCH_DIR/$1.pid")" 2>/dev/null || true; rm -rf "${BENCH_DIR:?}/$1" "$BENCH_DIR/$1.pid"; }
 bytes_of() { # image -> total bytes
   if [ "$1" = big ]; then echo $((BIG_LAYERS * BIG_SIZE)); else echo $((MANY_LAYERS * MANY_SIZE)); fi
 }
-row() { # label bytes f_secs f_rss s_secs s_rss
+row() { # label bytes factoryd-file skopeo-file
   python3 - "$@" <<'PY'
-import sys
-label, size, fs, fr, ss, sr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), int(sys.argv[6])
+import statistics, sys
+label, size, ffile, sfile = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def runs(path):
+    rows = [line.split() for line in open(path) if line.strip()]
+    return [float(r[0]) for r in rows], max(int(r[1]) for r in rows)
+(fr, frss), (sr, srss) = runs(ffile), runs(sfile)
+fs, ss = max(statistics.median(fr), 0.01), max(statistics.median(sr), 0.01)
 mib = size / 2**20
-fs_, ss_ = max(fs, 0.01), max(ss, 0.01)
-print(f"{label:<34} factoryd {fs:7.2f} s {mib/fs_:8.1f} MiB/s {fr/1024:6.1f} MiB RSS | "
-      f"skopeo {ss:7.2f} s {mib/ss_:8.1f} MiB/s {sr/1024:6.1f} MiB RSS | speed-up x{ss_/fs_:.2f}")
+print(f"{label:<34} factoryd {fs:6.2f} s {mib/fs:7.1f} MiB/s {frss/1024:5.1f} MiB RSS | "
+      f"skopeo {ss:6.2f} s {mib/ss:7.1f} MiB/s {srss/1024:5.1f} MiB RSS | speed-up x{ss/fs:.2f}")
+print(f"{'':<34} rounds: factoryd {' '.join(f'{x:.2f}' for x in fr)}  skopeo {' '.join(f'{x:.2f}' for x in sr)}")
 PY
 }
 
-echo "== results (one run each)"
+echo "== results (median of $RUNS rounds; RSS is the largest of the rounds)"
 for image in big many; do
   size=$(bytes_of $image)
-  measure skopeo copy -q --src-tls-verify=false "docker://$SRC/$image:1" "oci:$BENCH_DIR/layout-skopeo:$image"
-  s_secs=$SECS; s_rss=$RSS_KIB
-  measure $BIN copy "$SRC/$image:1" "oci:$BENCH_DIR/layout-factoryd:$image" --parallel "$PARALLEL"
-  row "$image: registry -> OCI layout" "$size" "$SECS" "$RSS_KIB" "$s_secs" "$s_rss"
+  m="$BENCH_DIR/m-$image"; rm -f "$m".*
+  for r in $(seq "$RUNS"); do
+    measure "$m.layout-s" skopeo copy -q --src-tls-verify=false "docker://$SRC/$image:1" "oci:$BENCH_DIR/layout-skopeo:$image"
+    measure "$m.layout-f" $BIN copy "$SRC/$image:1" "oci:$BENCH_DIR/layout-factoryd:$image" --parallel "$PARALLEL"
+    # Re-import: the layout now holds the image.
+    measure "$m.again-s" skopeo copy -q --src-tls-verify=false "docker://$SRC/$image:1" "oci:$BENCH_DIR/layout-skopeo:$image-again"
+    measure "$m.again-f" $BIN copy "$SRC/$image:1" "oci:$BENCH_DIR/layout-factoryd:$image-again" --parallel "$PARALLEL"
+    rm -rf "$BENCH_DIR/layout-skopeo" "$BENCH_DIR/layout-factoryd"
 
-  measure skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$SRC/$image:1" "docker://$DST_S/$image:1"
-  s_secs=$SECS; s_rss=$RSS_KIB
-  measure $BIN copy "$SRC/$image:1" "docker://$DST_F/$image:1" --parallel "$PARALLEL"
-  row "$image: registry -> registry" "$size" "$SECS" "$RSS_KIB" "$s_secs" "$s_rss"
-
-  measure skopeo copy -q --src-tls-verify=false "docker://$SRC/$image:1" "oci:$BENCH_DIR/layout-skopeo:$image-again"
-  s_secs=$SECS; s_rss=$RSS_KIB
-  measure $BIN copy "$SRC/$image:1" "oci:$BENCH_DIR/layout-factoryd:$image-again" --parallel "$PARALLEL"
-  row "$image: re-import into the layout" "$size" "$SECS" "$RSS_KIB" "$s_secs" "$s_rss"
+    dst=$(start_registry dst-s)
+    measure "$m.reg-s" skopeo copy -q --src-tls-verify=false --dest-tls-verify=false "docker://$SRC/$image:1" "docker://$dst/$image:1"
+    stop_registry dst-s
+    dst=$(start_registry dst-f)
+    measure "$m.reg-f" $BIN copy "$SRC/$image:1" "docker://$dst/$image:1" --parallel "$PARALLEL"
+    stop_registry dst-f
+  done
+  row "$image: registry -> OCI layout" "$size" "$m.layout-f" "$m.layout-s"
+  row "$image: registry -> registry" "$size" "$m.reg-f" "$m.reg-s"
+  row "$image: re-import into the layout" "$size" "$m.again-f" "$m.again-s"
 done
 echo "targets: layout big >= x2.0, layout many >= x2.5, registry -> registry >= x1.5, RSS <= 64 MiB, re-import >= x1.0"
