@@ -6,7 +6,7 @@
 #   * tar.gz: a generated 10,000-file archive served by `python3 -m http.server`,
 #             vs `curl | tar xz`.
 # Prints wall times, ratios (targets: <= 0.5x and <= 0.3x) and peak RSS of every side.
-# Usage: scripts/bench-sources.sh [FILES] [TAR_FILES]
+# Usage: [BENCH_DIR=DIR] [RUNS=N] scripts/bench-sources.sh [FILES] [TAR_FILES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,18 +20,26 @@ echo "== building the fetch_seal example (release)"
 cargo build --release --quiet --example fetch_seal
 bench_bin=target/release/examples/fetch_seal
 
-work=$(mktemp -d /tmp/factoryd-bench.XXXXXX)
+# Everything the runs write (checkouts, extractions, factoryd's workspace) goes to one file
+# system, tmpfs by default: on a disk, the cost of creating files swings by several times with
+# what was deleted before (ext4 scans recently deleted inodes when it allocates), which moves
+# the baselines, not factoryd. BENCH_DIR=/some/disk/dir measures on a disk instead.
+bench_root=${BENCH_DIR:-/dev/shm}
+work=$(mktemp -d "$bench_root/factoryd-bench.XXXXXX")
+mkdir -p "$work/tmp"
+export TMPDIR="$work/tmp"
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  rm -rf "$work" /tmp/factoryd-bench-work
+  rm -rf "$work"
 }
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
-# Runs a command under GNU time; prints "<seconds> <peak RSS KiB>".
-measure() { /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >>"$work/stdout.txt" 2>"$work/err.out" || { cat "$work/err.out"; exit 1; }; cat "$work/time.out"; }
+# Runs a command under GNU time after `sync` (so no run pays for the writeback of the one
+# before); prints "<seconds> <peak RSS KiB>".
+measure() { sync; /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >>"$work/stdout.txt" 2>"$work/err.out" || { cat "$work/err.out"; exit 1; }; cat "$work/time.out"; }
 
 echo "== generating a $files-file git repository (~10 KiB per file)"
 src="$work/src"; mkdir -p "$src"
@@ -87,13 +95,16 @@ wait_port "$git_port"; wait_port "$www_port"
 git_url="http://127.0.0.1:$git_port/bench.git"
 tar_url="http://127.0.0.1:$www_port/src.tar.gz"
 
-runs=3
+runs=${RUNS:-5}
 best() { sort -n | head -1; }
 echo "== git: $runs runs each, best wall time"
-: > "$work/git_clone.txt"; : > "$work/git_factoryd.txt"
+: > "$work/git_clone.txt"; : > "$work/git_factoryd.txt"; : > "$work/git_nocheckout.txt"
 for r in $(seq $runs); do
   rm -rf "$work/clone"
   measure git -c credential.helper= clone -q --depth 1 --no-tags "http://bench:benchpw@127.0.0.1:$git_port/bench.git" "$work/clone" >> "$work/git_clone.txt"
+  # For reference: git's own fetch and index, without the checkout.
+  rm -rf "$work/clone"
+  measure git -c credential.helper= clone -q --depth 1 --no-tags --no-checkout "http://bench:benchpw@127.0.0.1:$git_port/bench.git" "$work/clone" >> "$work/git_nocheckout.txt"
   measure "$bench_bin" --git "$git_url" --user bench --password benchpw >> "$work/git_factoryd.txt"
 done
 echo "== tar.gz: $runs runs each, best wall time"
@@ -115,6 +126,7 @@ echo
 echo "== results (best of $runs; RSS is the worst run)"
 report "git" "$work/git_clone.txt" "$work/git_factoryd.txt" 0.5
 report "tar.gz" "$work/tar_curl.txt" "$work/tar_factoryd.txt" 0.3
+echo "reference: git clone --depth 1 --no-checkout (fetch and index only) $(cut -d' ' -f1 "$work/git_nocheckout.txt" | best)s"
 echo
 echo "== factoryd's own figures, every run (git first)"
 grep '^fetch+seal' "$work/stdout.txt"
