@@ -46,6 +46,9 @@ const WRITE_CHUNK: usize = 256 * 1024;
 /// Chunks in flight to the writer thread per blob: bounds the memory of one blob write to about
 /// `WRITER_QUEUE * WRITE_CHUNK`.
 const WRITER_QUEUE: usize = 8;
+/// A large blob is synced every this many bytes as it is written, so the disk writes run while
+/// the rest arrives rather than all at the end.
+const SYNC_EVERY: u64 = 8 * 1024 * 1024;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +204,9 @@ impl OciLayoutStore {
                 file.write_all(&chunk)
                     .map_err(io_err("write", &tmp_for_thread))?;
                 written += chunk.len() as u64;
+                if written / SYNC_EVERY != (written - chunk.len() as u64) / SYNC_EVERY {
+                    file.sync_data().map_err(io_err("sync", &tmp_for_thread))?;
+                }
             }
             // On disk before it can be renamed under its digest: after a power loss, a blob
             // under its name is whole (`has_blob` trusts the size). An abandoned or oversized
