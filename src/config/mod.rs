@@ -335,14 +335,8 @@ pub struct DestinationConfig {
     pub credentials: Option<RegistryCredentials>,
 }
 
-/// Where finished images go.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum DestinationKind {
-    /// An OCI image layout on local disk.
-    OciLayout,
-    /// A registry, over the distribution API.
-    Registry,
-}
+/// Where finished images go: the same two kinds a job may ask for.
+pub use crate::job::DestinationKind;
 
 /// The registry `destination.registry` names.
 #[derive(Debug, Clone, PartialEq, Eq)]

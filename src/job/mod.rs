@@ -355,10 +355,13 @@ pub struct DestinationOverride {
     pub tag: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Where finished images go (a job's `destination.kind`, the config's `destination.kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DestinationKind {
+    /// An OCI image layout on local disk.
     OciLayout,
+    /// A registry, over the distribution API.
     Registry,
 }
 

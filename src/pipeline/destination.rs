@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use crate::config::{DestinationConfig, DestinationKind, RegistryCredentials, TemplateValues};
 use crate::error::{ErrorCode, JobError, Stage};
-use crate::job::{self, Job};
+use crate::job::Job;
 use crate::ports::{BasicAuth, Destination};
 use crate::reference::Reference;
 use crate::secret::Secret;
@@ -25,11 +25,7 @@ impl DestinationSettings {
     pub fn resolve(&self, job: &Job) -> Result<Destination, JobError> {
         let c = &self.config;
         let wanted = job.destination.as_ref();
-        let kind = match wanted.map(|d| d.kind) {
-            Some(job::DestinationKind::OciLayout) => DestinationKind::OciLayout,
-            Some(job::DestinationKind::Registry) => DestinationKind::Registry,
-            None => c.kind,
-        };
+        let kind = wanted.map_or(c.kind, |d| d.kind);
         let values = TemplateValues {
             source_id: &job.source_id,
             job_id: &job.id,
