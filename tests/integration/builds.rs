@@ -312,6 +312,19 @@ struct LocalBuild {
     tag: String,
 }
 
+/// [`build_dir`] with default options, no credentials, no secrets, never cancelled.
+async fn build_plain(engine: &Engine, dir: &Path) -> LocalBuild {
+    build_dir(
+        engine,
+        dir,
+        BuildOptions::default(),
+        Vec::new(),
+        &[],
+        CancellationToken::new(),
+    )
+    .await
+}
+
 async fn build_dir(
     engine: &Engine,
     dir: &Path,
@@ -384,15 +397,7 @@ async fn private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cac
         ),
     )]);
 
-    let without = build_dir(
-        &engine,
-        dir.path(),
-        BuildOptions::default(),
-        Vec::new(),
-        &[],
-        CancellationToken::new(),
-    )
-    .await;
+    let without = build_plain(&engine, dir.path()).await;
     let e = without.result.expect_err("no credentials: refused");
     assert_eq!(
         (e.class, e.code),
@@ -413,15 +418,7 @@ async fn private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cac
         .unwrap_or_else(|e| panic!("with credentials: {e}"));
 
     // Right after a successful build of the same base on the same engine: still refused.
-    let again = build_dir(
-        &engine,
-        dir.path(),
-        BuildOptions::default(),
-        Vec::new(),
-        &[],
-        CancellationToken::new(),
-    )
-    .await;
+    let again = build_plain(&engine, dir.path()).await;
     let e = again
         .result
         .expect_err("cached base, no credentials: refused");
@@ -628,15 +625,7 @@ async fn failing_run_fails_permanently_with_the_steps_output_and_secrets_masked(
 async fn dockerfile_syntax_error_is_permanent() {
     let engine = Engine::shared();
     let dir = dir_with(&[("Dockerfile", "FROM scratch\nFRM nothing\n")]);
-    let built = build_dir(
-        &engine,
-        dir.path(),
-        BuildOptions::default(),
-        Vec::new(),
-        &[],
-        CancellationToken::new(),
-    )
-    .await;
+    let built = build_plain(&engine, dir.path()).await;
     let e = built.result.expect_err("syntax error");
     assert_eq!(
         (e.class, e.code),
@@ -980,16 +969,7 @@ fn node_registry_credentials_from_the_config_reach_the_build() {
 async fn builds_leave_no_session_or_connection_open_in_the_engine() {
     let engine = Engine::private();
     let dir = dir_with(&[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\n")]);
-    let build = || {
-        build_dir(
-            &engine,
-            dir.path(),
-            BuildOptions::default(),
-            Vec::new(),
-            &[],
-            CancellationToken::new(),
-        )
-    };
+    let build = || build_plain(&engine, dir.path());
     build().await.result.unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = engine.open_fds();
