@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use base64::Engine as _;
+use factoryd::adapters::oci::{ImporterSettings, RegistryImporter};
 use factoryd::adapters::webhook::WebhookCredentials;
 use factoryd::egress::EgressPolicy;
 use factoryd::error::{ErrorClass, ErrorCode, JobError};
@@ -13,7 +14,9 @@ use tracing::instrument::WithSubscriber as _;
 
 use crate::import_auth::seed;
 use crate::support::http::{Fault, FaultProxy, StaticServer};
-use crate::support::import::{credentials, importer, job, layout, run, LogCapture, Recorder};
+use crate::support::import::{
+    credentials, importer, job, layout, run, settings, LogCapture, Recorder, LOOPBACK,
+};
 use crate::support::registry::{Auth, Moto, Registry, MOTO_ECR_PASSWORD};
 
 fn webhook_origin(host: &str, target: &str, webhook: &str) -> serde_json::Value {
@@ -157,6 +160,11 @@ struct RefusingEcrSource {
 
 impl RefusingEcrSource {
     async fn start(refusals: usize) -> RefusingEcrSource {
+        RefusingEcrSource::start_pattern(&vec![true; refusals]).await
+    }
+
+    /// Blob GETs in order of arrival: `true` refused, `false` let through; the rest go through.
+    async fn start_pattern(refuse: &[bool]) -> RefusingEcrSource {
         let moto = Moto::start();
         let (registry, digest) = ecr_registry();
         let challenge = basic_challenge(&registry.host).await;
@@ -166,8 +174,12 @@ impl RefusingEcrSource {
             www_authenticate: Some(challenge),
         };
         let moto_host = moto.endpoint.trim_start_matches("http://");
+        let faults = refuse
+            .iter()
+            .map(|&r| if r { refusal.clone() } else { Fault::pass() })
+            .collect();
         RefusingEcrSource {
-            registry_proxy: FaultProxy::start(&registry.host, vec![refusal; refusals]),
+            registry_proxy: FaultProxy::start(&registry.host, faults),
             moto_proxy: FaultProxy::start(moto_host, Vec::new()),
             digest,
             _registry: registry,
@@ -183,10 +195,22 @@ impl RefusingEcrSource {
         events: Arc<Recorder>,
         log: &LogCapture,
     ) -> Result<ImageInfo, JobError> {
+        self.import_with(&importer(&["linux/amd64"]), store, tag, events, log)
+            .await
+    }
+
+    async fn import_with(
+        &self,
+        importer: &RegistryImporter,
+        store: &Path,
+        tag: &str,
+        events: Arc<Recorder>,
+        log: &LogCapture,
+    ) -> Result<ImageInfo, JobError> {
         let job = job(ecr_origin(&self.registry_proxy.host(), "team/svc:9"));
         let endpoint = format!("http://{}", self.moto_proxy.host());
         run(
-            &importer(&["linux/amd64"]),
+            importer,
             &credentials(Some(&endpoint)),
             &job,
             layout(store, tag),
@@ -327,4 +351,51 @@ async fn an_ecr_token_still_refused_after_one_refresh_is_a_permanent_auth_error(
     );
     let index = std::fs::read_to_string(store.path().join("index.json")).unwrap_or_default();
     assert!(!index.contains("\"refused\""), "tagged anyway: {index}");
+}
+
+#[tokio::test]
+async fn a_second_refusal_after_a_successful_refresh_does_not_fetch_a_third_token() {
+    // One blob at a time: the first GET is refused, its retry with the fresh token goes
+    // through, and the next blob's GET, made with the fresh token, is refused again. One
+    // refresh per import: no third token, a permanent error.
+    let mut pattern = vec![true, false];
+    pattern.extend([true; 64]);
+    let source = RefusingEcrSource::start_pattern(&pattern).await;
+    let one_at_a_time = RegistryImporter::new(
+        ImporterSettings {
+            max_parallel_blobs: 1,
+            ..settings(&["linux/amd64"])
+        },
+        LOOPBACK,
+    )
+    .unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let log = LogCapture::default();
+    let err = source
+        .import_with(
+            &one_at_a_time,
+            store.path(),
+            "twice",
+            Arc::new(Recorder::default()),
+            &log,
+        )
+        .await
+        .unwrap_err();
+
+    assert_eq!(
+        (err.code, err.class),
+        (ErrorCode::AuthFailed, ErrorClass::Permanent),
+        "{err}"
+    );
+    assert_eq!(source.token_calls(), 2, "one refresh per import");
+    assert!(
+        source
+            .registry_proxy
+            .blob_gets_forwarded
+            .load(Ordering::SeqCst)
+            >= 1,
+        "the GET after the refresh went through"
+    );
+    let index = std::fs::read_to_string(store.path().join("index.json")).unwrap_or_default();
+    assert!(!index.contains("\"twice\""), "tagged anyway: {index}");
 }

@@ -94,10 +94,22 @@ impl StaticServer {
 /// A fault to answer instead of forwarding.
 #[derive(Debug, Clone)]
 pub struct Fault {
+    /// 0: no fault, the request goes through (see [`Fault::pass`]).
     pub status: u16,
     pub retry_after: Option<u64>,
     /// The challenge of a 401, as the registry would send it.
     pub www_authenticate: Option<String>,
+}
+
+impl Fault {
+    /// A queue entry that lets its blob GET through, between faults.
+    pub fn pass() -> Fault {
+        Fault {
+            status: 0,
+            retry_after: None,
+            www_authenticate: None,
+        }
+    }
 }
 
 /// A proxy in front of a server (a registry, moto): the first blob GETs get the queued faults,
@@ -134,7 +146,7 @@ impl FaultProxy {
                 request_line.starts_with("GET ") && request_line.contains("/blobs/sha256:");
             if is_blob_get {
                 let fault = q.lock().expect("fault queue").pop_front();
-                if let Some(fault) = fault {
+                if let Some(fault) = fault.filter(|f| f.status != 0) {
                     s.fetch_add(1, Ordering::SeqCst);
                     let mut answer = format!(
                         "HTTP/1.1 {} Fault\r\nContent-Length: 0\r\nConnection: close\r\n",
