@@ -1,8 +1,7 @@
 //! Test harness: real servers on free loopback ports, stopped when dropped.
 //!
 //! Nothing here installs anything (`scripts/install-test-deps.sh` does); a missing server binary
-//! fails the test with a message naming the package. No fixed ports; the one piece of global
-//! state is the cursor of `free_port`.
+//! fails the test with a message naming the package. No fixed ports, no global state.
 
 #![allow(dead_code)]
 
@@ -22,22 +21,12 @@ use std::time::{Duration, Instant};
 /// is handed out and the moment its server binds it.
 const PORTS: std::ops::Range<u16> = 20_000..32_000;
 
-/// A free TCP port on 127.0.0.1 for a server to bind. Each call of this process gets another
-/// port (a cursor walks `PORTS` from a point set by the process id), and the port is checked
-/// free by binding it once.
+/// A free TCP port on 127.0.0.1 for a server to bind: a random one of `PORTS`, checked free
+/// by binding it once. Two tests would collide only by drawing the same port within the few
+/// milliseconds before their servers bind.
 pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static CURSOR: AtomicU32 = AtomicU32::new(u32::MAX);
-    let span = u32::from(PORTS.end - PORTS.start);
-    let _ = CURSOR.compare_exchange(
-        u32::MAX,
-        std::process::id().wrapping_mul(7919) % span,
-        Ordering::Relaxed,
-        Ordering::Relaxed,
-    );
-    for _ in 0..span {
-        let step = CURSOR.fetch_add(1, Ordering::Relaxed) % span;
-        let port = PORTS.start + u16::try_from(step).expect("step below span");
+    for _ in 0..1000 {
+        let port = fastrand::u16(PORTS);
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
