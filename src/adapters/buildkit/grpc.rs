@@ -1,7 +1,7 @@
-//! The `buildkitd` [`Builder`]: BuildKit's control API (gRPC) instead of the engine's `/build`
-//! (ARCHITECTURE §7). On this build of factoryd the API is the Docker Engine's own BuildKit,
-//! reached by upgrading `POST /grpc` on the engine's socket to HTTP/2; a standalone buildkitd
-//! is refused at start-up ([`super::from_config`]).
+//! The `buildkitd` backend: BuildKit's control API (gRPC) instead of the engine's `/build`
+//! (ARCHITECTURE §7), here on the Docker Engine's own BuildKit, reached by upgrading `POST
+//! /grpc` on the engine's socket to HTTP/2. [`solve`] (session, Solve, Status, cancellation)
+//! also serves a standalone buildkitd ([`super::standalone`]).
 //!
 //! One build: open the control channel; open our own session (`Control/Session`, a byte stream
 //! carrying HTTP/2 in which BuildKit is the client of our Health, Upload and Auth services);
@@ -17,6 +17,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::ops::ControlFlow;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};
@@ -32,6 +33,8 @@ use bollard::moby::buildkit::v1::{
     BytesMessage, ListWorkersRequest, SolveRequest, SolveResponse, StatusRequest, StatusResponse,
 };
 use bollard::moby::filesync::v1::auth_server::{Auth, AuthServer};
+use bollard::moby::filesync::v1::file_send_server::{FileSend, FileSendServer};
+use bollard::moby::filesync::v1::BytesMessage as FileBytes;
 use bollard::moby::filesync::v1::{
     CredentialsRequest, CredentialsResponse, FetchTokenRequest, FetchTokenResponse,
     GetTokenAuthorityRequest, GetTokenAuthorityResponse, VerifyTokenAuthorityRequest,
@@ -44,7 +47,7 @@ use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt, TryFutureExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio_util::io::StreamReader;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -72,6 +75,9 @@ const SESSION_METHODS: [&str; 3] = [
     "/moby.filesync.v1.Auth/Credentials",
 ];
 
+/// Announced too when the exporter sends its output to us.
+const FILE_SEND_METHOD: &str = "/moby.filesync.v1.FileSend/DiffCopy";
+
 /// The context URL that makes BuildKit pull the context from the session's Upload service,
 /// before the build's unique name. Unique because BuildKit merges and caches HTTP sources by
 /// URL: with one URL for every build, a build could get another build's context.
@@ -83,28 +89,62 @@ const SESSION_BUFFER: usize = 64 * 1024;
 /// How long the Status stream may still deliver lines after `Solve` answered.
 const STATUS_GRACE: Duration = Duration::from_secs(2);
 
-/// Whether the engine's BuildKit answers a control API call (`ListWorkers`).
+/// Whether the engine's BuildKit answers a control API call.
 pub(super) async fn control_api_answers(host: &DaemonAddr) -> Result<(), String> {
     let channel = control_channel(host).await.map_err(|e| e.message)?;
+    workers_answer(channel, &format!("BuildKit in the Docker Engine at {host}")).await
+}
+
+/// Whether BuildKit on `channel` answers `ListWorkers`; `who` names it in the reason.
+pub(super) async fn workers_answer(channel: Channel, who: &str) -> Result<(), String> {
     ControlClient::new(channel)
         .list_workers(ListWorkersRequest::default())
         .await
         .map(|_| ())
-        .map_err(|e| {
-            format!(
-                "BuildKit in the Docker Engine at {host} does not answer: {}",
-                e.message()
-            )
-        })
+        .map_err(|e| format!("{who} does not answer: {}", e.message()))
 }
 
 /// Builds `image` into the engine's store through the control API.
 pub(super) async fn build_image(
     host: &DaemonAddr,
+    image: &str,
     input: BuildInput<'_>,
     cx: &StageContext,
 ) -> Result<(), JobError> {
     let channel = control_channel(host).await?;
+    solve(channel, input, Exporter::moby(image), cx)
+        .await
+        .map(|_| ())
+}
+
+/// Where BuildKit puts the built image.
+pub(super) struct Exporter {
+    /// BuildKit's exporter name (`moby`, `image`, `oci`).
+    pub(super) name: &'static str,
+    pub(super) attrs: HashMap<String, String>,
+    /// For exporters that send their output to the client (`oci`): the file it is written to.
+    pub(super) file: Option<PathBuf>,
+}
+
+impl Exporter {
+    /// Into the engine's image store as `image`.
+    fn moby(image: &str) -> Exporter {
+        Exporter {
+            name: "moby",
+            attrs: HashMap::from([("name".to_owned(), image.to_owned())]),
+            file: None,
+        }
+    }
+}
+
+/// Runs one build on `channel` with our own session; the exporter's response attributes
+/// (`containerimage.digest`, …) when it succeeds.
+pub(super) async fn solve(
+    channel: Channel,
+    input: BuildInput<'_>,
+    exporter: Exporter,
+    cx: &StageContext,
+) -> Result<HashMap<String, String>, JobError> {
     let session_id = format!("factoryd-{}", random_hex(12));
     let build_ref = format!("factoryd-{}", random_hex(12));
     let solve_request = SolveRequest {
@@ -116,8 +156,8 @@ pub(super) async fn build_image(
             &format!("{UPLOAD_CONTEXT_PREFIX}{session_id}"),
             input.options,
         ),
-        exporter_deprecated: "moby".to_owned(),
-        exporter_attrs_deprecated: HashMap::from([("name".to_owned(), input.image.to_owned())]),
+        exporter_deprecated: exporter.name.to_owned(),
+        exporter_attrs_deprecated: exporter.attrs,
         ..SolveRequest::default()
     };
 
@@ -129,10 +169,17 @@ pub(super) async fn build_image(
         auth: SessionAuth {
             by_host: auth_by_host(input.registry_auth),
         },
+        file: exporter.file.map(FileReceiver),
     };
     let session = open_session(channel.clone(), &session_id, services)
         .await
-        .map_err(|e| engine_unavailable(host, e.message()))?;
+        .map_err(|e| {
+            JobError::transient(
+                Stage::Build,
+                ErrorCode::Unavailable,
+                format!("BuildKit refused a session: {}", e.message()),
+            )
+        })?;
 
     let mut status_client = ControlClient::new(channel.clone());
     let mut solve_client = ControlClient::new(channel);
@@ -180,7 +227,10 @@ pub(super) async fn build_image(
         return Err(JobError::cancelled(Stage::Build));
     }
     match solved {
-        Some(Ok(_)) => context_written(writer, cx).await,
+        Some(Ok(answer)) => {
+            context_written(writer, cx).await?;
+            Ok(answer.exporter_response)
+        }
         Some(Err(status)) => {
             // A context that could not be written (an unsafe entry, a limit) ends the upload
             // early and explains the failure better than BuildKit's view of a cut tar.
@@ -298,6 +348,7 @@ where
 struct SessionServices {
     upload: ContextUpload,
     auth: SessionAuth,
+    file: Option<FileReceiver>,
 }
 
 /// Opens `Control/Session` and serves `services` on it until the returned handle is dropped.
@@ -323,7 +374,8 @@ async fn open_session(
         .parse()
         .map_err(|_| Status::internal("session id is not ASCII"))?;
     metadata.insert("x-docker-expose-session-uuid", id);
-    for method in SESSION_METHODS {
+    let file_send = services.file.is_some().then_some(FILE_SEND_METHOD);
+    for method in SESSION_METHODS.into_iter().chain(file_send) {
         metadata.append(
             "x-docker-expose-session-grpc-method",
             tonic::metadata::MetadataValue::from_static(method),
@@ -341,6 +393,7 @@ async fn open_session(
         .add_service(HealthServer::new(Healthy))
         .add_service(UploadServer::new(services.upload))
         .add_service(AuthServer::new(services.auth))
+        .add_optional_service(services.file.map(FileSendServer::new))
         .serve_with_incoming(futures_util::stream::iter([Ok::<_, io::Error>(transport)]));
     Ok(AbortOnDropHandle::new(tokio::spawn(async move {
         if let Err(e) = server.await {
@@ -453,6 +506,29 @@ impl Upload for ContextUpload {
             })
         });
         Ok(Response::new(chunks.boxed()))
+    }
+}
+
+/// The exporter's output (one tar stream), written to a file as it arrives.
+struct FileReceiver(PathBuf);
+
+#[tonic::async_trait]
+impl FileSend for FileReceiver {
+    /// Nothing goes back to BuildKit.
+    type DiffCopyStream = futures_util::stream::Empty<Result<FileBytes, Status>>;
+
+    async fn diff_copy(
+        &self,
+        request: Request<Streaming<FileBytes>>,
+    ) -> Result<Response<Self::DiffCopyStream>, Status> {
+        let local = |e: io::Error| Status::internal(format!("cannot write the export: {e}"));
+        let mut file = tokio::fs::File::create(&self.0).await.map_err(local)?;
+        let mut input = request.into_inner();
+        while let Some(message) = input.next().await {
+            file.write_all(&message?.data).await.map_err(local)?;
+        }
+        file.sync_all().await.map_err(local)?;
+        Ok(Response::new(futures_util::stream::empty()))
     }
 }
 

@@ -24,6 +24,7 @@ pub mod export;
 pub mod grpc;
 mod log_events;
 pub mod progress;
+pub mod standalone;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -66,9 +67,7 @@ const ENGINE_REQUEST_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 /// How long `ready` waits for the engine.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The builder `[builder]` names. A standalone buildkitd (`builder.buildkitd_addr` a
-/// `unix://` or `tcp://` address) is refused here, at start-up, with the reason: see the
-/// README ("Builds").
+/// The builder `[builder]` names.
 pub fn from_config(config: &Config) -> Result<Arc<dyn Builder>, JobError> {
     let host = config.builder.docker_host.clone();
     match (&config.builder.backend, &config.builder.buildkitd_addr) {
@@ -76,16 +75,9 @@ pub fn from_config(config: &Config) -> Result<Arc<dyn Builder>, JobError> {
         (BuilderBackend::Buildkitd, BuildkitdAddr::DockerEngine) => {
             Ok(Arc::new(EngineBuilder::buildkitd(host)))
         }
-        (BuilderBackend::Buildkitd, BuildkitdAddr::Daemon(addr)) => Err(JobError::permanent(
-            Stage::Build,
-            ErrorCode::Unsupported,
-            format!(
-                "builder.buildkitd_addr = \"{addr}\": a standalone buildkitd is not supported by \
-                 this build of factoryd; use builder.buildkitd_addr = \"docker-engine\" (the \
-                 BuildKit of the Docker Engine at builder.docker_host) or builder.backend = \
-                 \"docker\" (see README, Builds)"
-            ),
-        )),
+        (BuilderBackend::Buildkitd, BuildkitdAddr::Daemon(addr)) => {
+            Ok(Arc::new(standalone::StandaloneBuilder::new(addr.clone())))
+        }
     }
 }
 
@@ -155,7 +147,7 @@ async fn answer_within(
     match tokio::time::timeout(READY_TIMEOUT, probe).await {
         Ok(result) => result,
         Err(_) => Err(format!(
-            "the Docker Engine at {host} did not answer in {} s",
+            "the build backend at {host} did not answer in {} s",
             READY_TIMEOUT.as_secs()
         )),
     }
@@ -241,14 +233,13 @@ async fn build_and_export(
         destination,
     } = request;
     let input = BuildInput {
-        image: &image,
         context,
         options: &options,
         registry_auth: &registry_auth,
     };
     let built = match via {
-        Via::Build => build_image(&docker, input, cx).await,
-        Via::ControlApi => grpc::build_image(&host, input, cx).await,
+        Via::Build => build_image(&docker, &image, input, cx).await,
+        Via::ControlApi => grpc::build_image(&host, &image, input, cx).await,
     };
     let result = match built {
         Ok(()) => {
@@ -264,10 +255,13 @@ async fn build_and_export(
         Err(e) => Err(e),
     };
     remove_image(&docker, &image).await;
-    result.map_err(|mut e| {
-        e.message = cx.redactor.redact(&e.message);
-        e
-    })
+    result.map_err(|e| redacted(e, cx))
+}
+
+/// `e` with every credential of the job masked in its message.
+fn redacted(mut e: JobError, cx: &StageContext) -> JobError {
+    e.message = cx.redactor.redact(&e.message);
+    e
 }
 
 /// Connects and negotiates the API version (the client's default is newer than 20.10's).
@@ -332,10 +326,8 @@ fn session_credentials(auth: &[(String, BasicAuth)]) -> HashMap<String, DockerCr
         .collect()
 }
 
-/// What a backend's build step builds: the request's build half and the image name to give
-/// the result in the engine's store.
+/// What a backend's build step builds: the request's build half.
 struct BuildInput<'a> {
-    image: &'a str,
     context: SealedContext,
     options: &'a BuildOptions,
     registry_auth: &'a [(String, BasicAuth)],
@@ -343,11 +335,11 @@ struct BuildInput<'a> {
 
 async fn build_image(
     docker: &Docker,
+    image: &str,
     input: BuildInput<'_>,
     cx: &StageContext,
 ) -> Result<(), JobError> {
     let BuildInput {
-        image,
         context,
         options,
         registry_auth,
@@ -596,16 +588,16 @@ mod tests {
         let why = control_api.ready().await.expect_err("no /grpc here");
         assert!(why.contains("POST /grpc answered 404"), "{why}");
 
-        let standalone = from_config(&config(
-            "backend = \"buildkitd\"\nbuildkitd_addr = \"unix:///run/buildkit/buildkitd.sock\"",
-        ))
-        .err()
-        .expect("a standalone buildkitd is refused");
-        assert_eq!(standalone.code, ErrorCode::Unsupported);
+        let buildkitd = dir.path().join("buildkitd.sock");
+        let standalone = from_config(&config(&format!(
+            "backend = \"buildkitd\"\nbuildkitd_addr = \"unix://{}\"",
+            buildkitd.display()
+        )))
+        .expect("a standalone buildkitd");
+        let why = standalone.ready().await.expect_err("no buildkitd here");
         assert!(
-            standalone.message.contains("standalone buildkitd"),
-            "{}",
-            standalone.message
+            why.starts_with(&format!("buildkitd at unix://{}", buildkitd.display())),
+            "{why}"
         );
     }
 
