@@ -12,7 +12,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use futures_util::StreamExt;
 use tracing::{error, info, warn};
 
-use crate::adapters::buildkit::DockerBuilder;
+use crate::adapters::buildkit;
 use crate::adapters::credentials::OriginCredentials;
 use crate::adapters::local::LocalFetcher;
 use crate::adapters::nats::{self, ConnectionState, Nats};
@@ -101,7 +101,7 @@ fn log_style(format: config::LogFormat, env: &HashMap<String, String>) -> LogSty
 pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobError> {
     Ok(Stages {
         fetcher: Arc::new(SourceFetcher::new(config)?),
-        builder: Arc::new(DockerBuilder::from_config(config)?),
+        builder: buildkit::from_config(config)?,
         resolver: Arc::new(OriginCredentials::from_config(config)?),
         importer: Arc::new(RegistryImporter::from_config(config)?),
         node_registry_auth: node_registry_auth(config)?,

@@ -303,6 +303,18 @@ pub fn classify_io(err: &std::io::Error) -> (ErrorCode, ErrorClass) {
     (code, code.default_class())
 }
 
+/// `err` and its sources, joined with `: `, at most 300 characters (an error chain for a
+/// message; redact it before it leaves the process).
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ").chars().take(300).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

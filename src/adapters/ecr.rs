@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::error::{ErrorCode, JobError, Stage};
+use crate::error::{error_chain, ErrorCode, JobError, Stage};
 use crate::job::{EcrCredentials, Redactor};
 use crate::manifest::Digest;
 use crate::ports::BasicAuth;
@@ -172,14 +172,4 @@ where
             ),
         ),
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut parts = vec![err.to_string()];
-    let mut source = err.source();
-    while let Some(s) = source {
-        parts.push(s.to_string());
-        source = s.source();
-    }
-    parts.join(": ").chars().take(300).collect()
 }

@@ -146,7 +146,9 @@ pub(super) fn mirror_url(p: &mut Problems, path: &str, text: &str) -> Option<Url
     Some(url)
 }
 
-pub(super) fn daemon_addr(p: &mut Problems, path: &str, text: &str) -> DaemonAddr {
+/// `unix:///absolute/path` or `tcp://host:port`; `other` names what else the key accepts, for
+/// the problem's text.
+pub(super) fn daemon_addr(p: &mut Problems, path: &str, text: &str, other: &str) -> DaemonAddr {
     let parsed = if let Some(socket) = text.strip_prefix("unix://") {
         Path::new(socket)
             .is_absolute()
@@ -162,7 +164,7 @@ pub(super) fn daemon_addr(p: &mut Problems, path: &str, text: &str) -> DaemonAdd
     parsed.unwrap_or_else(|| {
         p.push(
             path,
-            format!("expected unix:///absolute/path or tcp://host:port, got {text:?}"),
+            format!("expected {other}unix:///absolute/path or tcp://host:port, got {text:?}"),
         );
         DaemonAddr::Unix(PathBuf::from("/"))
     })

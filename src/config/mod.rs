@@ -289,8 +289,30 @@ pub struct WorkerConfig {
 pub struct BuilderConfig {
     pub backend: BuilderBackend,
     pub docker_host: DaemonAddr,
-    pub buildkitd_addr: DaemonAddr,
+    pub buildkitd_addr: BuildkitdAddr,
 }
+
+/// Where the `buildkitd` backend finds BuildKit's control API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BuildkitdAddr {
+    /// `docker-engine`: the BuildKit of the Docker Engine at `builder.docker_host`, on its
+    /// `/grpc` endpoint.
+    DockerEngine,
+    /// A standalone buildkitd.
+    Daemon(DaemonAddr),
+}
+
+impl fmt::Display for BuildkitdAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildkitdAddr::DockerEngine => f.write_str(BUILDKITD_DOCKER_ENGINE),
+            BuildkitdAddr::Daemon(addr) => addr.fmt(f),
+        }
+    }
+}
+
+/// The `builder.buildkitd_addr` that names the engine's own BuildKit.
+const BUILDKITD_DOCKER_ENGINE: &str = "docker-engine";
 
 /// Which daemon builds images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -918,8 +940,17 @@ fn validate_sources(raw: &raw::RawSources, p: &mut Problems) -> SourcesConfig {
 fn validate_builder(raw: &raw::RawBuilder, p: &mut Problems) -> BuilderConfig {
     BuilderConfig {
         backend: keyword(p, "builder.backend", &raw.backend, BuilderBackend::Docker),
-        docker_host: daemon_addr(p, "builder.docker_host", &raw.docker_host),
-        buildkitd_addr: daemon_addr(p, "builder.buildkitd_addr", &raw.buildkitd_addr),
+        docker_host: daemon_addr(p, "builder.docker_host", &raw.docker_host, ""),
+        buildkitd_addr: if raw.buildkitd_addr == BUILDKITD_DOCKER_ENGINE {
+            BuildkitdAddr::DockerEngine
+        } else {
+            BuildkitdAddr::Daemon(daemon_addr(
+                p,
+                "builder.buildkitd_addr",
+                &raw.buildkitd_addr,
+                "\"docker-engine\", ",
+            ))
+        },
     }
 }
 

@@ -116,7 +116,7 @@ impl Default for RawBuilder {
         RawBuilder {
             backend: "docker".to_owned(),
             docker_host: "unix:///var/run/docker.sock".to_owned(),
-            buildkitd_addr: "unix:///run/buildkit/buildkitd.sock".to_owned(),
+            buildkitd_addr: "docker-engine".to_owned(),
         }
     }
 }

@@ -564,6 +564,7 @@ fn each_rule_rejects_a_bad_value_at_its_path() {
         ("[builder]\ndocker_host = \"tcp://docker.example\"", &["builder.docker_host"]),
         ("[builder]\ndocker_host = \"unix://docker.sock\"", &["builder.docker_host"]),
         ("[builder]\nbuildkitd_addr = \"ssh://builder.example\"", &["builder.buildkitd_addr"]),
+        ("[builder]\nbuildkitd_addr = \"docker\"", &["builder.buildkitd_addr"]),
         ("[destination]\nkind = \"s3\"", &["destination.kind"]),
         ("[destination]\nkind = \"registry\"", &["destination.registry"]),
         ("[destination]\npath = \"store\"", &["destination.path"]),
@@ -632,6 +633,7 @@ fn each_rule_accepts_a_good_value() {
         "[worker]\nmax_attempts = 1\nretry_base_delay_secs = 600",
         "[worker]\ndefault_job_timeout_secs = 7200",
         "[builder]\nbackend = \"buildkitd\"\ndocker_host = \"tcp://127.0.0.1:2375\"\nbuildkitd_addr = \"tcp://[::1]:1234\"",
+        "[builder]\nbackend = \"buildkitd\"\nbuildkitd_addr = \"docker-engine\"",
         "[destination]\nkind = \"registry\"\nregistry = \"https://r.example:5000\"\npath = \"relative is fine when unused\"",
         "[destination]\nkind = \"registry\"\nregistry = \"[::1]:5000\"\nusername = \"u\"\npassword_file = \"/etc/factoryd/pw\"",
         "[destination]\nnamespace = \"team/a\"\nrepository = \"{namespace}/{kind}/{source_id}\"\ntag = \"v1.{job_id}-X\"",
@@ -806,7 +808,7 @@ fn validated_values_are_typed() {
     assert_eq!(config.log.format, LogFormat::Text);
     assert_eq!(
         Config::defaults().builder.buildkitd_addr,
-        DaemonAddr::Unix("/run/buildkit/buildkitd.sock".into())
+        BuildkitdAddr::DockerEngine
     );
 }
 

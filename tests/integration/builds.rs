@@ -8,14 +8,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use factoryd::adapters::buildkit::DockerBuilder;
+use factoryd::adapters::buildkit::EngineBuilder;
 use factoryd::adapters::credentials::OriginCredentials;
 use factoryd::adapters::local;
 use factoryd::adapters::oci::RegistryImporter;
 use factoryd::adapters::sources::SourceFetcher;
 use factoryd::config::{Config, DaemonAddr};
 use factoryd::context::Limits;
-use factoryd::error::{ErrorClass, ErrorCode, JobError};
+use factoryd::error::{ErrorClass, ErrorCode, JobError, Stage};
 use factoryd::job::{BuildOptions, Job, JobEvent, Redactor};
 use factoryd::pipeline::{run_job, DestinationSettings, JobOutput, Stages};
 use factoryd::ports::{BasicAuth, BuildRequest, Builder, Destination, StageContext};
@@ -45,14 +45,31 @@ fn test_config(extra: &str) -> Config {
     factoryd::config::from_toml_str(&text, &std::collections::HashMap::new()).expect("config")
 }
 
-fn builder(engine: &Engine) -> DockerBuilder {
-    DockerBuilder::new(DaemonAddr::Unix(engine.socket.clone()))
+/// Which build backend a test drives.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    /// `builder.backend = "docker"`: the engine's `/build`.
+    Docker,
+    /// `builder.backend = "buildkitd"` with `buildkitd_addr = "docker-engine"`: BuildKit's
+    /// control API on the engine's `/grpc`.
+    Buildkitd,
+}
+
+fn builder_at(backend: Backend, host: DaemonAddr) -> Arc<dyn Builder> {
+    match backend {
+        Backend::Docker => Arc::new(EngineBuilder::docker(host)),
+        Backend::Buildkitd => Arc::new(EngineBuilder::buildkitd(host)),
+    }
+}
+
+fn builder(engine: &Engine) -> Arc<dyn Builder> {
+    builder_at(Backend::Docker, DaemonAddr::Unix(engine.socket.clone()))
 }
 
 fn stages(engine: &Engine, config: &Config) -> Stages {
     Stages {
         fetcher: Arc::new(SourceFetcher::new(config).expect("fetcher")),
-        builder: Arc::new(builder(engine)),
+        builder: builder(engine),
         // Build jobs never reach these; the production ones are cheap to make.
         resolver: Arc::new(OriginCredentials::from_config(config).expect("resolver")),
         importer: Arc::new(RegistryImporter::from_config(config).expect("importer")),
@@ -313,8 +330,9 @@ struct LocalBuild {
 }
 
 /// [`build_dir`] with default options, no credentials, no secrets, never cancelled.
-async fn build_plain(engine: &Engine, dir: &Path) -> LocalBuild {
+async fn build_plain(backend: Backend, engine: &Engine, dir: &Path) -> LocalBuild {
     build_dir(
+        backend,
         engine,
         dir,
         BuildOptions::default(),
@@ -325,7 +343,9 @@ async fn build_plain(engine: &Engine, dir: &Path) -> LocalBuild {
     .await
 }
 
+/// Builds `dir` through `backend` into a fresh OCI layout.
 async fn build_dir(
+    backend: Backend,
     engine: &Engine,
     dir: &Path,
     options: BuildOptions,
@@ -356,7 +376,9 @@ async fn build_dir(
             tag: tag.clone(),
         },
     };
-    let result = builder(engine).build(request, &cx).await;
+    let result = builder_at(backend, DaemonAddr::Unix(engine.socket.clone()))
+        .build(request, &cx)
+        .await;
     LocalBuild {
         result,
         recorder,
@@ -387,6 +409,15 @@ fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cached() {
+    private_base_needs_the_jobs_credentials(Backend::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cached() {
+    private_base_needs_the_jobs_credentials(Backend::Buildkitd).await;
+}
+
+async fn private_base_needs_the_jobs_credentials(backend: Backend) {
     let engine = Engine::shared();
     let base = base_registry(&engine, "marker-private");
     let dir = dir_with(&[(
@@ -397,7 +428,7 @@ async fn private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cac
         ),
     )]);
 
-    let without = build_plain(&engine, dir.path()).await;
+    let without = build_plain(backend, &engine, dir.path()).await;
     let e = without.result.expect_err("no credentials: refused");
     assert_eq!(
         (e.class, e.code),
@@ -406,6 +437,7 @@ async fn private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cac
     );
 
     let with = build_dir(
+        backend,
         &engine,
         dir.path(),
         BuildOptions::default(),
@@ -418,7 +450,7 @@ async fn private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cac
         .unwrap_or_else(|e| panic!("with credentials: {e}"));
 
     // Right after a successful build of the same base on the same engine: still refused.
-    let again = build_plain(&engine, dir.path()).await;
+    let again = build_plain(backend, &engine, dir.path()).await;
     let e = again
         .result
         .expect_err("cached base, no credentials: refused");
@@ -462,6 +494,7 @@ async fn multi_stage_build_from_two_private_registries_uses_both_credentials() {
         },
     ));
     let built = build_dir(
+        Backend::Docker,
         &engine,
         dir.path(),
         BuildOptions::default(),
@@ -482,6 +515,17 @@ async fn multi_stage_build_from_two_private_registries_uses_both_credentials() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn build_args_target_dockerignore_and_symlinks_reach_the_build_as_given() {
+    options_and_context_reach_the_build(Backend::Docker).await;
+}
+
+/// Also the `buildkitd` backend's plain success: COPY and RUN from a directory, stored in the
+/// layout, and the stored image runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_build_args_target_dockerignore_and_symlinks_reach_the_build_as_given() {
+    options_and_context_reach_the_build(Backend::Buildkitd).await;
+}
+
+async fn options_and_context_reach_the_build(backend: Backend) {
     let engine = Engine::shared();
     let base = base_registry(&engine, "marker-opts");
     let dir = dir_with(&[
@@ -506,6 +550,7 @@ async fn build_args_target_dockerignore_and_symlinks_reach_the_build_as_given() 
         ..BuildOptions::default()
     };
     let built = build_dir(
+        backend,
         &engine,
         dir.path(),
         options,
@@ -577,27 +622,44 @@ async fn a_symlink_to_a_host_file_never_brings_the_host_file_into_the_build() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_run_fails_permanently_with_the_steps_output_and_secrets_masked() {
+    failing_run_fails_permanently(Backend::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_failing_run_fails_permanently_with_the_steps_output_and_secrets_masked() {
+    failing_run_fails_permanently(Backend::Buildkitd).await;
+}
+
+/// Builds `FROM <a private base>`, `ARG TOKEN`, then `run` with the build arg `TOKEN` set to
+/// a secret of the job, without the cache.
+async fn build_with_secret_arg(backend: Backend, marker: &str, run: &str) -> LocalBuild {
     let engine = Engine::shared();
-    let base = base_registry(&engine, "marker-fail");
-    let dir = dir_with(&[(
-        "Dockerfile",
-        &format!(
-            "FROM {}/base/busybox:1\nARG TOKEN\n\
-             RUN echo \"token is $TOKEN\"; echo step-output-before-failure; exit 3\n",
-            base.host
-        ),
-    )]);
+    let base = base_registry(&engine, marker);
+    let dockerfile = format!("FROM {}/base/busybox:1\nARG TOKEN\n{run}\n", base.host);
+    let dir = dir_with(&[("Dockerfile", &dockerfile)]);
     let options = BuildOptions {
         args: [("TOKEN".to_owned(), PASSWORD.to_owned())].into(),
+        // A cached step prints nothing.
+        no_cache: true,
         ..BuildOptions::default()
     };
-    let built = build_dir(
+    build_dir(
+        backend,
         &engine,
         dir.path(),
         options,
         base_auth(&base.host),
         &[PASSWORD],
         CancellationToken::new(),
+    )
+    .await
+}
+
+async fn failing_run_fails_permanently(backend: Backend) {
+    let built = build_with_secret_arg(
+        backend,
+        "marker-fail",
+        "RUN echo \"token is $TOKEN\"; echo step-output-before-failure; exit 3",
     )
     .await;
     let e = built.result.expect_err("RUN exits 3");
@@ -622,10 +684,88 @@ async fn failing_run_fails_permanently_with_the_steps_output_and_secrets_masked(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_log_lines_arrive_while_the_step_runs_with_secrets_masked() {
+    let built = build_with_secret_arg(
+        Backend::Buildkitd,
+        "marker-live-logs",
+        "RUN echo \"echoed $TOKEN\" && sleep 2 && echo after-the-pause",
+    )
+    .await;
+    built.result.unwrap_or_else(|e| panic!("{e}"));
+    let events = built.recorder.events.lock().unwrap().clone();
+    // The step's output line itself (`#5 echoed ***`), not the step's name that quotes it.
+    let is_output =
+        |line: &str, needle: &str| line.split_once(' ').map(|(_, rest)| rest) == Some(needle);
+    let log_with = |needle: &str| {
+        events.iter().position(
+            |e| matches!(e, JobEvent::Log { lines } if lines.iter().any(|l| is_output(l, needle))),
+        )
+    };
+    let echoed = log_with("echoed ***").unwrap_or_else(|| panic!("no masked line: {events:?}"));
+    let after = log_with("after-the-pause").unwrap_or_else(|| panic!("{events:?}"));
+    let export = events
+        .iter()
+        .position(|e| {
+            matches!(
+                e,
+                JobEvent::Stage {
+                    stage: Stage::Export
+                }
+            )
+        })
+        .unwrap_or_else(|| panic!("no export stage: {events:?}"));
+    // Sent while the step still slept: an event of its own, before the export.
+    assert!(echoed < after && after < export, "{events:?}");
+    let lines = log_lines(&built.recorder);
+    assert!(!lines.iter().any(|l| l.contains(PASSWORD)), "{lines:?}");
+}
+
+/// Regression: one context URL for every build let BuildKit hand a build the context of
+/// another build in flight (it merges HTTP sources by URL).
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_each_build_gets_its_own_context() {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-own-context");
+    let first = dir_with(&[
+        (
+            "Dockerfile",
+            &format!(
+                "FROM {}/base/busybox:1\nCOPY first.txt /\nRUN sleep 3\n",
+                base.host
+            ),
+        ),
+        ("first.txt", "1\n"),
+    ]);
+    let second = dir_with(&[
+        ("Dockerfile", "FROM scratch\nCOPY second.txt /\n"),
+        ("second.txt", "2\n"),
+    ]);
+    // The second starts while the first is still running: BuildKit reuses the steps of a
+    // build in flight.
+    let (one, two) = tokio::join!(
+        build_dir(
+            Backend::Buildkitd,
+            &engine,
+            first.path(),
+            BuildOptions::default(),
+            base_auth(&base.host),
+            &[],
+            CancellationToken::new(),
+        ),
+        async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            build_plain(Backend::Buildkitd, &engine, second.path()).await
+        },
+    );
+    one.result.unwrap_or_else(|e| panic!("first: {e}"));
+    two.result.unwrap_or_else(|e| panic!("second: {e}"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dockerfile_syntax_error_is_permanent() {
     let engine = Engine::shared();
     let dir = dir_with(&[("Dockerfile", "FROM scratch\nFRM nothing\n")]);
-    let built = build_plain(&engine, dir.path()).await;
+    let built = build_plain(Backend::Docker, &engine, dir.path()).await;
     let e = built.result.expect_err("syntax error");
     assert_eq!(
         (e.class, e.code),
@@ -636,6 +776,15 @@ async fn dockerfile_syntax_error_is_permanent() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cancel_during_a_long_run_stops_the_step_in_buildkit() {
+    cancel_stops_the_step(Backend::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_cancel_during_a_long_run_stops_the_step_in_buildkit() {
+    cancel_stops_the_step(Backend::Buildkitd).await;
+}
+
+async fn cancel_stops_the_step(backend: Backend) {
     let engine = Engine::shared();
     let base = base_registry(&engine, "marker-cancel");
     // A number no other process has on its command line.
@@ -664,6 +813,7 @@ async fn cancel_during_a_long_run_stops_the_step_in_buildkit() {
         })
     };
     let built = build_dir(
+        backend,
         &engine,
         dir.path(),
         BuildOptions::default(),
@@ -694,9 +844,21 @@ async fn cancel_during_a_long_run_stops_the_step_in_buildkit() {
 
 #[tokio::test]
 async fn an_unreachable_engine_is_a_transient_failure() {
+    unreachable_engine_is_transient(Backend::Docker).await;
+}
+
+#[tokio::test]
+async fn buildkitd_an_unreachable_engine_is_a_transient_failure() {
+    unreachable_engine_is_transient(Backend::Buildkitd).await;
+}
+
+async fn unreachable_engine_is_transient(backend: Backend) {
     let dir = dir_with(&[("Dockerfile", "FROM scratch\n")]);
     let missing = tempfile::tempdir().unwrap();
-    let builder = DockerBuilder::new(DaemonAddr::Unix(missing.path().join("docker.sock")));
+    let builder = builder_at(
+        backend,
+        DaemonAddr::Unix(missing.path().join("docker.sock")),
+    );
     let ws = Workspace::create(missing.path(), "job-x").unwrap();
     let cx = StageContext {
         job_id: "job-x".into(),
@@ -817,6 +979,61 @@ fn factoryd_run_builds_a_local_directory_prints_the_result_and_masks_secrets() {
         &["/hello.txt"],
     );
     assert_eq!(text, "hi\n");
+}
+
+/// `factoryd run` of `dir` (a Dockerfile at its root, no credentials) with `builder.backend =
+/// "buildkitd"` and `buildkitd_addr`.
+fn factoryd_run_buildkitd(
+    engine: &Engine,
+    root: &Path,
+    dir: &Path,
+    buildkitd_addr: &str,
+) -> std::process::Output {
+    let job = json!({
+        "v": 1, "id": "job-bkd", "source_id": "src-bkd",
+        "origin": {"type": "docker-file", "details": {
+            "targz_url": "https://example.invalid/not-fetched.tar.gz",
+            "context_dir": "/", "build_file": "/Dockerfile"
+        }}
+    });
+    factoryd_run(engine, root, &job, dir)
+        .env("FACTORYD__BUILDER__BACKEND", "buildkitd")
+        .env("FACTORYD__BUILDER__BUILDKITD_ADDR", buildkitd_addr)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn factoryd_run_with_builder_backend_buildkitd_builds_into_the_layout() {
+    let engine = Engine::shared();
+    let dir = dir_with(&[
+        ("Dockerfile", "FROM scratch\nCOPY hello.txt /hello.txt\n"),
+        ("hello.txt", "hi\n"),
+    ]);
+    let root = tempfile::tempdir().unwrap();
+    let out = factoryd_run_buildkitd(&engine, root.path(), dir.path(), "docker-engine");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+    assert!(stderr.contains("naming to"), "{stderr}");
+    assert!(root.path().join("store/index.json").exists());
+}
+
+/// The standalone buildkitd path is not exercised here (no buildkitd); this only shows that
+/// the config reaches it.
+#[test]
+fn factoryd_run_with_a_standalone_buildkitd_that_is_not_there_fails_unavailable() {
+    let engine = Engine::shared();
+    let dir = dir_with(&[("Dockerfile", "FROM scratch\n")]);
+    let root = tempfile::tempdir().unwrap();
+    let socket = format!("unix://{}", root.path().join("buildkitd.sock").display());
+    let out = factoryd_run_buildkitd(&engine, root.path(), dir.path(), &socket);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains(&format!("buildkitd at {socket} is unavailable")),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
 }
 
 #[test]
@@ -967,9 +1184,18 @@ fn node_registry_credentials_from_the_config_reach_the_build() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn builds_leave_no_session_or_connection_open_in_the_engine() {
+    builds_leave_nothing_open(Backend::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_builds_leave_no_session_or_connection_open_in_the_engine() {
+    builds_leave_nothing_open(Backend::Buildkitd).await;
+}
+
+async fn builds_leave_nothing_open(backend: Backend) {
     let engine = Engine::private();
     let dir = dir_with(&[("Dockerfile", "FROM scratch\nCOPY Dockerfile /\n")]);
-    let build = || build_plain(&engine, dir.path());
+    let build = || build_plain(backend, &engine, dir.path());
     build().await.result.unwrap_or_else(|e| panic!("{e}"));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = engine.open_fds();
@@ -994,6 +1220,7 @@ async fn a_missing_base_image_is_a_permanent_not_found() {
         &format!("FROM {}/base/no-such-image:1\n", base.host),
     )]);
     let built = build_dir(
+        Backend::Docker,
         &engine,
         dir.path(),
         BuildOptions::default(),

@@ -483,7 +483,7 @@ fn export_malformed(message: String) -> JobError {
     )
 }
 
-fn local_io(path: &Path, e: &std::io::Error) -> JobError {
+pub(super) fn local_io(path: &Path, e: &std::io::Error) -> JobError {
     JobError::transient(
         Stage::Export,
         ErrorCode::LocalIo,

@@ -1,13 +1,16 @@
-//! The [`Builder`] on a Docker Engine's embedded BuildKit, through bollard (ARCHITECTURE §7).
+//! The [`Builder`] on a Docker Engine's embedded BuildKit (ARCHITECTURE §7), in two ways
+//! ([`EngineBuilder`]): the engine's `/build` through bollard (`builder.backend = "docker"`,
+//! this file) or BuildKit's control API on the engine's `/grpc` with our own session
+//! (`"buildkitd"`, [`grpc`]). Both export the image from the engine's store the same way.
 //!
-//! One build: negotiate the API version; `POST /build` with a BuildKit session whose auth
+//! One `/build` build: negotiate the API version; `POST /build` with a BuildKit session whose auth
 //! provider answers the `FROM` registries' credentials (host → credentials), the context tar
 //! streamed from the sealed context on a blocking thread, and a forced pull so that a private
 //! base image cached in the engine is never used without credentials; BuildKit's progress
 //! becomes `Log` events; then the image is exported ([`export`]) and removed from the engine.
 //!
-//! Each build runs on its own thread with its own single-threaded runtime, dropped when the
-//! build ends. bollard spawns the session's gRPC server as a detached task that lives as long as
+//! Each build (of either backend) runs on its own thread with its own single-threaded runtime,
+//! dropped when the build ends. bollard spawns the session's gRPC server as a detached task that lives as long as
 //! the engine keeps the session connection open, which the engine does until the client goes;
 //! dropping the runtime ends that task and closes the connection, so a long-running worker
 //! leaks neither tasks nor engine sessions.
@@ -18,39 +21,39 @@
 //! error any credential.
 
 pub mod export;
+pub mod grpc;
+mod log_events;
 pub mod progress;
+pub mod standalone;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::auth::DockerCredentials;
-use bollard::models::{BuildInfo, BuildInfoAux};
+use bollard::models::BuildInfo;
+use bollard::models::BuildInfoAux;
 use bollard::query_parameters::{BuildImageOptions, BuilderVersion, RemoveImageOptions};
 use bollard::Docker;
 use bytes::{Bytes, BytesMut};
-use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use crate::adapters::oci_layout::OciLayoutStores;
-use crate::config::{BuilderBackend, Config, DaemonAddr};
+use crate::config::{BuilderBackend, BuildkitdAddr, Config, DaemonAddr};
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::job::{BuildOptions, ImageInfo, JobEvent};
 use crate::ports::{BasicAuth, BuildRequest, Builder, SealedContext, StageContext};
 use crate::workspace::random_hex;
 
-use progress::LogAssembler;
+use log_events::{follow, BuildLog, Followed};
 
 /// Docker Hub as the BuildKit session's auth provider is asked for it: BuildKit resolves
 /// `docker.io` images against `registry-1.docker.io`.
 const DOCKER_HUB_AUTH_HOST: &str = "registry-1.docker.io";
-
-/// Log lines per `Log` event, and the longest a line waits before its batch is sent.
-const LOG_BATCH_LINES: usize = 64;
-const LOG_BATCH_DELAY: Duration = Duration::from_millis(250);
 
 /// Context tar chunks handed to the HTTP body; a few in flight keep the upload streaming
 /// without holding more than a few hundred KiB.
@@ -61,105 +64,156 @@ const TAR_CHUNKS_IN_FLIGHT: usize = 4;
 /// is the job's (`cx.cancel`), so this only has to be longer than any job.
 const ENGINE_REQUEST_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
-/// Builds through a Docker Engine. Cheap to share; each build opens its own connection.
-#[derive(Debug, Clone)]
-pub struct DockerBuilder {
-    host: DaemonAddr,
-    stores: Arc<OciLayoutStores>,
-}
+/// How long `ready` waits for the engine.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-impl DockerBuilder {
-    /// From `[builder]`. The `buildkitd` backend is refused here, at start-up, with the reason:
-    /// see the README ("Builds").
-    pub fn from_config(config: &Config) -> Result<DockerBuilder, JobError> {
-        match config.builder.backend {
-            BuilderBackend::Docker => Ok(DockerBuilder::new(config.builder.docker_host.clone())),
-            BuilderBackend::Buildkitd => Err(JobError::permanent(
-                Stage::Build,
-                ErrorCode::Unsupported,
-                "builder.backend = \"buildkitd\" is not implemented in this build of factoryd: \
-                 use \"docker\" (see README, Builds)",
-            )),
+/// The builder `[builder]` names.
+pub fn from_config(config: &Config) -> Result<Arc<dyn Builder>, JobError> {
+    let host = config.builder.docker_host.clone();
+    match (&config.builder.backend, &config.builder.buildkitd_addr) {
+        (BuilderBackend::Docker, _) => Ok(Arc::new(EngineBuilder::docker(host))),
+        (BuilderBackend::Buildkitd, BuildkitdAddr::DockerEngine) => {
+            Ok(Arc::new(EngineBuilder::buildkitd(host)))
+        }
+        (BuilderBackend::Buildkitd, BuildkitdAddr::Daemon(addr)) => {
+            Ok(Arc::new(standalone::StandaloneBuilder::new(addr.clone())))
         }
     }
+}
 
-    pub fn new(host: DaemonAddr) -> DockerBuilder {
-        DockerBuilder {
+/// Builds on a Docker Engine, through its `/build` (the `docker` backend) or BuildKit's control
+/// API on its `/grpc` (the `buildkitd` backend); the image is exported from the engine's store
+/// either way. Cheap to share; each build opens its own connections.
+#[derive(Debug, Clone)]
+pub struct EngineBuilder {
+    host: DaemonAddr,
+    stores: Arc<OciLayoutStores>,
+    via: Via,
+}
+
+impl EngineBuilder {
+    /// `builder.backend = "docker"`.
+    pub fn docker(host: DaemonAddr) -> EngineBuilder {
+        EngineBuilder::new(host, Via::Build)
+    }
+
+    /// `builder.backend = "buildkitd"` with `builder.buildkitd_addr = "docker-engine"`.
+    pub fn buildkitd(host: DaemonAddr) -> EngineBuilder {
+        EngineBuilder::new(host, Via::ControlApi)
+    }
+
+    fn new(host: DaemonAddr, via: Via) -> EngineBuilder {
+        EngineBuilder {
             host,
             stores: Arc::new(OciLayoutStores::default()),
+            via,
         }
     }
 }
 
 #[async_trait]
-impl Builder for DockerBuilder {
+impl Builder for EngineBuilder {
     async fn ready(&self) -> Result<(), String> {
-        let probe = async {
-            let docker = connect(&self.host).await.map_err(|e| e.message)?;
-            docker
-                .ping()
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("the Docker Engine at {} does not answer: {e}", self.host))
-        };
-        match tokio::time::timeout(std::time::Duration::from_secs(5), probe).await {
-            Ok(result) => result,
-            Err(_) => Err(format!(
-                "the Docker Engine at {} did not answer in 5 s",
-                self.host
-            )),
-        }
+        let host = &self.host;
+        let probe =
+            async {
+                match self.via {
+                    Via::Build => {
+                        let docker = connect(host).await.map_err(|e| e.message)?;
+                        docker.ping().await.map(|_| ()).map_err(|e| {
+                            format!("the Docker Engine at {host} does not answer: {e}")
+                        })
+                    }
+                    Via::ControlApi => grpc::control_api_answers(host).await,
+                }
+            };
+        answer_within(host, probe).await
     }
 
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError> {
-        // A child token, cancelled when this future is dropped too, so the build thread never
-        // outlives a caller that stopped waiting.
-        let stop = cx.cancel.child_token();
-        let _stop_on_drop = stop.clone().drop_guard();
-        let mut thread_cx = cx.clone();
-        thread_cx.cancel = stop;
-        let (tx, rx) = oneshot::channel();
-        let host = self.host.clone();
-        let stores = self.stores.clone();
-        let spawned = std::thread::Builder::new()
-            .name("factoryd-build".to_owned())
-            .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = tx.send(Err(JobError::transient(
-                            Stage::Build,
-                            ErrorCode::Internal,
-                            format!("cannot start the build's runtime: {e}"),
-                        )));
-                        return;
-                    }
-                };
-                let result = runtime.block_on(build_and_export(host, stores, request, &thread_cx));
-                let _ = tx.send(result);
-                // Ends the session task and every connection of this build at once, without
-                // waiting for a context writer that is still blocked (it stops on its own when
-                // its channel closes).
-                runtime.shutdown_background();
-            });
-        if let Err(e) = spawned {
-            return Err(JobError::transient(
-                Stage::Build,
-                ErrorCode::Internal,
-                format!("cannot start the build thread: {e}"),
-            ));
-        }
-        rx.await.unwrap_or_else(|_| {
-            Err(JobError::transient(
-                Stage::Build,
-                ErrorCode::Internal,
-                "the build thread ended without a result",
-            ))
+        let (host, stores, via) = (self.host.clone(), self.stores.clone(), self.via);
+        on_build_thread(cx, move |cx| async move {
+            build_and_export(host, stores, request, &cx, via).await
         })
+        .await
     }
+}
+
+/// `probe`'s answer, or "did not answer" after [`READY_TIMEOUT`].
+async fn answer_within(
+    host: &DaemonAddr,
+    probe: impl Future<Output = Result<(), String>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(READY_TIMEOUT, probe).await {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "the build backend at {host} did not answer in {} s",
+            READY_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+/// Runs `build` on its own thread with its own single-threaded runtime, dropped when the build
+/// ends (see the module docs).
+async fn on_build_thread<F, Fut>(cx: &StageContext, build: F) -> Result<ImageInfo, JobError>
+where
+    F: FnOnce(StageContext) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<ImageInfo, JobError>>,
+{
+    // A child token, cancelled when this future is dropped too, so the build thread never
+    // outlives a caller that stopped waiting.
+    let stop = cx.cancel.child_token();
+    let _stop_on_drop = stop.clone().drop_guard();
+    let mut thread_cx = cx.clone();
+    thread_cx.cancel = stop;
+    let (tx, rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("factoryd-build".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(JobError::transient(
+                        Stage::Build,
+                        ErrorCode::Internal,
+                        format!("cannot start the build's runtime: {e}"),
+                    )));
+                    return;
+                }
+            };
+            let result = runtime.block_on(build(thread_cx));
+            let _ = tx.send(result);
+            // Ends the session task and every connection of this build at once, without
+            // waiting for a context writer that is still blocked (it stops on its own when
+            // its channel closes).
+            runtime.shutdown_background();
+        });
+    if let Err(e) = spawned {
+        return Err(JobError::transient(
+            Stage::Build,
+            ErrorCode::Internal,
+            format!("cannot start the build thread: {e}"),
+        ));
+    }
+    rx.await.unwrap_or_else(|_| {
+        Err(JobError::transient(
+            Stage::Build,
+            ErrorCode::Internal,
+            "the build thread ended without a result",
+        ))
+    })
+}
+
+/// How a build reaches the engine's BuildKit.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// `POST /build` with a bollard session (the `docker` backend).
+    Build,
+    /// BuildKit's control API on `POST /grpc` with our own session (the `buildkitd` backend).
+    ControlApi,
 }
 
 async fn build_and_export(
@@ -167,6 +221,7 @@ async fn build_and_export(
     stores: Arc<OciLayoutStores>,
     request: BuildRequest,
     cx: &StageContext,
+    via: Via,
 ) -> Result<ImageInfo, JobError> {
     let docker = connect(&host).await?;
     // Lower-case hex only: a valid repository name whatever the job id looks like.
@@ -177,7 +232,15 @@ async fn build_and_export(
         registry_auth,
         destination,
     } = request;
-    let built = build_image(&docker, &image, context, &options, &registry_auth, cx).await;
+    let input = BuildInput {
+        context,
+        options: &options,
+        registry_auth: &registry_auth,
+    };
+    let built = match via {
+        Via::Build => build_image(&docker, &image, input, cx).await,
+        Via::ControlApi => grpc::build_image(&host, &image, input, cx).await,
+    };
     let result = match built {
         Ok(()) => {
             if cx.cancel.is_cancelled() {
@@ -192,21 +255,18 @@ async fn build_and_export(
         Err(e) => Err(e),
     };
     remove_image(&docker, &image).await;
-    result.map_err(|mut e| {
-        e.message = cx.redactor.redact(&e.message);
-        e
-    })
+    result.map_err(|e| redacted(e, cx))
+}
+
+/// `e` with every credential of the job masked in its message.
+fn redacted(mut e: JobError, cx: &StageContext) -> JobError {
+    e.message = cx.redactor.redact(&e.message);
+    e
 }
 
 /// Connects and negotiates the API version (the client's default is newer than 20.10's).
 async fn connect(host: &DaemonAddr) -> Result<Docker, JobError> {
-    let unavailable = |e: bollard::errors::Error| {
-        JobError::transient(
-            Stage::Build,
-            ErrorCode::Unavailable,
-            format!("the Docker Engine at {host} is unavailable: {e}"),
-        )
-    };
+    let unavailable = |e: bollard::errors::Error| engine_unavailable(host, e);
     let docker = match host {
         DaemonAddr::Unix(path) => Docker::connect_with_unix(
             &path.to_string_lossy(),
@@ -223,37 +283,67 @@ async fn connect(host: &DaemonAddr) -> Result<Docker, JobError> {
     docker.negotiate_version().await.map_err(unavailable)
 }
 
-/// The session's auth provider map: host → credentials, Docker Hub under the host BuildKit
-/// asks for.
-fn session_credentials(auth: &[(String, BasicAuth)]) -> HashMap<String, DockerCredentials> {
+/// The engine could not be reached: transient.
+fn engine_unavailable(host: &DaemonAddr, e: impl std::fmt::Display) -> JobError {
+    JobError::transient(
+        Stage::Build,
+        ErrorCode::Unavailable,
+        format!("the Docker Engine at {host} is unavailable: {e}"),
+    )
+}
+
+/// The registry credentials as the session's auth provider is asked for them: host →
+/// credentials, Docker Hub also under the host BuildKit asks for; the first entry for a host
+/// wins.
+fn auth_by_host(auth: &[(String, BasicAuth)]) -> HashMap<String, BasicAuth> {
     let mut map = HashMap::new();
     for (host, basic) in auth {
-        let creds = DockerCredentials {
-            username: Some(basic.username.clone()),
-            password: Some(basic.password.expose().to_owned()),
-            serveraddress: Some(host.clone()),
-            ..DockerCredentials::default()
-        };
         let hub = matches!(
             host.as_str(),
             "docker.io" | "index.docker.io" | "registry-1.docker.io"
         );
         if hub {
-            map.insert(DOCKER_HUB_AUTH_HOST.to_owned(), creds.clone());
+            map.insert(DOCKER_HUB_AUTH_HOST.to_owned(), basic.clone());
         }
-        map.entry(host.clone()).or_insert(creds);
+        map.entry(host.clone()).or_insert_with(|| basic.clone());
     }
     map
+}
+
+/// [`auth_by_host`] in bollard's form.
+fn session_credentials(auth: &[(String, BasicAuth)]) -> HashMap<String, DockerCredentials> {
+    auth_by_host(auth)
+        .into_iter()
+        .map(|(host, basic)| {
+            let creds = DockerCredentials {
+                username: Some(basic.username.clone()),
+                password: Some(basic.password.expose().to_owned()),
+                serveraddress: Some(host.clone()),
+                ..DockerCredentials::default()
+            };
+            (host, creds)
+        })
+        .collect()
+}
+
+/// What a backend's build step builds: the request's build half.
+struct BuildInput<'a> {
+    context: SealedContext,
+    options: &'a BuildOptions,
+    registry_auth: &'a [(String, BasicAuth)],
 }
 
 async fn build_image(
     docker: &Docker,
     image: &str,
-    context: SealedContext,
-    options: &BuildOptions,
-    registry_auth: &[(String, BasicAuth)],
+    input: BuildInput<'_>,
     cx: &StageContext,
 ) -> Result<(), JobError> {
+    let BuildInput {
+        context,
+        options,
+        registry_auth,
+    } = input;
     let build_options = BuildImageOptions {
         dockerfile: context.dockerfile().to_owned(),
         t: Some(image.to_owned()),
@@ -271,84 +361,68 @@ async fn build_image(
 
     let (body, writer) = context_body(context);
     let credentials = session_credentials(registry_auth);
-    let mut stream = docker.build_image(
+    let stream = docker.build_image(
         build_options,
         Some(credentials),
         Some(bollard::body_stream(body)),
     );
 
-    let mut assembler = LogAssembler::default();
-    let mut pending: Vec<String> = Vec::new();
-    let mut flush_tick = tokio::time::interval(LOG_BATCH_DELAY);
-    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // The worker's event sink redacts too; masking here as well keeps a sink that does not
-    // (a test's, a future one's) from ever seeing a credential a RUN step echoed.
-    let emit = |pending: &mut Vec<String>| {
-        if !pending.is_empty() {
-            let lines = pending.drain(..).map(|l| cx.redactor.redact(&l)).collect();
-            cx.emit(JobEvent::Log { lines });
+    let mut log = BuildLog::new(cx);
+    // Dropping the stream (cancel) closes the /build request: the engine cancels the solve.
+    let followed = follow(stream, &mut log, |item, log| match item {
+        Err(e) => ControlFlow::Break(e),
+        Ok(info) => {
+            take_info(&info, log);
+            ControlFlow::Continue(())
         }
+    })
+    .await;
+    let outcome = match followed {
+        Followed::Cancelled => return Err(JobError::cancelled(Stage::Build)),
+        Followed::Ended => Ok(()),
+        Followed::Stopped(e) => Err(e),
     };
-
-    let outcome: Result<(), bollard::errors::Error> = loop {
-        tokio::select! {
-            biased;
-            _ = cx.cancel.cancelled() => {
-                // Dropping the stream closes the /build request: the engine cancels the solve.
-                drop(stream);
-                assembler.finish(&mut pending);
-                emit(&mut pending);
-                return Err(JobError::cancelled(Stage::Build));
-            }
-            item = stream.next() => match item {
-                None => break Ok(()),
-                Some(Err(e)) => break Err(e),
-                Some(Ok(info)) => {
-                    take_info(&info, &mut assembler, &mut pending);
-                    if pending.len() >= LOG_BATCH_LINES {
-                        emit(&mut pending);
-                    }
-                }
-            },
-            _ = flush_tick.tick() => emit(&mut pending),
-        }
-    };
-    drop(stream);
-    assembler.finish(&mut pending);
-    emit(&mut pending);
 
     // A context that could not be written (an unsafe entry, a limit) explains the build's
     // failure better than the engine's view of a cut upload.
-    let written = writer.await;
-    match written {
-        Ok(Err(e)) => return Err(e),
-        Err(e) => {
-            return Err(JobError::transient(
-                Stage::Build,
-                ErrorCode::Internal,
-                format!("the context writer failed: {e}"),
-            ))
-        }
-        Ok(Ok(bytes)) => debug!(job.id = %cx.job_id, bytes, "Context sent."),
-    }
+    context_written(writer, cx).await?;
     match outcome {
         Ok(()) => Ok(()),
-        Err(e) => Err(engine_error(e, &assembler)),
+        Err(e) => Err(engine_error(e, log.assembler())),
+    }
+}
+
+/// The context writer's outcome: its error, or how many bytes it sent.
+async fn context_written(
+    writer: tokio::task::JoinHandle<Result<u64, JobError>>,
+    cx: &StageContext,
+) -> Result<(), JobError> {
+    match writer.await {
+        Ok(Err(e)) => Err(e),
+        Err(e) => Err(JobError::transient(
+            Stage::Build,
+            ErrorCode::Internal,
+            format!("the context writer failed: {e}"),
+        )),
+        Ok(Ok(bytes)) => {
+            debug!(job.id = %cx.job_id, bytes, "Context sent.");
+            Ok(())
+        }
     }
 }
 
 /// Log lines from one message of the build stream.
-fn take_info(info: &BuildInfo, assembler: &mut LogAssembler, out: &mut Vec<String>) {
+fn take_info(info: &BuildInfo, log: &mut BuildLog<'_>) {
     if let Some(BuildInfoAux::BuildKit(status)) = &info.aux {
-        assembler.push(status, out);
+        log.status(status);
     }
     if let Some(text) = &info.stream {
-        out.extend(text.lines().filter(|l| !l.is_empty()).map(str::to_owned));
+        log.lines(text);
     }
 }
 
 /// Classifies a bollard error from the build request.
-fn engine_error(e: bollard::errors::Error, assembler: &LogAssembler) -> JobError {
+fn engine_error(e: bollard::errors::Error, assembler: &progress::LogAssembler) -> JobError {
     use bollard::errors::Error as E;
     match e {
         E::DockerStreamError { error } => {
@@ -454,13 +528,90 @@ async fn remove_image(docker: &Docker, image: &str) {
 mod tests {
     use super::*;
     use crate::secret::Secret;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A unix socket answering like an engine without BuildKit's control API: every GET with
+    /// an API version, `POST /grpc` with 404.
+    fn engine_without_control_api(path: &std::path::Path) {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while conn.read(&mut byte).await.unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                        if !head.ends_with(b"\r\n\r\n") {
+                            continue;
+                        }
+                        let grpc = head.starts_with(b"POST /grpc");
+                        head.clear();
+                        let (status, body) = if grpc {
+                            ("404 Not Found", "")
+                        } else {
+                            ("200 OK", r#"{"ApiVersion":"1.41","Version":"20.10.24"}"#)
+                        };
+                        let answer = format!(
+                            "HTTP/1.1 {status}\r\nContent-Type: application/json\r\n\
+                             Content-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if conn.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn the_configured_backend_is_the_one_built_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("docker.sock");
+        engine_without_control_api(&socket);
+        let config = |builder: &str| {
+            let text = format!(
+                "[builder]\ndocker_host = \"unix://{}\"\n{builder}",
+                socket.display()
+            );
+            crate::config::from_toml_str(&text, &HashMap::new()).expect("config")
+        };
+
+        let docker = from_config(&config("backend = \"docker\"")).expect("docker");
+        docker.ready().await.expect("the engine answers /_ping");
+
+        let control_api = from_config(&config(
+            "backend = \"buildkitd\"\nbuildkitd_addr = \"docker-engine\"",
+        ))
+        .expect("buildkitd on the engine");
+        let why = control_api.ready().await.expect_err("no /grpc here");
+        assert!(why.contains("POST /grpc answered 404"), "{why}");
+
+        let buildkitd = dir.path().join("buildkitd.sock");
+        let standalone = from_config(&config(&format!(
+            "backend = \"buildkitd\"\nbuildkitd_addr = \"unix://{}\"",
+            buildkitd.display()
+        )))
+        .expect("a standalone buildkitd");
+        let why = standalone.ready().await.expect_err("no buildkitd here");
+        assert!(
+            why.starts_with(&format!("buildkitd at unix://{}", buildkitd.display())),
+            "{why}"
+        );
+    }
 
     #[tokio::test]
     async fn an_engine_that_does_not_answer_is_not_ready() {
         let dir = tempfile::tempdir().unwrap();
-        let builder = DockerBuilder::new(DaemonAddr::Unix(dir.path().join("docker.sock")));
-        let why = builder.ready().await.unwrap_err();
-        assert!(why.contains("docker.sock"), "{why}");
+        let socket = DaemonAddr::Unix(dir.path().join("docker.sock"));
+        for builder in [
+            EngineBuilder::docker(socket.clone()),
+            EngineBuilder::buildkitd(socket.clone()),
+        ] {
+            let why = builder.ready().await.unwrap_err();
+            assert!(why.contains("docker.sock"), "{why}");
+        }
     }
 
     #[test]

@@ -1,0 +1,606 @@
+//! The `buildkitd` backend: BuildKit's control API (gRPC) instead of the engine's `/build`
+//! (ARCHITECTURE §7), here on the Docker Engine's own BuildKit, reached by upgrading `POST
+//! /grpc` on the engine's socket to HTTP/2. [`solve`] (session, Solve, Status, cancellation)
+//! also serves a standalone buildkitd ([`super::standalone`]).
+//!
+//! One build: open the control channel; open our own session (`Control/Session`, a byte stream
+//! carrying HTTP/2 in which BuildKit is the client of our Health, Upload and Auth services);
+//! `Solve` with the `dockerfile.v0` frontend whose context is the session's Upload (the sealed
+//! context's tar, streamed in chunks) and the `moby` exporter into the engine's image store,
+//! while `Status` of the same build ref becomes `Log` events; then the shared export (`docker
+//! save` into the destination) and removal, as for the `docker` backend.
+//!
+//! Cancellation drops the `Solve` call: BuildKit cancels a solve whose caller went away, which
+//! stops the running step. Must not: hold the whole context in memory, log or put in an error
+//! any credential.
+
+use std::collections::HashMap;
+use std::io;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bollard::health::health_check_response::ServingStatus;
+use bollard::health::health_server::{Health, HealthServer};
+use bollard::health::{
+    HealthCheckRequest, HealthCheckResponse, HealthListRequest, HealthListResponse,
+};
+use bollard::moby::buildkit::v1::control_client::ControlClient;
+use bollard::moby::buildkit::v1::{
+    BytesMessage, ListWorkersRequest, SolveRequest, SolveResponse, StatusRequest, StatusResponse,
+};
+use bollard::moby::filesync::v1::auth_server::{Auth, AuthServer};
+use bollard::moby::filesync::v1::file_send_server::{FileSend, FileSendServer};
+use bollard::moby::filesync::v1::BytesMessage as FileBytes;
+use bollard::moby::filesync::v1::{
+    CredentialsRequest, CredentialsResponse, FetchTokenRequest, FetchTokenResponse,
+    GetTokenAuthorityRequest, GetTokenAuthorityResponse, VerifyTokenAuthorityRequest,
+    VerifyTokenAuthorityResponse,
+};
+use bollard::moby::upload::v1::upload_server::{Upload, UploadServer};
+use bollard::moby::upload::v1::BytesMessage as UploadBytes;
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt, TryFutureExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio_util::io::StreamReader;
+use tokio_util::task::AbortOnDropHandle;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use super::log_events::{follow, BuildLog, Followed};
+use super::{
+    auth_by_host, context_body, context_written, engine_unavailable, progress, BuildInput,
+};
+use crate::config::DaemonAddr;
+use crate::error::{error_chain, ErrorCode, JobError, Stage};
+use crate::job::BuildOptions;
+use crate::ports::{BasicAuth, StageContext};
+use crate::workspace::random_hex;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The session methods we serve, announced to BuildKit in the `Session` call's metadata.
+/// FetchToken is not offered: BuildKit then asks for Credentials and fetches a registry's token
+/// itself.
+const SESSION_METHODS: [&str; 3] = [
+    "/grpc.health.v1.Health/Check",
+    "/moby.upload.v1.Upload/Pull",
+    "/moby.filesync.v1.Auth/Credentials",
+];
+
+/// Announced too when the exporter sends its output to us.
+const FILE_SEND_METHOD: &str = "/moby.filesync.v1.FileSend/DiffCopy";
+
+/// The context URL that makes BuildKit pull the context from the session's Upload service,
+/// before the build's unique name. Unique because BuildKit merges and caches HTTP sources by
+/// URL: with one URL for every build, a build could get another build's context.
+const UPLOAD_CONTEXT_PREFIX: &str = "http://buildkit-session/";
+
+/// Bytes of HTTP/2 buffered between our session server and the `Session` stream.
+const SESSION_BUFFER: usize = 64 * 1024;
+
+/// How long the Status stream may still deliver lines after `Solve` answered.
+const STATUS_GRACE: Duration = Duration::from_secs(2);
+
+/// Whether the engine's BuildKit answers a control API call.
+pub(super) async fn control_api_answers(host: &DaemonAddr) -> Result<(), String> {
+    let channel = control_channel(host).await.map_err(|e| e.message)?;
+    workers_answer(channel, &format!("BuildKit in the Docker Engine at {host}")).await
+}
+
+/// Whether BuildKit on `channel` answers `ListWorkers`; `who` names it in the reason.
+pub(super) async fn workers_answer(channel: Channel, who: &str) -> Result<(), String> {
+    ControlClient::new(channel)
+        .list_workers(ListWorkersRequest::default())
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("{who} does not answer: {}", e.message()))
+}
+
+/// Builds `image` into the engine's store through the control API.
+pub(super) async fn build_image(
+    host: &DaemonAddr,
+    image: &str,
+    input: BuildInput<'_>,
+    cx: &StageContext,
+) -> Result<(), JobError> {
+    let channel = control_channel(host).await?;
+    solve(channel, input, Exporter::moby(image), cx)
+        .await
+        .map(|_| ())
+}
+
+/// Where BuildKit puts the built image.
+pub(super) struct Exporter {
+    /// BuildKit's exporter name (`moby`, `image`, `oci`).
+    pub(super) name: &'static str,
+    pub(super) attrs: HashMap<String, String>,
+    /// For exporters that send their output to the client (`oci`): the file it is written to.
+    pub(super) file: Option<PathBuf>,
+}
+
+impl Exporter {
+    /// Into the engine's image store as `image`.
+    fn moby(image: &str) -> Exporter {
+        Exporter {
+            name: "moby",
+            attrs: HashMap::from([("name".to_owned(), image.to_owned())]),
+            file: None,
+        }
+    }
+}
+
+/// Runs one build on `channel` with our own session; the exporter's response attributes
+/// (`containerimage.digest`, …) when it succeeds.
+pub(super) async fn solve(
+    channel: Channel,
+    input: BuildInput<'_>,
+    exporter: Exporter,
+    cx: &StageContext,
+) -> Result<HashMap<String, String>, JobError> {
+    let session_id = format!("factoryd-{}", random_hex(12));
+    let build_ref = format!("factoryd-{}", random_hex(12));
+    let solve_request = SolveRequest {
+        r#ref: build_ref.clone(),
+        session: session_id.clone(),
+        frontend: "dockerfile.v0".to_owned(),
+        frontend_attrs: frontend_attrs(
+            input.context.dockerfile(),
+            &format!("{UPLOAD_CONTEXT_PREFIX}{session_id}"),
+            input.options,
+        ),
+        exporter_deprecated: exporter.name.to_owned(),
+        exporter_attrs_deprecated: exporter.attrs,
+        ..SolveRequest::default()
+    };
+
+    let (body, writer) = context_body(input.context);
+    let services = SessionServices {
+        upload: ContextUpload {
+            body: Mutex::new(Some(body.boxed())),
+        },
+        auth: SessionAuth {
+            by_host: auth_by_host(input.registry_auth),
+        },
+        file: exporter.file.map(FileReceiver),
+    };
+    let session = open_session(channel.clone(), &session_id, services)
+        .await
+        .map_err(|e| {
+            JobError::transient(
+                Stage::Build,
+                ErrorCode::Unavailable,
+                format!("BuildKit refused a session: {}", e.message()),
+            )
+        })?;
+
+    let mut status_client = ControlClient::new(channel.clone());
+    let mut solve_client = ControlClient::new(channel);
+    let (solved_tx, solved_rx) = tokio::sync::oneshot::channel::<()>();
+    let solve = async move {
+        let answer = solve_client.solve(solve_request).await;
+        let _ = solved_tx.send(());
+        Event::Solved(answer.map(Response::into_inner))
+    }
+    .into_stream();
+    let status = async move {
+        status_client
+            .status(StatusRequest { r#ref: build_ref })
+            .await
+    }
+    .map_ok(Response::into_inner)
+    .try_flatten_stream()
+    .take_until(async {
+        let _ = solved_rx.await;
+        tokio::time::sleep(STATUS_GRACE).await;
+    })
+    .map(Event::Status);
+
+    let mut log = BuildLog::new(cx);
+    let mut solved = None;
+    // Dropping the Solve call (cancel) is what makes BuildKit stop the build.
+    let followed = follow(
+        futures_util::stream::select(solve, status),
+        &mut log,
+        |event, log| {
+            match event {
+                Event::Status(Ok(status)) => log.status(&status),
+                Event::Status(Err(e)) => {
+                    debug!(job.id = %cx.job_id, code = ?e.code(), "Build status stream failed.")
+                }
+                Event::Solved(answer) => solved = Some(answer),
+            }
+            ControlFlow::<()>::Continue(())
+        },
+    )
+    .await;
+    // Closes the Upload too: a context writer BuildKit never read to the end stops.
+    drop(session);
+    if let Followed::Cancelled = followed {
+        return Err(JobError::cancelled(Stage::Build));
+    }
+    match solved {
+        Some(Ok(answer)) => {
+            context_written(writer, cx).await?;
+            Ok(answer.exporter_response)
+        }
+        Some(Err(status)) => {
+            // A context that could not be written (an unsafe entry, a limit) ends the upload
+            // early and explains the failure better than BuildKit's view of a cut tar.
+            if writer.is_finished() {
+                context_written(writer, cx).await?;
+            }
+            Err(solve_error(&status, log.assembler()))
+        }
+        None => Err(JobError::transient(
+            Stage::Build,
+            ErrorCode::Unavailable,
+            "BuildKit ended the build without an answer",
+        )),
+    }
+}
+
+enum Event {
+    Status(Result<StatusResponse, Status>),
+    Solved(Result<SolveResponse, Status>),
+}
+
+/// The `dockerfile.v0` frontend's attributes: the same build as the `docker` backend's
+/// `/build` parameters, with the context from the session's Upload and a forced pull.
+fn frontend_attrs(
+    dockerfile: &str,
+    context_url: &str,
+    options: &BuildOptions,
+) -> HashMap<String, String> {
+    let mut attrs = HashMap::from([
+        ("filename".to_owned(), dockerfile.to_owned()),
+        ("context".to_owned(), context_url.to_owned()),
+        ("image-resolve-mode".to_owned(), "pull".to_owned()),
+    ]);
+    for (name, value) in &options.args {
+        attrs.insert(format!("build-arg:{name}"), value.clone());
+    }
+    if let Some(target) = &options.target {
+        attrs.insert("target".to_owned(), target.clone());
+    }
+    if let Some(platform) = &options.platform {
+        attrs.insert("platform".to_owned(), platform.clone());
+    }
+    if options.no_cache {
+        // Empty: no step may come from the cache.
+        attrs.insert("no-cache".to_owned(), String::new());
+    }
+    attrs
+}
+
+/// Classifies a failed `Solve`: the engine going away is transient; otherwise BuildKit's
+/// message is classified like the `docker` backend's.
+fn solve_error(status: &Status, assembler: &progress::LogAssembler) -> JobError {
+    use tonic::Code;
+    let transport = matches!(status.code(), Code::Unavailable | Code::Cancelled)
+        || (status.code() == Code::Unknown && status.message().starts_with("h2 protocol error"));
+    if transport {
+        return JobError::transient(
+            Stage::Build,
+            ErrorCode::Unavailable,
+            format!("lost BuildKit during the build: {}", status.message()),
+        );
+    }
+    progress::classify_build_error(status.message(), assembler.failed_step())
+}
+
+/// A gRPC channel to the engine's BuildKit; each connection is a new upgraded `POST /grpc`.
+async fn control_channel(host: &DaemonAddr) -> Result<Channel, JobError> {
+    let target = host.clone();
+    Endpoint::from_static("http://docker-engine")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            upgraded_grpc(target.clone())
+        }))
+        .await
+        .map_err(|e| engine_unavailable(host, error_chain(&e)))
+}
+
+async fn upgraded_grpc(host: DaemonAddr) -> Result<Upgraded, BoxError> {
+    match &host {
+        DaemonAddr::Unix(path) => upgrade(tokio::net::UnixStream::connect(path).await?).await,
+        DaemonAddr::Tcp { host, port } => {
+            upgrade(tokio::net::TcpStream::connect((host.as_str(), *port)).await?).await
+        }
+    }
+}
+
+/// `POST /grpc` with `Upgrade: h2c`; the stream after the engine's 101.
+async fn upgrade<S>(stream: S) -> Result<Upgraded, BoxError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            debug!(error = %e, "The engine's /grpc connection ended.");
+        }
+    });
+    let request = hyper::Request::post("/grpc")
+        .header(hyper::header::HOST, "docker-engine")
+        .header(hyper::header::CONNECTION, "Upgrade")
+        .header(hyper::header::UPGRADE, "h2c")
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let response = sender.send_request(request).await?;
+    if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(format!(
+            "POST /grpc answered {} (an engine without BuildKit's control API?)",
+            response.status()
+        )
+        .into());
+    }
+    Ok(hyper::upgrade::on(response).await?)
+}
+
+/// The services BuildKit calls back through the session.
+struct SessionServices {
+    upload: ContextUpload,
+    auth: SessionAuth,
+    file: Option<FileReceiver>,
+}
+
+/// Opens `Control/Session` and serves `services` on it until the returned handle is dropped.
+async fn open_session(
+    channel: Channel,
+    session_id: &str,
+    services: SessionServices,
+) -> Result<AbortOnDropHandle<()>, Status> {
+    let (ours, theirs) = tokio::io::duplex(SESSION_BUFFER);
+    let outgoing = futures_util::stream::unfold(theirs, |mut theirs| async move {
+        let mut buf = vec![0u8; SESSION_BUFFER];
+        match theirs.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((BytesMessage { data: buf }, theirs))
+            }
+        }
+    });
+    let mut request = Request::new(outgoing);
+    let metadata = request.metadata_mut();
+    let id = session_id
+        .parse()
+        .map_err(|_| Status::internal("session id is not ASCII"))?;
+    metadata.insert("x-docker-expose-session-uuid", id);
+    let file_send = services.file.is_some().then_some(FILE_SEND_METHOD);
+    for method in SESSION_METHODS.into_iter().chain(file_send) {
+        metadata.append(
+            "x-docker-expose-session-grpc-method",
+            tonic::metadata::MetadataValue::from_static(method),
+        );
+    }
+    let incoming = ControlClient::new(channel)
+        .session(request)
+        .await?
+        .into_inner();
+    let transport = SessionTransport {
+        incoming: StreamReader::new(incoming_bytes(incoming)),
+        outgoing: ours,
+    };
+    let server = tonic::transport::Server::builder()
+        .add_service(HealthServer::new(Healthy))
+        .add_service(UploadServer::new(services.upload))
+        .add_service(AuthServer::new(services.auth))
+        .add_optional_service(services.file.map(FileSendServer::new))
+        .serve_with_incoming(futures_util::stream::iter([Ok::<_, io::Error>(transport)]));
+    Ok(AbortOnDropHandle::new(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            debug!(error = %e, "The build session ended.");
+        }
+    })))
+}
+
+fn incoming_bytes(incoming: Streaming<BytesMessage>) -> BoxStream<'static, io::Result<Bytes>> {
+    incoming
+        .map(|message| {
+            message
+                .map(|m| Bytes::from(m.data))
+                .map_err(io::Error::other)
+        })
+        .boxed()
+}
+
+/// The session's byte stream as one connection for our gRPC server.
+struct SessionTransport {
+    incoming: StreamReader<BoxStream<'static, io::Result<Bytes>>, Bytes>,
+    outgoing: DuplexStream,
+}
+
+impl AsyncRead for SessionTransport {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.incoming).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SessionTransport {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.outgoing).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.outgoing).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.outgoing).poll_shutdown(cx)
+    }
+}
+
+impl tonic::transport::server::Connected for SessionTransport {
+    type ConnectInfo = ();
+    fn connect_info(&self) {}
+}
+
+struct Healthy;
+
+#[tonic::async_trait]
+impl Health for Healthy {
+    async fn check(
+        &self,
+        _: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        Ok(Response::new(HealthCheckResponse {
+            status: ServingStatus::Serving as i32,
+        }))
+    }
+
+    async fn list(
+        &self,
+        _: Request<HealthListRequest>,
+    ) -> Result<Response<HealthListResponse>, Status> {
+        Err(Status::unimplemented("not offered"))
+    }
+
+    type WatchStream = BoxStream<'static, Result<HealthCheckResponse, Status>>;
+
+    async fn watch(
+        &self,
+        _: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("not offered"))
+    }
+}
+
+/// The build context, sent once, as it is written.
+struct ContextUpload {
+    body: Mutex<Option<BoxStream<'static, Bytes>>>,
+}
+
+#[tonic::async_trait]
+impl Upload for ContextUpload {
+    type PullStream = BoxStream<'static, Result<UploadBytes, Status>>;
+
+    async fn pull(
+        &self,
+        _: Request<Streaming<UploadBytes>>,
+    ) -> Result<Response<Self::PullStream>, Status> {
+        let body = self
+            .body
+            .lock()
+            .map_err(|_| Status::internal("upload state poisoned"))?
+            .take()
+            .ok_or_else(|| Status::failed_precondition("the build context was already sent"))?;
+        let chunks = body.map(|chunk| {
+            Ok(UploadBytes {
+                data: chunk.to_vec(),
+            })
+        });
+        Ok(Response::new(chunks.boxed()))
+    }
+}
+
+/// The exporter's output (one tar stream), written to a file as it arrives.
+struct FileReceiver(PathBuf);
+
+#[tonic::async_trait]
+impl FileSend for FileReceiver {
+    /// Nothing goes back to BuildKit.
+    type DiffCopyStream = futures_util::stream::Empty<Result<FileBytes, Status>>;
+
+    async fn diff_copy(
+        &self,
+        request: Request<Streaming<FileBytes>>,
+    ) -> Result<Response<Self::DiffCopyStream>, Status> {
+        let local = |e: io::Error| Status::internal(format!("cannot write the export: {e}"));
+        let mut file = tokio::fs::File::create(&self.0).await.map_err(local)?;
+        let mut input = request.into_inner();
+        while let Some(message) = input.next().await {
+            file.write_all(&message?.data).await.map_err(local)?;
+        }
+        file.sync_all().await.map_err(local)?;
+        Ok(Response::new(futures_util::stream::empty()))
+    }
+}
+
+/// Registry credentials by host, as BuildKit asks for them. Never logs what it answers.
+struct SessionAuth {
+    by_host: HashMap<String, BasicAuth>,
+}
+
+#[tonic::async_trait]
+impl Auth for SessionAuth {
+    async fn credentials(
+        &self,
+        request: Request<CredentialsRequest>,
+    ) -> Result<Response<CredentialsResponse>, Status> {
+        let answer = match self.by_host.get(&request.get_ref().host) {
+            Some(basic) => CredentialsResponse {
+                username: basic.username.clone(),
+                secret: basic.password.expose().to_owned(),
+            },
+            // Anonymous.
+            None => CredentialsResponse::default(),
+        };
+        Ok(Response::new(answer))
+    }
+
+    async fn fetch_token(
+        &self,
+        _: Request<FetchTokenRequest>,
+    ) -> Result<Response<FetchTokenResponse>, Status> {
+        Err(Status::unimplemented("not offered"))
+    }
+
+    async fn get_token_authority(
+        &self,
+        _: Request<GetTokenAuthorityRequest>,
+    ) -> Result<Response<GetTokenAuthorityResponse>, Status> {
+        Err(Status::unimplemented("not offered"))
+    }
+
+    async fn verify_token_authority(
+        &self,
+        _: Request<VerifyTokenAuthorityRequest>,
+    ) -> Result<Response<VerifyTokenAuthorityResponse>, Status> {
+        Err(Status::unimplemented("not offered"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontend_attrs_carry_the_same_build_as_the_docker_backend() {
+        let options = BuildOptions {
+            args: [("TOKEN".to_owned(), "t".to_owned())].into(),
+            target: Some("final".to_owned()),
+            platform: Some("linux/amd64".to_owned()),
+            no_cache: true,
+        };
+        let attrs = frontend_attrs("sub/Dockerfile", "http://buildkit-session/x", &options);
+        assert_eq!(attrs["filename"], "sub/Dockerfile");
+        assert_eq!(attrs["context"], "http://buildkit-session/x");
+        assert_eq!(attrs["image-resolve-mode"], "pull");
+        assert_eq!(attrs["build-arg:TOKEN"], "t");
+        assert_eq!(attrs["target"], "final");
+        assert_eq!(attrs["platform"], "linux/amd64");
+        assert_eq!(attrs["no-cache"], "");
+        let plain = frontend_attrs(
+            "Dockerfile",
+            "http://buildkit-session/y",
+            &BuildOptions::default(),
+        );
+        assert!(!plain.contains_key("no-cache") && !plain.contains_key("target"));
+    }
+}
