@@ -5,6 +5,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::docker::{path_str, Engine};
 use crate::support::git_servers::{git, GitHttpServer};
+use crate::support::http::FaultProxy;
 use crate::support::http_files::{FileServer, Route};
 use crate::support::registry::{Auth, Registry};
 use crate::support::sources::Recorder;
@@ -460,6 +462,73 @@ async fn private_base_needs_the_jobs_credentials(backend: Backend) {
         "{e}"
     );
     assert!(!e.message.contains(PASSWORD));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_without_credentials_gets_nothing_from_a_concurrent_pull_of_the_same_private_base()
+{
+    concurrent_pull_shares_no_credentials(Backend::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_a_build_without_credentials_gets_nothing_from_a_concurrent_pull_of_the_same_private_base(
+) {
+    concurrent_pull_shares_no_credentials(Backend::Buildkitd).await;
+}
+
+/// Two builds of one private base at the same time on one engine: the first with credentials,
+/// its manifest and blob requests held at a proxy so that its pull is in flight when the
+/// second, without credentials, starts. The second must be refused.
+async fn concurrent_pull_shares_no_credentials(backend: Backend) {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-concurrent");
+    let proxy = FaultProxy::delaying(&base.host, Duration::from_secs(3));
+    let host = proxy.host();
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!("FROM {host}/base/busybox:1\nRUN cat /etc/base-marker\n"),
+    )]);
+    let no_cache = || BuildOptions {
+        no_cache: true,
+        ..BuildOptions::default()
+    };
+    let with = build_dir(
+        backend,
+        &engine,
+        dir.path(),
+        no_cache(),
+        base_auth(&host),
+        &[PASSWORD],
+        CancellationToken::new(),
+    );
+    let without = async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while proxy.requests_held.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "the first build never pulled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        build_dir(
+            backend,
+            &engine,
+            dir.path(),
+            no_cache(),
+            Vec::new(),
+            &[],
+            CancellationToken::new(),
+        )
+        .await
+    };
+    let (with, without) = tokio::join!(with, without);
+    with.result
+        .unwrap_or_else(|e| panic!("with credentials: {e}"));
+    let e = without
+        .result
+        .expect_err("no credentials, while another build pulls the base: refused");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::AuthFailed),
+        "{e}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

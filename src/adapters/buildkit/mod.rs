@@ -21,6 +21,7 @@
 //! error any credential.
 
 pub mod export;
+mod gate;
 pub mod grpc;
 mod log_events;
 pub mod progress;
@@ -131,6 +132,9 @@ impl Builder for EngineBuilder {
     }
 
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError> {
+        let _pass = gate::Gate::for_address(&self.host.to_string())
+            .enter(gate::CredentialSet::of(&request.registry_auth), &cx.cancel)
+            .await?;
         let (host, stores, via) = (self.host.clone(), self.stores.clone(), self.via);
         on_build_thread(cx, move |cx| async move {
             build_and_export(host, stores, request, &cx, via).await

@@ -22,6 +22,7 @@ use serde::Deserialize;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::export::local_io;
+use super::gate::{CredentialSet, Gate};
 use super::grpc::{self, Exporter};
 use super::{answer_within, on_build_thread, redacted, BuildInput};
 use crate::adapters::oci_layout::{OciLayoutStore, OciLayoutStores};
@@ -63,6 +64,9 @@ impl Builder for StandaloneBuilder {
     }
 
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError> {
+        let _pass = Gate::for_address(&self.addr.to_string())
+            .enter(CredentialSet::of(&request.registry_auth), &cx.cancel)
+            .await?;
         let (addr, stores) = (self.addr.clone(), self.stores.clone());
         on_build_thread(cx, move |cx| async move {
             build_to_destination(addr, stores, request, &cx)

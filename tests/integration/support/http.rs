@@ -10,6 +10,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
 
 /// Stops an accept loop when dropped.
 struct Acceptor {
@@ -121,20 +122,34 @@ pub struct FaultProxy {
     heads: Arc<Mutex<Vec<String>>>,
     pub blob_gets_forwarded: Arc<AtomicUsize>,
     pub faults_served: Arc<AtomicUsize>,
+    /// Requests a delaying proxy held before forwarding them.
+    pub requests_held: Arc<AtomicUsize>,
 }
 
 impl FaultProxy {
     pub fn start(upstream: &str, faults: Vec<Fault>) -> FaultProxy {
+        FaultProxy::start_with(upstream, faults, Duration::ZERO)
+    }
+
+    /// A proxy that holds every manifest and blob request for `delay` before forwarding it: a
+    /// pull that stays in flight long enough for another one to start.
+    pub fn delaying(upstream: &str, delay: Duration) -> FaultProxy {
+        FaultProxy::start_with(upstream, Vec::new(), delay)
+    }
+
+    fn start_with(upstream: &str, faults: Vec<Fault>, delay: Duration) -> FaultProxy {
         let upstream = upstream.to_owned();
         let queue = Arc::new(Mutex::new(VecDeque::from(faults)));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let forwarded = Arc::new(AtomicUsize::new(0));
         let served = Arc::new(AtomicUsize::new(0));
-        let (q, h, f, s) = (
+        let requests_held = Arc::new(AtomicUsize::new(0));
+        let (q, h, f, s, held) = (
             queue.clone(),
             heads.clone(),
             forwarded.clone(),
             served.clone(),
+            requests_held.clone(),
         );
         let acceptor = serve(move |mut client| {
             let Some((head, rest)) = read_head(&mut client) else {
@@ -163,6 +178,10 @@ impl FaultProxy {
                     return;
                 }
                 f.fetch_add(1, Ordering::SeqCst);
+            }
+            if !delay.is_zero() && (is_blob_get || request_line.contains("/manifests/")) {
+                held.fetch_add(1, Ordering::SeqCst);
+                thread::sleep(delay);
             }
             let Ok(mut server) = TcpStream::connect(&upstream) else {
                 return;
@@ -197,6 +216,7 @@ impl FaultProxy {
             heads,
             blob_gets_forwarded: forwarded,
             faults_served: served,
+            requests_held,
         }
     }
 

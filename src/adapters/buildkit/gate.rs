@@ -1,0 +1,224 @@
+//! Keeps builds with different registry credentials from running at the same time on one
+//! BuildKit.
+//!
+//! BuildKit merges identical steps of the builds it is running, and resolving and pulling a
+//! base image is such a step: a build whose session has no credentials for a private base
+//! gets the image when another build, whose session has them, is pulling it at that moment
+//! (`builds::*concurrent_pull*` reproduces it on Debian's dockerd 20.10). So builds on one
+//! BuildKit run together only when they carry exactly the same credentials (the same hosts,
+//! users and passwords); others wait until those have finished. Builds with the same
+//! credentials, for instance the common case of none but the node's own, still run in
+//! parallel.
+//!
+//! The gate is per BuildKit address and process-wide: the hazard belongs to the daemon, not to
+//! one builder value. Workers in other processes sharing the daemon are not covered (README:
+//! one worker per engine where jobs of different owners build). Waiting is interruptible by
+//! the job's cancellation; no fairness beyond that (a steady stream of builds with one set of
+//! credentials can keep another set waiting).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use sha2::{Digest as _, Sha256};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{JobError, Stage};
+use crate::ports::BasicAuth;
+
+/// Which credentials a build carries, without holding them: a SHA-256 over the sorted
+/// (host, user, password) triples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct CredentialSet([u8; 32]);
+
+impl CredentialSet {
+    pub(super) fn of(auth: &[(String, BasicAuth)]) -> CredentialSet {
+        let mut entries: Vec<(&str, &str, &str)> = auth
+            .iter()
+            .map(|(host, basic)| {
+                (
+                    host.as_str(),
+                    basic.username.as_str(),
+                    basic.password.expose(),
+                )
+            })
+            .collect();
+        entries.sort_unstable();
+        entries.dedup();
+        let mut hasher = Sha256::new();
+        for (host, user, password) in entries {
+            for part in [host, user, password] {
+                hasher.update((part.len() as u64).to_be_bytes());
+                hasher.update(part.as_bytes());
+            }
+        }
+        CredentialSet(hasher.finalize().into())
+    }
+}
+
+/// Builds running on one BuildKit, all with the same credentials.
+#[derive(Debug, Default)]
+pub(super) struct Gate {
+    state: Mutex<Running>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Running {
+    credentials: Option<CredentialSet>,
+    builds: usize,
+}
+
+/// A build let through the gate; leaving it (drop) may let waiting builds in.
+pub(super) struct Pass {
+    gate: Arc<Gate>,
+}
+
+impl Gate {
+    /// The gate of the BuildKit at `address`, shared by every builder of this process.
+    pub(super) fn for_address(address: &str) -> Arc<Gate> {
+        static GATES: OnceLock<Mutex<HashMap<String, Arc<Gate>>>> = OnceLock::new();
+        let gates = GATES.get_or_init(Mutex::default);
+        let mut gates = gates
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        Arc::clone(gates.entry(address.to_owned()).or_default())
+    }
+
+    /// Waits until no build with other credentials runs, then lets this one in; gives up when
+    /// `cancel` (the job's) fires.
+    pub(super) async fn enter(
+        self: &Arc<Self>,
+        credentials: CredentialSet,
+        cancel: &CancellationToken,
+    ) -> Result<Pass, JobError> {
+        let mut said = false;
+        loop {
+            // Registered before the check, so a build leaving in between is not missed.
+            let changed = self.changed.notified();
+            if self.try_enter(credentials) {
+                return Ok(Pass {
+                    gate: Arc::clone(self),
+                });
+            }
+            if !said {
+                tracing::info!(
+                    "Waiting for builds with other registry credentials to finish on this BuildKit."
+                );
+                said = true;
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = cancel.cancelled() => return Err(JobError::cancelled(Stage::Build)),
+            }
+        }
+    }
+
+    fn try_enter(&self, credentials: CredentialSet) -> bool {
+        let mut running = self.lock();
+        let admitted = running.builds == 0 || running.credentials == Some(credentials);
+        if admitted {
+            running.credentials = Some(credentials);
+            running.builds += 1;
+        }
+        admitted
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        {
+            let mut running = self.gate.lock();
+            running.builds = running.builds.saturating_sub(1);
+            if running.builds == 0 {
+                running.credentials = None;
+            }
+        }
+        self.gate.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    fn auth(entries: &[(&str, &str, &str)]) -> Vec<(String, BasicAuth)> {
+        entries
+            .iter()
+            .map(|(host, user, password)| {
+                (
+                    (*host).to_owned(),
+                    BasicAuth {
+                        username: (*user).to_owned(),
+                        password: Secret::new(*password),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_credential_set_ignores_order_and_tells_passwords_apart() {
+        let a = auth(&[("r1", "u", "p"), ("r2", "v", "q")]);
+        let b = auth(&[("r2", "v", "q"), ("r1", "u", "p")]);
+        assert_eq!(CredentialSet::of(&a), CredentialSet::of(&b));
+        let other_password = auth(&[("r1", "u", "p2"), ("r2", "v", "q")]);
+        assert_ne!(CredentialSet::of(&a), CredentialSet::of(&other_password));
+        assert_ne!(CredentialSet::of(&a), CredentialSet::of(&[]));
+        // No ambiguity from joining the parts.
+        assert_ne!(
+            CredentialSet::of(&auth(&[("ab", "c", "")])),
+            CredentialSet::of(&auth(&[("a", "bc", "")]))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn builds_with_other_credentials_wait_and_same_ones_share() {
+        let gate = Arc::new(Gate::default());
+        let cancel = CancellationToken::new();
+        let none = CredentialSet::of(&[]);
+        let private = CredentialSet::of(&auth(&[("r", "u", "p")]));
+
+        let first = gate.enter(none, &cancel).await.unwrap();
+        let second = gate.enter(none, &cancel).await.unwrap();
+        let waiting = tokio::spawn({
+            let gate = Arc::clone(&gate);
+            let cancel = cancel.clone();
+            async move { gate.enter(private, &cancel).await.map(|_pass| ()) }
+        });
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "let in beside other credentials");
+        drop(first);
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "let in while one build still runs");
+        drop(second);
+        waiting.await.unwrap().expect("let in once the others left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancelled_job_stops_waiting() {
+        let gate = Arc::new(Gate::default());
+        let _running = gate
+            .enter(
+                CredentialSet::of(&auth(&[("r", "u", "p")])),
+                &CancellationToken::new(),
+            )
+            .await
+            .unwrap();
+        let cancelled = CancellationToken::new();
+        cancelled.cancel();
+        let err = gate
+            .enter(CredentialSet::of(&[]), &cancelled)
+            .await
+            .err()
+            .expect("cancelled while waiting");
+        assert_eq!(err.class, crate::error::ErrorClass::Cancelled);
+    }
+}
