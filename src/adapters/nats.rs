@@ -307,54 +307,9 @@ async fn ensure_stream(
     want: stream::Config,
     mismatches: &mut Vec<String>,
 ) -> Result<stream::Stream, QueueError> {
-    match js.get_stream(&want.name).await {
-        Ok(mut existing) => {
-            let have = existing
-                .info()
-                .await
-                .map_err(|e| QueueError::new("read stream info", e))?
-                .config
-                .clone();
-            let name = &want.name;
-            let mut differ = |what: &str, have: String, want: String| {
-                if have != want {
-                    mismatches.push(format!("stream {name} has {what} {have}, expected {want}"));
-                }
-            };
-            differ(
-                "subjects",
-                format!("{:?}", have.subjects),
-                format!("{:?}", want.subjects),
-            );
-            differ(
-                "retention",
-                format!("{:?}", have.retention),
-                format!("{:?}", want.retention),
-            );
-            differ(
-                "storage",
-                format!("{:?}", have.storage),
-                format!("{:?}", want.storage),
-            );
-            differ(
-                "replicas",
-                have.num_replicas.to_string(),
-                want.num_replicas.to_string(),
-            );
-            differ(
-                "max messages per subject",
-                have.max_messages_per_subject.to_string(),
-                want.max_messages_per_subject.to_string(),
-            );
-            if want.duplicate_window > Duration::ZERO {
-                differ(
-                    "duplicate window",
-                    format!("{:?}", have.duplicate_window),
-                    format!("{:?}", want.duplicate_window),
-                );
-            }
-            Ok(existing)
-        }
+    let name = want.name.clone();
+    let created = match js.get_stream(&name).await {
+        Ok(existing) => return check_stream(existing, &want, mismatches).await,
         Err(e)
             if matches!(
                 e.kind(),
@@ -362,16 +317,79 @@ async fn ensure_stream(
                     if je.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
             ) =>
         {
-            let name = want.name.clone();
-            let created = js
-                .create_stream(want)
-                .await
-                .map_err(|e| QueueError::new("create stream", format!("{name}: {e}")))?;
+            js.create_stream(want.clone()).await
+        }
+        Err(e) => return Err(QueueError::new("look up stream", e)),
+    };
+    match created {
+        Ok(created) => {
             info!(stream = %name, "Created stream.");
             Ok(created)
         }
-        Err(e) => Err(QueueError::new("look up stream", e)),
+        // Workers starting together all find the stream missing; the server refuses every
+        // create but the first ("subjects overlap", "name already in use"). The stream is
+        // there now: check it like any existing one.
+        Err(create_error) => match js.get_stream(&name).await {
+            Ok(existing) => check_stream(existing, &want, mismatches).await,
+            Err(_) => Err(QueueError::new(
+                "create stream",
+                format!("{name}: {create_error}"),
+            )),
+        },
     }
+}
+
+/// Notes in `mismatches` where an existing stream differs from what this worker needs.
+async fn check_stream(
+    mut existing: stream::Stream,
+    want: &stream::Config,
+    mismatches: &mut Vec<String>,
+) -> Result<stream::Stream, QueueError> {
+    let have = existing
+        .info()
+        .await
+        .map_err(|e| QueueError::new("read stream info", e))?
+        .config
+        .clone();
+    let name = &want.name;
+    let mut differ = |what: &str, have: String, want: String| {
+        if have != want {
+            mismatches.push(format!("stream {name} has {what} {have}, expected {want}"));
+        }
+    };
+    differ(
+        "subjects",
+        format!("{:?}", have.subjects),
+        format!("{:?}", want.subjects),
+    );
+    differ(
+        "retention",
+        format!("{:?}", have.retention),
+        format!("{:?}", want.retention),
+    );
+    differ(
+        "storage",
+        format!("{:?}", have.storage),
+        format!("{:?}", want.storage),
+    );
+    differ(
+        "replicas",
+        have.num_replicas.to_string(),
+        want.num_replicas.to_string(),
+    );
+    differ(
+        "max messages per subject",
+        have.max_messages_per_subject.to_string(),
+        want.max_messages_per_subject.to_string(),
+    );
+    if want.duplicate_window > Duration::ZERO {
+        differ(
+            "duplicate window",
+            format!("{:?}", have.duplicate_window),
+            format!("{:?}", want.duplicate_window),
+        );
+    }
+    Ok(existing)
 }
 
 fn consumer_config(names: &Names, kind: Kind, ack_wait: Duration) -> consumer::pull::Config {
@@ -396,41 +414,56 @@ async fn ensure_consumer(
 ) -> Result<(), QueueError> {
     let want = consumer_config(names, kind, ack_wait);
     let name = names.consumer(kind);
-    match jobs.get_consumer::<consumer::pull::Config>(&name).await {
-        Ok(mut existing) => {
-            let have = existing
-                .info()
-                .await
-                .map_err(|e| QueueError::new("read consumer info", e))?
-                .config
-                .clone();
-            if have.filter_subject != want.filter_subject
-                || have.ack_wait != want.ack_wait
-                || have.max_deliver != want.max_deliver
-                || !have.backoff.is_empty()
-            {
-                mismatches.push(format!(
-                    "consumer {name} has filter {:?}, ack_wait {:?}, max_deliver {}, backoff {:?}; \
-                     expected {:?}, {:?}, {}, none",
-                    have.filter_subject,
-                    have.ack_wait,
-                    have.max_deliver,
-                    have.backoff,
-                    want.filter_subject,
-                    want.ack_wait,
-                    want.max_deliver
-                ));
+    let existing = match jobs.get_consumer::<consumer::pull::Config>(&name).await {
+        Ok(existing) => existing,
+        Err(_) => match jobs.create_consumer(want.clone()).await {
+            Ok(_) => {
+                info!(consumer = %name, "Created consumer.");
+                return Ok(());
             }
-            Ok(())
-        }
-        Err(_) => {
-            jobs.create_consumer(want)
+            // Another worker starting at the same time may have created it first.
+            Err(create_error) => jobs
+                .get_consumer::<consumer::pull::Config>(&name)
                 .await
-                .map_err(|e| QueueError::new("create consumer", format!("{name}: {e}")))?;
-            info!(consumer = %name, "Created consumer.");
-            Ok(())
-        }
+                .map_err(|_| {
+                    QueueError::new("create consumer", format!("{name}: {create_error}"))
+                })?,
+        },
+    };
+    check_consumer(existing, &want, mismatches).await
+}
+
+/// Notes in `mismatches` where an existing consumer differs from what this worker needs.
+async fn check_consumer(
+    mut existing: consumer::PullConsumer,
+    want: &consumer::pull::Config,
+    mismatches: &mut Vec<String>,
+) -> Result<(), QueueError> {
+    let have = existing
+        .info()
+        .await
+        .map_err(|e| QueueError::new("read consumer info", e))?
+        .config
+        .clone();
+    if have.filter_subject != want.filter_subject
+        || have.ack_wait != want.ack_wait
+        || have.max_deliver != want.max_deliver
+        || !have.backoff.is_empty()
+    {
+        mismatches.push(format!(
+            "consumer {} has filter {:?}, ack_wait {:?}, max_deliver {}, backoff {:?}; \
+             expected {:?}, {:?}, {}, none",
+            want.durable_name.as_deref().unwrap_or_default(),
+            have.filter_subject,
+            have.ack_wait,
+            have.max_deliver,
+            have.backoff,
+            want.filter_subject,
+            want.ack_wait,
+            want.max_deliver
+        ));
     }
+    Ok(())
 }
 
 /// The NATS side of the worker: every queue port.
