@@ -15,6 +15,8 @@ echo "== unit, pipeline and integration tests"
 # test-util builds the in-memory fakes and the scripted test worker the integration tests spawn.
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
+# No backtraces: a failing test's message then stays in the last lines a CI log shows.
+export RUST_BACKTRACE=0
 set +e
 cargo test --locked --all-targets --features test-util 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
