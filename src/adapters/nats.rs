@@ -351,43 +351,47 @@ async fn check_stream(
         .map_err(|e| QueueError::new("read stream info", e))?
         .config
         .clone();
-    let name = &want.name;
-    let mut differ = |what: &str, have: String, want: String| {
-        if have != want {
-            mismatches.push(format!("stream {name} has {what} {have}, expected {want}"));
-        }
-    };
-    differ(
-        "subjects",
-        format!("{:?}", have.subjects),
-        format!("{:?}", want.subjects),
-    );
-    differ(
-        "retention",
-        format!("{:?}", have.retention),
-        format!("{:?}", want.retention),
-    );
-    differ(
-        "storage",
-        format!("{:?}", have.storage),
-        format!("{:?}", want.storage),
-    );
-    differ(
-        "replicas",
-        have.num_replicas.to_string(),
-        want.num_replicas.to_string(),
-    );
-    differ(
-        "max messages per subject",
-        have.max_messages_per_subject.to_string(),
-        want.max_messages_per_subject.to_string(),
-    );
+    let mut compared = vec![
+        (
+            "subjects",
+            format!("{:?}", have.subjects),
+            format!("{:?}", want.subjects),
+        ),
+        (
+            "retention",
+            format!("{:?}", have.retention),
+            format!("{:?}", want.retention),
+        ),
+        (
+            "storage",
+            format!("{:?}", have.storage),
+            format!("{:?}", want.storage),
+        ),
+        (
+            "replicas",
+            have.num_replicas.to_string(),
+            want.num_replicas.to_string(),
+        ),
+        (
+            "max messages per subject",
+            have.max_messages_per_subject.to_string(),
+            want.max_messages_per_subject.to_string(),
+        ),
+    ];
     if want.duplicate_window > Duration::ZERO {
-        differ(
+        compared.push((
             "duplicate window",
             format!("{:?}", have.duplicate_window),
             format!("{:?}", want.duplicate_window),
-        );
+        ));
+    }
+    for (what, have, expected) in compared {
+        if have != expected {
+            mismatches.push(format!(
+                "stream {} has {what} {have}, expected {expected}",
+                want.name
+            ));
+        }
     }
     Ok(existing)
 }
