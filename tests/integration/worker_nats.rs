@@ -635,3 +635,63 @@ async fn workers_starting_together_on_a_fresh_server_all_set_up_the_assets() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_refuses_existing_assets_that_differ_and_names_each_difference() {
+    use async_nats::jetstream::{self, consumer, stream};
+
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    let config =
+        factoryd::config::load(Some(&fleet.config("strict", 30)), &HashMap::new()).expect("config");
+    let names = nats::Names::new(&config.nats.prefix);
+    // Somebody else's jobs stream under our name: limits instead of work-queue retention, and
+    // a build consumer with another ack wait.
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = jetstream::new(client);
+    let jobs = js
+        .create_stream(stream::Config {
+            name: names.jobs_stream.clone(),
+            subjects: vec![format!("{}.jobs.>", names.prefix)],
+            retention: stream::RetentionPolicy::Limits,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    jobs.create_consumer(consumer::pull::Config {
+        durable_name: Some(names.consumer(Kind::Build)),
+        filter_subject: format!("{}.jobs.build.>", names.prefix),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(7),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+
+    let state = std::sync::Arc::new(ConnectionState::default());
+    let worker = nats::connect(&config.nats, "strict", state, false)
+        .await
+        .unwrap();
+    let e = Nats::open(worker, &config.nats)
+        .await
+        .err()
+        .expect("assets that differ are refused")
+        .to_string();
+    for needed in [
+        "existing assets differ",
+        &format!(
+            "stream {} has retention Limits, expected WorkQueue",
+            names.jobs_stream
+        ),
+        &format!("consumer {} has filter", names.consumer(Kind::Build)),
+        "ack_wait 7s",
+    ] {
+        assert!(e.contains(needed), "{needed:?} missing from: {e}");
+    }
+    // Nothing was changed: the stream keeps its retention.
+    let mut jobs = js.get_stream(&names.jobs_stream).await.unwrap();
+    assert_eq!(
+        jobs.info().await.unwrap().config.retention,
+        stream::RetentionPolicy::Limits
+    );
+}
