@@ -465,6 +465,56 @@ async fn private_base_needs_the_jobs_credentials(backend: Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_private_base_behind_token_auth_builds_with_the_jobs_credentials_only() {
+    token_auth_base(Backend::Docker).await;
+}
+
+/// The `buildkitd` backend's session answers `Credentials` only (no `FetchToken`): BuildKit
+/// then fetches the bearer token from the registry's token service itself, with them.
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_a_private_base_behind_token_auth_builds_with_the_jobs_credentials_only() {
+    token_auth_base(Backend::Buildkitd).await;
+}
+
+/// A base image on a registry with token auth (a token service issuing bearer tokens, as
+/// Docker Hub, GHCR and most hosted registries do), not Basic auth.
+async fn token_auth_base(backend: Backend) {
+    let engine = Engine::shared();
+    let base = Registry::start(Auth::Token(vec![(USER.into(), PASSWORD.into())]));
+    engine.push_base_image(&base.host, USER, PASSWORD, "base/busybox:1", "marker-token");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM {}/base/busybox:1\nRUN cp /etc/base-marker /built-marker\n",
+            base.host
+        ),
+    )]);
+
+    let without = build_plain(backend, &engine, dir.path()).await;
+    let e = without.result.expect_err("no credentials: refused");
+    assert_eq!(
+        (e.class, e.code),
+        (ErrorClass::Permanent, ErrorCode::AuthFailed),
+        "{e}"
+    );
+
+    let with = build_dir(
+        backend,
+        &engine,
+        dir.path(),
+        BuildOptions::default(),
+        base_auth(&base.host),
+        &[PASSWORD],
+        CancellationToken::new(),
+    )
+    .await;
+    with.result
+        .unwrap_or_else(|e| panic!("with credentials: {e}"));
+    let text = run_from_layout(&engine, with.layout.path(), &with.tag, &["/built-marker"]);
+    assert_eq!(text, "marker-token\n");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_build_without_credentials_gets_nothing_from_a_concurrent_pull_of_the_same_private_base()
 {
     concurrent_pull_shares_no_credentials(Backend::Docker).await;
