@@ -13,10 +13,11 @@
 //! The gate is per BuildKit address and process-wide: the hazard belongs to the daemon, not to
 //! one builder value. Workers in other processes sharing the daemon are not covered (README:
 //! one worker per engine where jobs of different owners build). Waiting is interruptible by
-//! the job's cancellation; no fairness beyond that (a steady stream of builds with one set of
-//! credentials can keep another set waiting).
+//! the job's cancellation. Turns go in order of arrival: a build does not join the running
+//! set while a build with other credentials waits ahead of it, so a steady stream of builds
+//! with one set of credentials cannot keep another set waiting for ever.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use sha2::{Digest as _, Sha256};
@@ -67,6 +68,9 @@ pub(super) struct Gate {
 struct Running {
     credentials: Option<CredentialSet>,
     builds: usize,
+    /// Builds waiting to enter, oldest first, by ticket.
+    waiting: VecDeque<(u64, CredentialSet)>,
+    next_ticket: u64,
 }
 
 /// A build let through the gate; leaving it (drop) may let waiting builds in.
@@ -85,18 +89,32 @@ impl Gate {
         Arc::clone(gates.entry(address.to_owned()).or_default())
     }
 
-    /// Waits until no build with other credentials runs, then lets this one in; gives up when
-    /// `cancel` (the job's) fires.
+    /// Waits until no build with other credentials runs or waits ahead of this one, then lets
+    /// it in; gives up when `cancel` (the job's) fires.
     pub(super) async fn enter(
         self: &Arc<Self>,
         credentials: CredentialSet,
         cancel: &CancellationToken,
     ) -> Result<Pass, JobError> {
+        let ticket = {
+            let mut running = self.lock();
+            let ticket = running.next_ticket;
+            running.next_ticket += 1;
+            running.waiting.push_back((ticket, credentials));
+            ticket
+        };
+        // Leaves the queue however this future ends (admitted, cancelled or dropped).
+        let mut queued = Queued {
+            gate: self,
+            ticket,
+            admitted: false,
+        };
         let mut said = false;
         loop {
             // Registered before the check, so a build leaving in between is not missed.
             let changed = self.changed.notified();
-            if self.try_enter(credentials) {
+            if self.try_enter(ticket, credentials) {
+                queued.admitted = true;
                 return Ok(Pass {
                     gate: Arc::clone(self),
                 });
@@ -114,20 +132,47 @@ impl Gate {
         }
     }
 
-    fn try_enter(&self, credentials: CredentialSet) -> bool {
+    /// Lets `ticket` in when the builds running carry its credentials (or none run) and no
+    /// build with other credentials waits ahead of it.
+    fn try_enter(&self, ticket: u64, credentials: CredentialSet) -> bool {
         let mut running = self.lock();
-        let admitted = running.builds == 0 || running.credentials == Some(credentials);
-        if admitted {
-            running.credentials = Some(credentials);
-            running.builds += 1;
+        let compatible = running.builds == 0 || running.credentials == Some(credentials);
+        let overtakes = running
+            .waiting
+            .iter()
+            .take_while(|(t, _)| *t != ticket)
+            .any(|(_, other)| *other != credentials);
+        if !compatible || overtakes {
+            return false;
         }
-        admitted
+        running.waiting.retain(|(t, _)| *t != ticket);
+        running.credentials = Some(credentials);
+        running.builds += 1;
+        true
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
         self.state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A build's place in the queue while it waits.
+struct Queued<'a> {
+    gate: &'a Gate,
+    ticket: u64,
+    admitted: bool,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.admitted {
+            return;
+        }
+        self.gate.lock().waiting.retain(|(t, _)| *t != self.ticket);
+        // Builds behind this one may be free to go now.
+        self.gate.changed.notify_waiters();
     }
 }
 
@@ -200,6 +245,125 @@ mod tests {
         assert!(!waiting.is_finished(), "let in while one build still runs");
         drop(second);
         waiting.await.unwrap().expect("let in once the others left");
+    }
+
+    /// Enters in a task of its own; the task holds the pass until `release` fires.
+    fn spawn_build(
+        gate: &Arc<Gate>,
+        credentials: CredentialSet,
+        cancel: &CancellationToken,
+        release: &CancellationToken,
+    ) -> tokio::task::JoinHandle<Result<(), JobError>> {
+        let (gate, cancel, release) = (Arc::clone(gate), cancel.clone(), release.clone());
+        tokio::spawn(async move {
+            let _pass = gate.enter(credentials, &cancel).await?;
+            release.cancelled().await;
+            Ok(())
+        })
+    }
+
+    async fn settle() {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+
+    /// Only the gate's own bookkeeping: how many builds are in.
+    fn builds_in(gate: &Gate) -> usize {
+        gate.lock().builds
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn later_builds_with_the_running_credentials_do_not_overtake_a_waiting_build() {
+        let gate = Arc::new(Gate::default());
+        let never = CancellationToken::new();
+        let none = CredentialSet::of(&[]);
+        let private = CredentialSet::of(&auth(&[("r", "u", "p")]));
+        let (release_first, release_private, release_later) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+
+        let first = spawn_build(&gate, none, &never, &release_first);
+        settle().await;
+        assert_eq!(builds_in(&gate), 1);
+        let private_build = spawn_build(&gate, private, &never, &release_private);
+        settle().await;
+        let later = spawn_build(&gate, none, &never, &release_later);
+        settle().await;
+        assert_eq!(
+            builds_in(&gate),
+            1,
+            "a build with the running credentials overtook one waiting with others"
+        );
+
+        release_first.cancel();
+        first.await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(builds_in(&gate), 1, "the private build's turn, alone");
+        assert_eq!(gate.lock().credentials, Some(private));
+
+        release_private.cancel();
+        private_build.await.unwrap().unwrap();
+        settle().await;
+        assert_eq!(gate.lock().credentials, Some(none), "then the later one");
+        release_later.cancel();
+        later.await.unwrap().unwrap();
+        assert_eq!(builds_in(&gate), 0);
+        assert!(gate.lock().waiting.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_build_that_is_cancelled_leaves_the_queue_and_lets_later_ones_in() {
+        let gate = Arc::new(Gate::default());
+        let never = CancellationToken::new();
+        let none = CredentialSet::of(&[]);
+        let private = CredentialSet::of(&auth(&[("r", "u", "p")]));
+        let (release_first, release_later) = (CancellationToken::new(), CancellationToken::new());
+        let cancel_private = CancellationToken::new();
+
+        let first = spawn_build(&gate, none, &never, &release_first);
+        settle().await;
+        let private_build = spawn_build(&gate, private, &cancel_private, &never);
+        settle().await;
+        let later = spawn_build(&gate, none, &never, &release_later);
+        settle().await;
+        assert_eq!(
+            builds_in(&gate),
+            1,
+            "the later build queues behind the private one"
+        );
+
+        cancel_private.cancel();
+        let e = private_build.await.unwrap().expect_err("cancelled");
+        assert_eq!(e.class, crate::error::ErrorClass::Cancelled);
+        settle().await;
+        assert_eq!(builds_in(&gate), 2, "the later build joins the running one");
+
+        release_first.cancel();
+        release_later.cancel();
+        first.await.unwrap().unwrap();
+        later.await.unwrap().unwrap();
+        assert!(gate.lock().waiting.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_wait_leaves_the_queue() {
+        let gate = Arc::new(Gate::default());
+        let never = CancellationToken::new();
+        let running = gate.enter(CredentialSet::of(&[]), &never).await.unwrap();
+        let waiting = spawn_build(
+            &gate,
+            CredentialSet::of(&auth(&[("r", "u", "p")])),
+            &never,
+            &never,
+        );
+        settle().await;
+        assert_eq!(gate.lock().waiting.len(), 1);
+        waiting.abort();
+        let _ = waiting.await;
+        assert!(gate.lock().waiting.is_empty());
+        drop(running);
+        assert_eq!(builds_in(&gate), 0);
     }
 
     #[tokio::test(start_paused = true)]
