@@ -420,48 +420,8 @@ async fn buildkitd_private_base_needs_the_jobs_credentials_even_when_the_engine_
 }
 
 async fn private_base_needs_the_jobs_credentials(backend: Backend) {
-    let engine = Engine::shared();
-    let base = base_registry(&engine, "marker-private");
-    let dir = dir_with(&[(
-        "Dockerfile",
-        &format!(
-            "FROM {}/base/busybox:1\nRUN cat /etc/base-marker\n",
-            base.host
-        ),
-    )]);
-
-    let without = build_plain(backend, &engine, dir.path()).await;
-    let e = without.result.expect_err("no credentials: refused");
-    assert_eq!(
-        (e.class, e.code),
-        (ErrorClass::Permanent, ErrorCode::AuthFailed),
-        "{e}"
-    );
-
-    let with = build_dir(
-        backend,
-        &engine,
-        dir.path(),
-        BuildOptions::default(),
-        base_auth(&base.host),
-        &[PASSWORD],
-        CancellationToken::new(),
-    )
-    .await;
-    with.result
-        .unwrap_or_else(|e| panic!("with credentials: {e}"));
-
-    // Right after a successful build of the same base on the same engine: still refused.
-    let again = build_plain(backend, &engine, dir.path()).await;
-    let e = again
-        .result
-        .expect_err("cached base, no credentials: refused");
-    assert_eq!(
-        (e.class, e.code),
-        (ErrorClass::Permanent, ErrorCode::AuthFailed),
-        "{e}"
-    );
-    assert!(!e.message.contains(PASSWORD));
+    let base = Registry::start(Auth::Htpasswd(vec![(USER.into(), PASSWORD.into())]));
+    builds_only_with_the_jobs_credentials(backend, &base, "marker-private").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -479,9 +439,16 @@ async fn buildkitd_a_private_base_behind_token_auth_builds_with_the_jobs_credent
 /// A base image on a registry with token auth (a token service issuing bearer tokens, as
 /// Docker Hub, GHCR and most hosted registries do), not Basic auth.
 async fn token_auth_base(backend: Backend) {
-    let engine = Engine::shared();
     let base = Registry::start(Auth::Token(vec![(USER.into(), PASSWORD.into())]));
-    engine.push_base_image(&base.host, USER, PASSWORD, "base/busybox:1", "marker-token");
+    builds_only_with_the_jobs_credentials(backend, &base, "marker-token").await;
+}
+
+/// A build from a private base on `base` is refused without the job's credentials, builds
+/// (and the image runs) with them, and is refused again without them right after, when the
+/// engine has the base cached.
+async fn builds_only_with_the_jobs_credentials(backend: Backend, base: &Registry, marker: &str) {
+    let engine = Engine::shared();
+    engine.push_base_image(&base.host, USER, PASSWORD, "base/busybox:1", marker);
     let dir = dir_with(&[(
         "Dockerfile",
         &format!(
@@ -489,15 +456,20 @@ async fn token_auth_base(backend: Backend) {
             base.host
         ),
     )]);
+    let refused = |built: LocalBuild, what: &str| {
+        let e = built.result.expect_err(what);
+        assert_eq!(
+            (e.class, e.code),
+            (ErrorClass::Permanent, ErrorCode::AuthFailed),
+            "{what}: {e}"
+        );
+        assert!(!e.message.contains(PASSWORD));
+    };
 
-    let without = build_plain(backend, &engine, dir.path()).await;
-    let e = without.result.expect_err("no credentials: refused");
-    assert_eq!(
-        (e.class, e.code),
-        (ErrorClass::Permanent, ErrorCode::AuthFailed),
-        "{e}"
+    refused(
+        build_plain(backend, &engine, dir.path()).await,
+        "no credentials: refused",
     );
-
     let with = build_dir(
         backend,
         &engine,
@@ -511,7 +483,12 @@ async fn token_auth_base(backend: Backend) {
     with.result
         .unwrap_or_else(|e| panic!("with credentials: {e}"));
     let text = run_from_layout(&engine, with.layout.path(), &with.tag, &["/built-marker"]);
-    assert_eq!(text, "marker-token\n");
+    assert_eq!(text, format!("{marker}\n"));
+    // Right after a successful build of the same base on the same engine: still refused.
+    refused(
+        build_plain(backend, &engine, dir.path()).await,
+        "cached base, no credentials: refused",
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
