@@ -221,9 +221,12 @@ async fn targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_run
     );
     let text = run_from_layout(&engine, &layout, tag, &["/app/hello.txt", "/app/built.txt"]);
     assert_eq!(text, "hello from the tarball\nbuilt-by-run\n");
-    // The build's own image left the engine.
-    let images = engine.docker_ok(&["images", "--format", "{{.Repository}}"]);
-    assert!(!images.contains("factoryd-build"), "{images}");
+    // The build's own image left the engine (by its id, the config digest: other tests'
+    // builds may have their `factoryd-build:…` images in the engine meanwhile).
+    let manifest: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let image_id = manifest["config"]["digest"].as_str().unwrap().to_owned();
+    let images = engine.docker_ok(&["images", "-a", "-q", "--no-trunc"]);
+    assert!(!images.contains(&image_id), "{image_id} still in {images}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
