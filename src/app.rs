@@ -20,7 +20,7 @@ use crate::adapters::oci::RegistryImporter;
 use crate::adapters::sources::SourceFetcher;
 use crate::cli::{RunArgs, ServeArgs, SubmitArgs, ValidateArgs};
 use crate::config::{self, Config, ConfigError};
-use crate::job::{self, EventEnvelope, JobEvent, JobResult, Status};
+use crate::job::{self, EventEnvelope, JobEvent, JobResult, Kind, Status};
 use crate::pipeline::{DestinationSettings, Stages};
 use crate::telemetry::http::Health;
 use crate::telemetry::systemd::Notifier;
@@ -194,11 +194,14 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
         Arc::clone(&health),
         http_stop.clone(),
     ));
+    // The worker, once connected: the backend probe holds its builds, the watchdog asks it.
+    let live_worker: Arc<std::sync::OnceLock<Arc<Worker>>> = Arc::default();
     if config.worker.build_slots > 0 {
         // The build backend is probed in the background so /readyz answers at once.
         let builder = Arc::clone(&stages.builder);
         let health = Arc::clone(&health);
         let stop = http_stop.clone();
+        let live_worker = Arc::clone(&live_worker);
         tokio::spawn(async move {
             let mut ticks = tokio::time::interval(Duration::from_secs(10));
             loop {
@@ -213,6 +216,9 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
                                     None => info!("Build backend reachable."),
                                 }
                             }
+                            if let Some(worker) = live_worker.get() {
+                                worker.hold(Kind::Build, down.clone().map(unreachable_builder));
+                            }
                             *slot = down;
                         }
                     }
@@ -222,7 +228,6 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     }
     // The watchdog is pinged only while the worker's pull loops go round (see Worker::alive);
     // during start-up, before the worker exists, the runtime answering is enough.
-    let live_worker: Arc<std::sync::OnceLock<Arc<Worker>>> = Arc::default();
     if let Some(every) = systemd.watchdog_interval() {
         let pinger = systemd.clone();
         let stop = http_stop.clone();
@@ -279,6 +284,10 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     let settings = WorkerSettings::from_config(&config);
     let worker = Worker::new(settings, ports, stages);
     let _ = live_worker.set(Arc::clone(&worker));
+    // What the probe found before the worker existed; later probes tell the worker directly.
+    if let Some(why) = health.builder_down.lock().ok().and_then(|b| b.clone()) {
+        worker.hold(Kind::Build, Some(unreachable_builder(why)));
+    }
     info!(
         build_slots = config.worker.build_slots,
         import_slots = config.worker.import_slots,
@@ -304,6 +313,11 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
         warn!(error = %e, "Cannot flush NATS on exit.");
     }
     ExitCode::SUCCESS
+}
+
+/// Why builds are held while the backend's probe fails.
+fn unreachable_builder(why: String) -> String {
+    format!("build backend unreachable: {why}")
 }
 
 /// `factoryd run`: one job through [`crate::pipeline::run_job`] on the production stages, no

@@ -135,6 +135,8 @@ pub struct Worker {
     stats: Mutex<WorkerStats>,
     /// Per pull loop: its slots and when it last went round, for [`Worker::alive`].
     beats: Mutex<HashMap<Kind, (Arc<Semaphore>, Instant)>>,
+    /// Per kind: why this worker takes no jobs of that kind now (`None`: it takes them).
+    holds: HashMap<Kind, tokio::sync::watch::Sender<Option<String>>>,
     /// Wall clock derived from tokio's clock, so paused-time tests move leases too.
     wall_base_ms: u64,
     instant_base: Instant,
@@ -153,6 +155,10 @@ impl Worker {
             running: Mutex::new(HashMap::new()),
             stats: Mutex::new(WorkerStats::default()),
             beats: Mutex::new(HashMap::new()),
+            holds: Kind::ALL
+                .into_iter()
+                .map(|kind| (kind, tokio::sync::watch::Sender::new(None)))
+                .collect(),
             wall_base_ms,
             instant_base: Instant::now(),
         })
@@ -172,6 +178,64 @@ impl Worker {
                     .all(|(slots, last)| slots.available_permits() == 0 || last.elapsed() <= limit)
             })
             .unwrap_or(false)
+    }
+
+    /// Stops taking jobs of `kind` (`Some(why)`), or takes them again (`None`). Jobs already
+    /// running go on; jobs waiting in the queue stay there for other workers. The build
+    /// backend's probe holds builds while the backend is unreachable, so a node with a broken
+    /// engine does not spend every build job's retries.
+    pub fn hold(&self, kind: Kind, why: Option<String>) {
+        if let Some(hold) = self.holds.get(&kind) {
+            metrics()
+                .jobs_held
+                .with_label_values(&[kind.as_str()])
+                .set(i64::from(why.is_some()));
+            hold.send_if_modified(|held| {
+                let changed = *held != why;
+                *held = why;
+                changed
+            });
+        }
+    }
+
+    fn is_held(&self, kind: Kind) -> bool {
+        self.holds
+            .get(&kind)
+            .is_some_and(|hold| hold.borrow().is_some())
+    }
+
+    /// Waits while jobs of `kind` are held, going round every `pull_wait` so that the watchdog
+    /// sees the loop alive. False when `stop` fired.
+    async fn wait_while_held(
+        &self,
+        kind: Kind,
+        slots: &Arc<Semaphore>,
+        stop: &CancellationToken,
+    ) -> bool {
+        let Some(hold) = self.holds.get(&kind) else {
+            return true;
+        };
+        let mut hold = hold.subscribe();
+        let mut said = false;
+        loop {
+            let held = hold.borrow_and_update().clone();
+            let Some(why) = held else {
+                if said {
+                    info!(%kind, "Taking jobs of this kind again.");
+                }
+                return true;
+            };
+            if !said {
+                warn!(%kind, reason = %why, "Not taking jobs of this kind until this clears.");
+                said = true;
+            }
+            self.beat(kind, slots);
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = hold.changed() => {}
+                _ = tokio::time::sleep(self.settings.pull_wait) => {}
+            }
+        }
     }
 
     fn beat(&self, kind: Kind, slots: &Arc<Semaphore>) {
@@ -308,6 +372,9 @@ impl Worker {
             };
             let free = metrics().slots_free.with_label_values(&[kind.as_str()]);
             free.set(slots.available_permits() as i64);
+            if !self.wait_while_held(kind, &slots, &stop).await {
+                return;
+            }
             self.beat(kind, &slots);
             let pulled = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -316,6 +383,18 @@ impl Worker {
             match pulled {
                 Ok(Some(delivery)) => {
                     backoff = Duration::from_millis(100);
+                    // Held while the pull waited: hand the job back for another worker, untried.
+                    if self.is_held(kind) {
+                        debug!(%kind, "Handing a job back: this kind is held.");
+                        self.settle(
+                            &delivery,
+                            Settle::Nak {
+                                delay: Duration::ZERO,
+                            },
+                        )
+                        .await;
+                        continue;
+                    }
                     let me = Arc::clone(&self);
                     let slots = Arc::clone(&slots);
                     jobs.spawn(async move {

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub stage_duration: HistogramVec,
     pub jobs_in_flight: IntGaugeVec,
     pub slots_free: IntGaugeVec,
+    pub jobs_held: IntGaugeVec,
     pub retries: IntCounterVec,
     pub fetched_bytes: IntCounterVec,
     pub blobs_skipped: IntCounter,
@@ -162,6 +163,12 @@ impl Metrics {
                 "Free job slots, by kind.",
                 &["kind"],
             ),
+            jobs_held: gauge_vec(
+                &r,
+                "factoryd_jobs_held",
+                "1 while this worker takes no jobs of a kind (its build backend is unreachable), by kind.",
+                &["kind"],
+            ),
             retries: counter_vec(
                 &r,
                 "factoryd_retries_total",
@@ -198,6 +205,7 @@ impl Metrics {
             m.jobs_received.with_label_values(&[kind]);
             m.jobs_in_flight.with_label_values(&[kind]);
             m.slots_free.with_label_values(&[kind]);
+            m.jobs_held.with_label_values(&[kind]);
             for outcome in OUTCOMES {
                 m.jobs_completed.with_label_values(&[kind, outcome]);
             }

@@ -460,3 +460,41 @@ async fn a_worker_whose_slots_are_all_busy_stays_alive() {
     r.results.wait_for(1).await;
     r.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_held_kind_takes_no_jobs_until_the_hold_clears_and_its_loop_stays_alive() {
+    let mut r = rig();
+    r.worker
+        .hold(Kind::Import, Some("build backend unreachable: test".into()));
+    r.publish("waits");
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert_eq!(r.stages.runs("waits"), 0, "taken while held");
+    assert!(r.settles("waits").is_empty(), "delivered while held");
+    assert!(r.worker.alive(), "a held loop is not a stuck loop");
+
+    r.worker.hold(Kind::Import, None);
+    r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(r.stages.runs("waits"), 1);
+    assert_eq!(r.settles("waits"), [Settle::Ack]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hold_lets_running_jobs_finish() {
+    let mut r = rig();
+    r.stages
+        .script("running", vec![Behaviour::Sleep(Duration::from_secs(60))]);
+    r.publish("running");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(r.stages.runs("running"), 1);
+    r.worker.hold(Kind::Import, Some("low on disk".into()));
+    r.publish("queued");
+    let results = r.results.wait_for(1).await;
+    assert_eq!(results[0].job_id, "running");
+    assert_eq!(results[0].status, Status::Succeeded);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    r.stop().await;
+    assert_eq!(r.settles("running"), [Settle::Ack]);
+    assert_eq!(r.stages.runs("queued"), 0);
+    assert_eq!(r.queue.pending(), 1, "the held job waits in the queue");
+}

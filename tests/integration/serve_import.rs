@@ -222,7 +222,7 @@ fn http_get(port: u16, path: &str) -> String {
 }
 
 #[test]
-fn a_build_worker_without_a_reachable_engine_is_not_ready_and_says_why() {
+fn a_build_worker_without_a_reachable_engine_is_not_ready_says_why_and_leaves_builds_queued() {
     let node = Node::start_with(
         "build_slots = 1\n[builder]\ndocker_host = \"unix:///nonexistent/docker.sock\"\n",
     );
@@ -240,4 +240,39 @@ fn a_build_worker_without_a_reachable_engine_is_not_ready_and_says_why() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+
+    // A build job waits in the queue instead of being tried (and its retries spent) here.
+    let job = json!({
+        "v": 1, "id": "held-build", "source_id": "src-held",
+        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
+    });
+    let path = node.dir.path().join("held.json");
+    std::fs::write(&path, serde_json::to_vec(&job).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_factoryd"))
+        .args(["submit", "--wait", "--wait-timeout-secs", "5", "--config"])
+        .arg(&node.config)
+        .arg(&path)
+        .env_clear()
+        .output()
+        .unwrap();
+    let log = node.log();
+    assert_eq!(
+        out.status.code(),
+        Some(75),
+        "no result while builds are held\nstdout: {}\nstderr: {}\n{log}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!log.contains("held-build"), "the job was taken: {log}");
+    let metrics = http_get(node.metrics_port, "/metrics");
+    assert!(
+        metrics.contains("factoryd_jobs_held{kind=\"build\"} 1")
+            && metrics.contains("factoryd_jobs_held{kind=\"import\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        log.contains("Not taking jobs of this kind until this clears")
+            && log.contains("build backend unreachable"),
+        "{log}"
+    );
 }
