@@ -25,7 +25,7 @@ use crate::pipeline::{DestinationSettings, Stages};
 use crate::telemetry::http::Health;
 use crate::telemetry::systemd::Notifier;
 use crate::telemetry::{self, LogStyle};
-use crate::worker::{QueuePorts, Worker, WorkerSettings};
+use crate::worker::{HoldCause, QueuePorts, Worker, WorkerSettings};
 use tokio_util::sync::CancellationToken;
 
 /// Invalid input (a job or a config), as the contract fixes it.
@@ -217,7 +217,11 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
                                 }
                             }
                             if let Some(worker) = live_worker.get() {
-                                worker.hold(Kind::Build, down.clone().map(unreachable_builder));
+                                worker.hold(
+                                    Kind::Build,
+                                    HoldCause::BuilderUnreachable,
+                                    down.clone().map(unreachable_builder),
+                                );
                             }
                             *slot = down;
                         }
@@ -286,7 +290,11 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     let _ = live_worker.set(Arc::clone(&worker));
     // What the probe found before the worker existed; later probes tell the worker directly.
     if let Some(why) = health.builder_down.lock().ok().and_then(|b| b.clone()) {
-        worker.hold(Kind::Build, Some(unreachable_builder(why)));
+        worker.hold(
+            Kind::Build,
+            HoldCause::BuilderUnreachable,
+            Some(unreachable_builder(why)),
+        );
     }
     info!(
         build_slots = config.worker.build_slots,

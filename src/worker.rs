@@ -119,6 +119,17 @@ impl Running {
     }
 }
 
+/// Why a worker takes no jobs of a kind for now ([`Worker::hold`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum HoldCause {
+    /// The build backend's probe fails.
+    BuilderUnreachable,
+    /// The work root has less free space than `worker.min_free_mib`.
+    LowDisk,
+}
+
+type Holds = std::collections::BTreeMap<HoldCause, String>;
+
 /// Counts for tests and metrics; read with [`Worker::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WorkerStats {
@@ -135,8 +146,9 @@ pub struct Worker {
     stats: Mutex<WorkerStats>,
     /// Per pull loop: its slots and when it last went round, for [`Worker::alive`].
     beats: Mutex<HashMap<Kind, (Arc<Semaphore>, Instant)>>,
-    /// Per kind: why this worker takes no jobs of that kind now (`None`: it takes them).
-    holds: HashMap<Kind, tokio::sync::watch::Sender<Option<String>>>,
+    /// Per kind: why this worker takes no jobs of that kind now, by cause (empty: it takes
+    /// them).
+    holds: HashMap<Kind, tokio::sync::watch::Sender<Holds>>,
     /// Wall clock derived from tokio's clock, so paused-time tests move leases too.
     wall_base_ms: u64,
     instant_base: Instant,
@@ -157,7 +169,7 @@ impl Worker {
             beats: Mutex::new(HashMap::new()),
             holds: Kind::ALL
                 .into_iter()
-                .map(|kind| (kind, tokio::sync::watch::Sender::new(None)))
+                .map(|kind| (kind, tokio::sync::watch::Sender::new(Holds::new())))
                 .collect(),
             wall_base_ms,
             instant_base: Instant::now(),
@@ -180,28 +192,28 @@ impl Worker {
             .unwrap_or(false)
     }
 
-    /// Stops taking jobs of `kind` (`Some(why)`), or takes them again (`None`). Jobs already
-    /// running go on; jobs waiting in the queue stay there for other workers. The build
-    /// backend's probe holds builds while the backend is unreachable, so a node with a broken
-    /// engine does not spend every build job's retries.
-    pub fn hold(&self, kind: Kind, why: Option<String>) {
-        if let Some(hold) = self.holds.get(&kind) {
-            metrics()
-                .jobs_held
-                .with_label_values(&[kind.as_str()])
-                .set(i64::from(why.is_some()));
-            hold.send_if_modified(|held| {
-                let changed = *held != why;
-                *held = why;
-                changed
-            });
-        }
+    /// Stops taking jobs of `kind` for `cause` (`Some(why)`), or lifts that cause (`None`);
+    /// the worker takes jobs of a kind again once no cause holds it. Jobs already running go
+    /// on; jobs waiting in the queue stay there for other workers, so a node that cannot run
+    /// them (its build backend unreachable, its disk full) does not spend their retries.
+    pub fn hold(&self, kind: Kind, cause: HoldCause, why: Option<String>) {
+        let Some(hold) = self.holds.get(&kind) else {
+            return;
+        };
+        hold.send_if_modified(|holds| match why {
+            Some(why) => holds.insert(cause, why.clone()).as_ref() != Some(&why),
+            None => holds.remove(&cause).is_some(),
+        });
+        metrics()
+            .jobs_held
+            .with_label_values(&[kind.as_str()])
+            .set(i64::from(self.is_held(kind)));
     }
 
     fn is_held(&self, kind: Kind) -> bool {
         self.holds
             .get(&kind)
-            .is_some_and(|hold| hold.borrow().is_some())
+            .is_some_and(|hold| !hold.borrow().is_empty())
     }
 
     /// Waits while jobs of `kind` are held, going round every `pull_wait` so that the watchdog
@@ -216,18 +228,23 @@ impl Worker {
             return true;
         };
         let mut hold = hold.subscribe();
-        let mut said = false;
+        let mut said = String::new();
         loop {
-            let held = hold.borrow_and_update().clone();
-            let Some(why) = held else {
-                if said {
+            let why = hold
+                .borrow_and_update()
+                .values()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ");
+            if why.is_empty() {
+                if !said.is_empty() {
                     info!(%kind, "Taking jobs of this kind again.");
                 }
                 return true;
-            };
-            if !said {
+            }
+            if why != said {
                 warn!(%kind, reason = %why, "Not taking jobs of this kind until this clears.");
-                said = true;
+                said = why;
             }
             self.beat(kind, slots);
             tokio::select! {

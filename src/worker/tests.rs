@@ -464,15 +464,19 @@ async fn a_worker_whose_slots_are_all_busy_stays_alive() {
 #[tokio::test(start_paused = true)]
 async fn a_held_kind_takes_no_jobs_until_the_hold_clears_and_its_loop_stays_alive() {
     let mut r = rig();
-    r.worker
-        .hold(Kind::Import, Some("build backend unreachable: test".into()));
+    r.worker.hold(
+        Kind::Import,
+        HoldCause::BuilderUnreachable,
+        Some("build backend unreachable: test".into()),
+    );
     r.publish("waits");
     tokio::time::sleep(Duration::from_secs(300)).await;
     assert_eq!(r.stages.runs("waits"), 0, "taken while held");
     assert!(r.settles("waits").is_empty(), "delivered while held");
     assert!(r.worker.alive(), "a held loop is not a stuck loop");
 
-    r.worker.hold(Kind::Import, None);
+    r.worker
+        .hold(Kind::Import, HoldCause::BuilderUnreachable, None);
     r.results.wait_for(1).await;
     r.stop().await;
     assert_eq!(r.stages.runs("waits"), 1);
@@ -487,7 +491,8 @@ async fn a_hold_lets_running_jobs_finish() {
     r.publish("running");
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(r.stages.runs("running"), 1);
-    r.worker.hold(Kind::Import, Some("low on disk".into()));
+    r.worker
+        .hold(Kind::Import, HoldCause::LowDisk, Some("low on disk".into()));
     r.publish("queued");
     let results = r.results.wait_for(1).await;
     assert_eq!(results[0].job_id, "running");
@@ -497,4 +502,25 @@ async fn a_hold_lets_running_jobs_finish() {
     assert_eq!(r.settles("running"), [Settle::Ack]);
     assert_eq!(r.stages.runs("queued"), 0);
     assert_eq!(r.queue.pending(), 1, "the held job waits in the queue");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kind_held_for_two_causes_waits_until_both_clear() {
+    let mut r = rig();
+    r.worker.hold(
+        Kind::Import,
+        HoldCause::BuilderUnreachable,
+        Some("one".into()),
+    );
+    r.worker
+        .hold(Kind::Import, HoldCause::LowDisk, Some("two".into()));
+    r.publish("waits");
+    r.worker
+        .hold(Kind::Import, HoldCause::BuilderUnreachable, None);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(r.stages.runs("waits"), 0, "one cause still holds");
+    r.worker.hold(Kind::Import, HoldCause::LowDisk, None);
+    r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(r.stages.runs("waits"), 1);
 }
