@@ -184,10 +184,10 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, "Serving metrics and health.");
     }
-    let health = Arc::new(Health::new(
-        Arc::clone(&state),
-        config.worker.work_root.clone(),
-    ));
+    let health = Arc::new(
+        Health::new(Arc::clone(&state), config.worker.work_root.clone())
+            .with_min_free(config.worker.min_free_bytes),
+    );
     let http_stop = CancellationToken::new();
     tokio::spawn(telemetry::http::serve(
         listener,
@@ -295,6 +295,29 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
             HoldCause::BuilderUnreachable,
             Some(unreachable_builder(why)),
         );
+    }
+    if config.worker.min_free_bytes > 0 {
+        // Checked once before the first pull, then every 10 s.
+        let hold_if_full = {
+            let (health, worker) = (Arc::clone(&health), Arc::clone(&worker));
+            move || {
+                let low = health.low_on_disk();
+                for kind in Kind::ALL {
+                    worker.hold(kind, HoldCause::LowDisk, low.clone());
+                }
+            }
+        };
+        hold_if_full();
+        let stop = http_stop.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(Duration::from_secs(10));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticks.tick() => hold_if_full(),
+                }
+            }
+        });
     }
     info!(
         build_slots = config.worker.build_slots,

@@ -68,6 +68,8 @@ const CONSUMER_MAX_DELIVER: u32 = 5;
 const MAX_JOB_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 const MAX_DELAY_SECS: u64 = 24 * 3600;
 const MAX_CONNECT_TIMEOUT_SECS: u64 = 300;
+/// Upper bound of `worker.min_free_mib`: 1 TiB.
+const MAX_MIN_FREE_MIB: u32 = 1 << 20;
 
 /// Why the configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -282,6 +284,9 @@ pub struct WorkerConfig {
     /// First retry delay; doubles per attempt up to `retry_max_delay`.
     pub retry_base_delay: Duration,
     pub retry_max_delay: Duration,
+    /// Below this many free bytes on the work root's file system the worker takes no jobs
+    /// (0: no limit).
+    pub min_free_bytes: u64,
 }
 
 /// `[builder]`.
@@ -897,6 +902,13 @@ fn validate_worker(raw: &raw::RawWorker, p: &mut Problems) -> WorkerConfig {
         max_attempts,
         retry_base_delay,
         retry_max_delay,
+        min_free_bytes: u64::from(in_range(
+            p,
+            "worker.min_free_mib",
+            raw.min_free_mib,
+            0,
+            MAX_MIN_FREE_MIB,
+        )) << 20,
     }
 }
 

@@ -83,6 +83,7 @@ pub struct RawWorker {
     pub max_attempts: u32,
     pub retry_base_delay_secs: u64,
     pub retry_max_delay_secs: u64,
+    pub min_free_mib: u32,
 }
 
 impl Default for RawWorker {
@@ -98,6 +99,7 @@ impl Default for RawWorker {
             max_attempts: 4,
             retry_base_delay_secs: 30,
             retry_max_delay_secs: 600,
+            min_free_mib: 1024,
         }
     }
 }

@@ -555,6 +555,7 @@ fn each_rule_rejects_a_bad_value_at_its_path() {
         ("[worker]\ndefault_job_timeout_secs = 7201", &["worker.default_job_timeout_secs"]),
         ("[worker]\nmax_attempts = 0", &["worker.max_attempts"]),
         ("[worker]\nmax_attempts = 5", &["worker.max_attempts"]),
+        ("[worker]\nmin_free_mib = 1048577", &["worker.min_free_mib"]),
         ("[worker]\nretry_base_delay_secs = 0", &["worker.retry_base_delay_secs"]),
         ("[worker]\nretry_base_delay_secs = 601", &["worker.retry_base_delay_secs"]),
         ("[worker]\nretry_max_delay_secs = 10", &["worker.retry_base_delay_secs"]),

@@ -26,6 +26,8 @@ pub struct Health {
     /// Why the build backend is not reachable, from the last probe; `None` when it is (or
     /// this worker does not build).
     pub builder_down: std::sync::Mutex<Option<String>>,
+    /// `worker.min_free_mib` in bytes; 0: no limit.
+    pub min_free_bytes: u64,
 }
 
 impl Health {
@@ -35,7 +37,36 @@ impl Health {
             draining: AtomicBool::new(false),
             work_root,
             builder_down: std::sync::Mutex::new(None),
+            min_free_bytes: 0,
         }
+    }
+
+    /// With `worker.min_free_mib`, in bytes.
+    pub fn with_min_free(mut self, bytes: u64) -> Self {
+        self.min_free_bytes = bytes;
+        self
+    }
+
+    /// Free bytes on the work root's file system, when it can be read.
+    pub fn work_root_free(&self) -> Option<u64> {
+        let stat = rustix::fs::statvfs(&self.work_root).ok()?;
+        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
+    /// Why the work root is too full to take jobs, when it is.
+    pub fn low_on_disk(&self) -> Option<String> {
+        if self.min_free_bytes == 0 {
+            return None;
+        }
+        let free = self.work_root_free()?;
+        (free < self.min_free_bytes).then(|| {
+            format!(
+                "work root {} has {} MiB free, below worker.min_free_mib ({} MiB)",
+                self.work_root.display(),
+                free >> 20,
+                self.min_free_bytes >> 20
+            )
+        })
     }
 
     /// Every reason the worker is not ready; empty when ready.
@@ -61,6 +92,7 @@ impl Health {
                 self.work_root.display()
             ));
         }
+        reasons.extend(self.low_on_disk());
         reasons
     }
 
@@ -69,8 +101,7 @@ impl Health {
         let m = metrics();
         m.nats_connected
             .set(i64::from(self.nats.connected.load(Ordering::Relaxed)));
-        if let Ok(stat) = rustix::fs::statvfs(&self.work_root) {
-            let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        if let Some(free) = self.work_root_free() {
             m.work_root_free_bytes
                 .set(i64::try_from(free).unwrap_or(i64::MAX));
         }
@@ -190,6 +221,30 @@ mod tests {
         *health.builder_down.lock().unwrap() = None;
         health.draining.store(true, Ordering::Relaxed);
         assert_eq!(health.not_ready(), ["draining for shutdown"]);
+        health.draining.store(false, Ordering::Relaxed);
+        let free = health.work_root_free().unwrap();
+        let roomy = Health {
+            min_free_bytes: 1 << 20,
+            ..health
+        };
+        assert!(
+            free >= 1 << 20,
+            "this machine's temp dir has over 1 MiB free"
+        );
+        assert!(roomy.not_ready().is_empty());
+        let full = Health {
+            min_free_bytes: free + (1 << 40),
+            ..roomy
+        };
+        let reasons = full.not_ready();
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(
+            reasons[0].starts_with(&format!("work root {} has ", dir.path().display()))
+                && reasons[0].contains(" MiB free, below worker.min_free_mib ("),
+            "{reasons:?}"
+        );
+        let health = full;
+        health.draining.store(true, Ordering::Relaxed);
         let (status, _, _) = respond("GET", "/readyz", &health);
         assert_eq!(status, "503 Service Unavailable");
         let (status, _, body) = respond("GET", "/metrics", &health);

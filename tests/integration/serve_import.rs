@@ -28,6 +28,11 @@ impl Node {
     /// `worker` is added to the `[worker]` section.
     fn start_with(worker: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
+        let work_root = dir.path().join("work");
+        Node::start_in(dir, &work_root, worker)
+    }
+
+    fn start_in(dir: tempfile::TempDir, work_root: &std::path::Path, worker: &str) -> Node {
         let server = NatsServer::start(dir.path());
         let metrics_port = free_port();
         let config = dir.path().join("factoryd.toml");
@@ -39,7 +44,7 @@ impl Node {
                  [destination]\npath = \"{}\"\n[egress]\nallow_loopback = true\n\
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[log]\nformat = \"json\"\n",
                 server.url(),
-                dir.path().join("work").display(),
+                work_root.display(),
                 dir.path().join("store").display(),
             ),
         )
@@ -275,4 +280,96 @@ fn a_build_worker_without_a_reachable_engine_is_not_ready_says_why_and_leaves_bu
             && log.contains("build backend unreachable"),
         "{log}"
     );
+}
+
+/// A size-limited tmpfs mounted for the life of the value (the tests run as root).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount tmpfs on {} (needs root)",
+            at.display()
+        );
+        Tmpfs(at.to_owned())
+    }
+
+    fn resize(&self, size: &str) {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "remount {}", self.0.display());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_worker_low_on_disk_takes_no_jobs_until_space_returns() {
+    let registry = Registry::start(Auth::Htpasswd(vec![("alice".into(), "pw-Disk-31".into())]));
+    let digest = seed(&registry.host, "team/web:1", Some(("alice", "pw-Disk-31")));
+    let work = tempfile::tempdir().unwrap();
+    let disk = Tmpfs::mount(work.path(), "16m");
+    let node = Node::start_in(
+        tempfile::tempdir().unwrap(),
+        work.path(),
+        "build_slots = 0\nmin_free_mib = 64\n",
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = http_get(node.metrics_port, "/readyz");
+        if ready.contains("MiB free, below worker.min_free_mib (64 MiB)") {
+            assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ready}\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let job = import_job("imp-disk", &registry.host, "pw-Disk-31");
+    let path = node.dir.path().join("disk.json");
+    std::fs::write(&path, serde_json::to_vec(&job).unwrap()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_factoryd"))
+        .args(["submit", "--wait", "--wait-timeout-secs", "5", "--config"])
+        .arg(&node.config)
+        .arg(&path)
+        .env_clear()
+        .output()
+        .unwrap();
+    let log = node.log();
+    assert_eq!(out.status.code(), Some(75), "no result while held\n{log}");
+    assert!(!log.contains("imp-disk"), "the job was taken: {log}");
+    assert!(log.contains("below worker.min_free_mib"), "{log}");
+    let metrics = http_get(node.metrics_port, "/metrics");
+    assert!(
+        metrics.contains("factoryd_jobs_held{kind=\"import\"} 1"),
+        "{metrics}"
+    );
+
+    // Space returns: the job still queued runs (the same job submitted again is the same
+    // message, de-duplicated; `submit` then follows it to its result).
+    disk.resize("256m");
+    let (out, result) = node.submit(job);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}\n{}", node.log());
+    let result = result.expect("a result on stdout");
+    assert_eq!(result.image.unwrap().digest, digest);
+    assert_eq!(result.attempt, 1, "never tried while the disk was low");
+    assert!(node.log().contains("Taking jobs of this kind again."));
 }
