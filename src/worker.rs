@@ -228,23 +228,24 @@ impl Worker {
             return true;
         };
         let mut hold = hold.subscribe();
-        let mut said = String::new();
+        // Logged when the causes change, not their texts (free space changes at every check).
+        let mut said: Vec<HoldCause> = Vec::new();
         loop {
-            let why = hold
+            let (causes, why): (Vec<HoldCause>, Vec<String>) = hold
                 .borrow_and_update()
-                .values()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ");
-            if why.is_empty() {
+                .iter()
+                .map(|(cause, why)| (*cause, why.clone()))
+                .unzip();
+            if causes.is_empty() {
                 if !said.is_empty() {
                     info!(%kind, "Taking jobs of this kind again.");
                 }
                 return true;
             }
-            if why != said {
+            if causes != said {
+                let why = why.join("; ");
                 warn!(%kind, reason = %why, "Not taking jobs of this kind until this clears.");
-                said = why;
+                said = causes;
             }
             self.beat(kind, slots);
             tokio::select! {
