@@ -72,16 +72,33 @@ impl Node {
     }
 
     fn submit(&self, job: serde_json::Value) -> (Output, Option<JobResult>) {
+        self.submit_with(job, &["--follow", "--wait-timeout-secs", "60"])
+    }
+
+    /// Submits `job`, waits 5 s for a result that must not come, and checks the worker did not
+    /// take it; returns the worker's log.
+    fn assert_stays_queued(&self, job: serde_json::Value) -> String {
+        let id = job["id"].as_str().unwrap().to_owned();
+        let (out, _) = self.submit_with(job, &["--wait", "--wait-timeout-secs", "5"]);
+        let log = self.log();
+        assert_eq!(
+            out.status.code(),
+            Some(75),
+            "no result while held\nstdout: {}\nstderr: {}\n{log}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!log.contains(&id), "the job was taken: {log}");
+        log
+    }
+
+    fn submit_with(&self, job: serde_json::Value, wait: &[&str]) -> (Output, Option<JobResult>) {
         let path = self.dir.path().join("job.json");
         std::fs::write(&path, serde_json::to_vec(&job).unwrap()).unwrap();
         let out = Command::new(env!("CARGO_BIN_EXE_factoryd"))
-            .args([
-                "submit",
-                "--follow",
-                "--wait-timeout-secs",
-                "60",
-                "--config",
-            ])
+            .arg("submit")
+            .args(wait)
+            .arg("--config")
             .arg(&self.config)
             .arg(&path)
             .env_clear()
@@ -89,6 +106,23 @@ impl Node {
             .unwrap();
         let result = serde_json::from_slice(&out.stdout).ok();
         (out, result)
+    }
+
+    /// Waits (15 s at most) until `/readyz` answers 503 with `reason`; returns the answer.
+    fn not_ready_for(&self, reason: &str) -> String {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let ready = http_get(self.metrics_port, "/readyz");
+            if ready.starts_with("HTTP/1.1 503") && ready.contains(reason) {
+                return ready;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{ready}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn log(&self) -> String {
@@ -231,44 +265,15 @@ fn a_build_worker_without_a_reachable_engine_is_not_ready_says_why_and_leaves_bu
     let node = Node::start_with(
         "build_slots = 1\n[builder]\ndocker_host = \"unix:///nonexistent/docker.sock\"\n",
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let ready = http_get(node.metrics_port, "/readyz");
-        if ready.starts_with("HTTP/1.1 503") && ready.contains("builder unreachable") {
-            assert!(ready.contains("/nonexistent/docker.sock"), "{ready}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{ready}\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let ready = node.not_ready_for("builder unreachable");
+    assert!(ready.contains("/nonexistent/docker.sock"), "{ready}");
 
     // A build job waits in the queue instead of being tried (and its retries spent) here.
     let job = json!({
         "v": 1, "id": "held-build", "source_id": "src-held",
         "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
     });
-    let path = node.dir.path().join("held.json");
-    std::fs::write(&path, serde_json::to_vec(&job).unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_factoryd"))
-        .args(["submit", "--wait", "--wait-timeout-secs", "5", "--config"])
-        .arg(&node.config)
-        .arg(&path)
-        .env_clear()
-        .output()
-        .unwrap();
-    let log = node.log();
-    assert_eq!(
-        out.status.code(),
-        Some(75),
-        "no result while builds are held\nstdout: {}\nstderr: {}\n{log}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!log.contains("held-build"), "the job was taken: {log}");
+    let log = node.assert_stays_queued(job);
     let metrics = http_get(node.metrics_port, "/metrics");
     assert!(
         metrics.contains("factoryd_jobs_held{kind=\"build\"} 1")
@@ -327,34 +332,10 @@ fn a_worker_low_on_disk_takes_no_jobs_until_space_returns() {
         work.path(),
         "build_slots = 0\nmin_free_mib = 64\n",
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let ready = http_get(node.metrics_port, "/readyz");
-        if ready.contains("MiB free, below worker.min_free_mib (64 MiB)") {
-            assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{ready}\n{}",
-            node.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    node.not_ready_for("MiB free, below worker.min_free_mib (64 MiB)");
 
     let job = import_job("imp-disk", &registry.host, "pw-Disk-31");
-    let path = node.dir.path().join("disk.json");
-    std::fs::write(&path, serde_json::to_vec(&job).unwrap()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_factoryd"))
-        .args(["submit", "--wait", "--wait-timeout-secs", "5", "--config"])
-        .arg(&node.config)
-        .arg(&path)
-        .env_clear()
-        .output()
-        .unwrap();
-    let log = node.log();
-    assert_eq!(out.status.code(), Some(75), "no result while held\n{log}");
-    assert!(!log.contains("imp-disk"), "the job was taken: {log}");
+    let log = node.assert_stays_queued(job.clone());
     assert!(log.contains("below worker.min_free_mib"), "{log}");
     let metrics = http_get(node.metrics_port, "/metrics");
     assert!(
