@@ -19,7 +19,7 @@ use crate::adapters::nats::{self, ConnectionState, Nats};
 use crate::adapters::oci::RegistryImporter;
 use crate::adapters::sources::SourceFetcher;
 use crate::cli::{RunArgs, ServeArgs, SubmitArgs, ValidateArgs};
-use crate::config::{self, Config, ConfigError};
+use crate::config::{self, Config, ConfigError, DestinationKind};
 use crate::job::{self, EventEnvelope, JobEvent, JobResult, Kind, Status};
 use crate::pipeline::{DestinationSettings, Stages};
 use crate::telemetry::http::Health;
@@ -184,10 +184,12 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, "Serving metrics and health.");
     }
-    let health = Arc::new(
-        Health::new(Arc::clone(&state), config.worker.work_root.clone())
-            .with_min_free(config.worker.min_free_bytes),
-    );
+    let mut health = Health::new(Arc::clone(&state), config.worker.work_root.clone())
+        .with_min_free(config.worker.min_free_bytes);
+    if config.destination.kind == DestinationKind::OciLayout {
+        health = health.with_store(config.destination.path.clone());
+    }
+    let health = Arc::new(health);
     let http_stop = CancellationToken::new();
     tokio::spawn(telemetry::http::serve(
         listener,
@@ -302,6 +304,7 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
             let (health, worker) = (Arc::clone(&health), Arc::clone(&worker));
             move || {
                 let low = health.low_on_disk();
+                let low = (!low.is_empty()).then(|| low.join("; "));
                 for kind in Kind::ALL {
                     worker.hold(kind, HoldCause::LowDisk, low.clone());
                 }

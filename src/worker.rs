@@ -124,7 +124,7 @@ impl Running {
 pub enum HoldCause {
     /// The build backend's probe fails.
     BuilderUnreachable,
-    /// The work root has less free space than `worker.min_free_mib`.
+    /// The work root (or the layout store) has less free space than `worker.min_free_mib`.
     LowDisk,
 }
 

@@ -284,8 +284,8 @@ pub struct WorkerConfig {
     /// First retry delay; doubles per attempt up to `retry_max_delay`.
     pub retry_base_delay: Duration,
     pub retry_max_delay: Duration,
-    /// Below this many free bytes on the work root's file system the worker takes no jobs
-    /// (0: no limit).
+    /// Below this many free bytes on the work root's file system (or the layout store's) the
+    /// worker takes no jobs (0: no limit).
     pub min_free_bytes: u64,
 }
 

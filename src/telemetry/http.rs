@@ -28,6 +28,9 @@ pub struct Health {
     pub builder_down: std::sync::Mutex<Option<String>>,
     /// `worker.min_free_mib` in bytes; 0: no limit.
     pub min_free_bytes: u64,
+    /// The OCI layout store, when jobs are stored there: watched like the work root when it is
+    /// on another file system.
+    pub store: Option<PathBuf>,
 }
 
 impl Health {
@@ -38,7 +41,14 @@ impl Health {
             work_root,
             builder_down: std::sync::Mutex::new(None),
             min_free_bytes: 0,
+            store: None,
         }
+    }
+
+    /// With the OCI layout store at `path` watched for free space too.
+    pub fn with_store(mut self, path: PathBuf) -> Self {
+        self.store = Some(path);
+        self
     }
 
     /// With `worker.min_free_mib`, in bytes.
@@ -49,24 +59,40 @@ impl Health {
 
     /// Free bytes on the work root's file system, when it can be read.
     pub fn work_root_free(&self) -> Option<u64> {
-        let stat = rustix::fs::statvfs(&self.work_root).ok()?;
-        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+        free_space(&self.work_root).map(|(free, _)| free)
     }
 
-    /// Why the work root is too full to take jobs, when it is.
-    pub fn low_on_disk(&self) -> Option<String> {
+    /// Why the work root, or the layout store on a file system of its own, is too full to take
+    /// jobs; empty when neither is.
+    pub fn low_on_disk(&self) -> Vec<String> {
         if self.min_free_bytes == 0 {
-            return None;
+            return Vec::new();
         }
-        let free = self.work_root_free()?;
-        (free < self.min_free_bytes).then(|| {
-            format!(
-                "work root {} has {} MiB free, below worker.min_free_mib ({} MiB)",
-                self.work_root.display(),
-                free >> 20,
-                self.min_free_bytes >> 20
-            )
-        })
+        let mut seen = Vec::new();
+        let watched = [
+            ("work root", Some(&self.work_root)),
+            ("layout store", self.store.as_ref()),
+        ];
+        let mut reasons = Vec::new();
+        for (what, path) in watched {
+            let Some(path) = path else { continue };
+            let Some((free, fs)) = free_space(path) else {
+                continue;
+            };
+            if seen.contains(&fs) {
+                continue;
+            }
+            seen.push(fs);
+            if free < self.min_free_bytes {
+                reasons.push(format!(
+                    "{what} {} has {} MiB free, below worker.min_free_mib ({} MiB)",
+                    path.display(),
+                    free >> 20,
+                    self.min_free_bytes >> 20
+                ));
+            }
+        }
+        reasons
     }
 
     /// Every reason the worker is not ready; empty when ready.
@@ -106,6 +132,14 @@ impl Health {
                 .set(i64::try_from(free).unwrap_or(i64::MAX));
         }
     }
+}
+
+/// Free bytes and the file system's id for `path`, or for its nearest existing ancestor (the
+/// store directory is made by the first job that writes to it).
+fn free_space(path: &std::path::Path) -> Option<(u64, u64)> {
+    let existing = path.ancestors().find(|p| p.exists())?;
+    let stat = rustix::fs::statvfs(existing).ok()?;
+    Some((stat.f_bavail.saturating_mul(stat.f_frsize), stat.f_fsid))
 }
 
 fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
@@ -232,10 +266,13 @@ mod tests {
             "this machine's temp dir has over 1 MiB free"
         );
         assert!(roomy.not_ready().is_empty());
+        // A store on the same file system (here: not made yet, below the work root) is not
+        // reported twice.
         let full = Health {
             min_free_bytes: free + (1 << 40),
             ..roomy
-        };
+        }
+        .with_store(dir.path().join("store/not/made/yet"));
         let reasons = full.not_ready();
         assert_eq!(reasons.len(), 1, "{reasons:?}");
         assert!(

@@ -166,7 +166,7 @@ impl Metrics {
             jobs_held: gauge_vec(
                 &r,
                 "factoryd_jobs_held",
-                "1 while this worker takes no jobs of a kind (build backend unreachable, work root low on space), by kind.",
+                "1 while this worker takes no jobs of a kind (build backend unreachable, work root or layout store low on space), by kind.",
                 &["kind"],
             ),
             retries: counter_vec(

@@ -28,11 +28,16 @@ impl Node {
     /// `worker` is added to the `[worker]` section.
     fn start_with(worker: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let work_root = dir.path().join("work");
-        Node::start_in(dir, &work_root, worker)
+        let (work_root, store) = (dir.path().join("work"), dir.path().join("store"));
+        Node::start_in(dir, &work_root, &store, worker)
     }
 
-    fn start_in(dir: tempfile::TempDir, work_root: &std::path::Path, worker: &str) -> Node {
+    fn start_in(
+        dir: tempfile::TempDir,
+        work_root: &std::path::Path,
+        store: &std::path::Path,
+        worker: &str,
+    ) -> Node {
         let server = NatsServer::start(dir.path());
         let metrics_port = free_port();
         let config = dir.path().join("factoryd.toml");
@@ -45,7 +50,7 @@ impl Node {
                  [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n[log]\nformat = \"json\"\n",
                 server.url(),
                 work_root.display(),
-                dir.path().join("store").display(),
+                store.display(),
             ),
         )
         .unwrap();
@@ -327,9 +332,12 @@ fn a_worker_low_on_disk_takes_no_jobs_until_space_returns() {
     let digest = seed(&registry.host, "team/web:1", Some(("alice", "pw-Disk-31")));
     let work = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(work.path(), "16m");
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
     let node = Node::start_in(
-        tempfile::tempdir().unwrap(),
+        dir,
         work.path(),
+        &store,
         "build_slots = 0\nmin_free_mib = 64\n",
     );
     node.not_ready_for("MiB free, below worker.min_free_mib (64 MiB)");
@@ -353,4 +361,30 @@ fn a_worker_low_on_disk_takes_no_jobs_until_space_returns() {
     assert_eq!(result.image.unwrap().digest, digest);
     assert_eq!(result.attempt, 1, "never tried while the disk was low");
     assert!(node.log().contains("Taking jobs of this kind again."));
+}
+
+#[test]
+fn a_worker_whose_layout_store_is_low_on_disk_takes_no_jobs() {
+    let store = tempfile::tempdir().unwrap();
+    let _disk = Tmpfs::mount(store.path(), "16m");
+    let dir = tempfile::tempdir().unwrap();
+    let work_root = dir.path().join("work");
+    let node = Node::start_in(
+        dir,
+        &work_root,
+        store.path(),
+        "build_slots = 0\nmin_free_mib = 64\n",
+    );
+    let ready = node.not_ready_for(&format!("layout store {} has ", store.path().display()));
+    assert!(
+        ready.contains("below worker.min_free_mib (64 MiB)"),
+        "{ready}"
+    );
+    assert!(
+        !ready.contains("work root"),
+        "the work root has room: {ready}"
+    );
+    let job = import_job("imp-store", "127.0.0.1:9", "unused-pw-1");
+    let log = node.assert_stays_queued(job);
+    assert!(log.contains("layout store"), "{log}");
 }
