@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use factoryd::adapters::sources::SourceFetcher;
-use factoryd::error::{ErrorClass, ErrorCode};
+use factoryd::error::{ErrorClass, ErrorCode, JobError};
 use factoryd::ports::{FetchedSource, Fetcher};
 use factoryd::workspace::Workspace;
 use serde_json::json;
@@ -657,11 +657,12 @@ async fn the_jobs_credentials_are_not_offered_to_a_submodule_on_another_port() {
     }
 }
 
-#[tokio::test]
-async fn a_submodule_without_a_gitmodules_entry_is_a_permanent_error_naming_it() {
+/// The error of fetching, submodules on, a repository whose submodule has `url` in
+/// `.gitmodules` (none: no entry) and is pinned at `commit` (none: the fixture's own pin).
+async fn submodule_fetch_error(url: Option<&str>, commit: Option<&str>, why: &str) -> JobError {
     let root = tempfile::tempdir().unwrap();
     let repos = root.path().join("repos");
-    submodule_fixture(&repos, &repos, None, None);
+    submodule_fixture(&repos, &repos, url, commit);
     let server = GitHttpServer::start(&repos, USER, PASSWORD);
     let (result, _, _ws) = fetch_with(
         &fetcher(""),
@@ -669,7 +670,12 @@ async fn a_submodule_without_a_gitmodules_entry_is_a_permanent_error_naming_it()
         submodule_details(&server, true),
     )
     .await;
-    let err = result.err().expect("no URL for the submodule");
+    result.err().expect(why)
+}
+
+#[tokio::test]
+async fn a_submodule_without_a_gitmodules_entry_is_a_permanent_error_naming_it() {
+    let err = submodule_fetch_error(None, None, "no URL for the submodule").await;
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert_eq!(err.code, ErrorCode::NotFound, "{err}");
     assert!(err.message.contains("\"app/lib\""), "{err}");
@@ -677,18 +683,13 @@ async fn a_submodule_without_a_gitmodules_entry_is_a_permanent_error_naming_it()
 
 #[tokio::test]
 async fn a_submodule_commit_its_repository_lacks_is_a_permanent_not_found_naming_it() {
-    let root = tempfile::tempdir().unwrap();
-    let repos = root.path().join("repos");
     let missing = "2222222222222222222222222222222222222222";
-    submodule_fixture(&repos, &repos, Some("../lib.git"), Some(missing));
-    let server = GitHttpServer::start(&repos, USER, PASSWORD);
-    let (result, _, _ws) = fetch_with(
-        &fetcher(""),
-        &root.path().join("wr"),
-        submodule_details(&server, true),
+    let err = submodule_fetch_error(
+        Some("../lib.git"),
+        Some(missing),
+        "the pinned commit does not exist",
     )
     .await;
-    let err = result.err().expect("the pinned commit does not exist");
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert_eq!(err.code, ErrorCode::NotFound, "{err}");
     assert!(err.message.contains("\"app/lib\""), "{err}");
