@@ -29,6 +29,7 @@ use std::rc::Rc;
 
 use flate2::read::MultiGzDecoder;
 use tar::EntryType;
+use tokio_util::sync::CancellationToken;
 
 use crate::context::resolve::{self, Node, SourceLookup, Want};
 use crate::context::{
@@ -44,21 +45,26 @@ use crate::workspace::random_hex;
 const FRAMING_PER_ENTRY: u64 = 2048;
 const FRAMING_FIXED: u64 = 1 << 20;
 
-/// Checks the archive at `path` and seals `context_dir` / `build_file` from it.
+/// Checks the archive at `path` and seals `context_dir` / `build_file` from it. Every read and
+/// walk stops when `cancel` fires.
+///
+/// An entry's size is what the archive really holds for it (`entry.size()`: a PAX `size`
+/// record overrides the ustar field), for the caps and for the stream alike.
 pub fn seal(
     path: &Path,
     context_dir: &str,
     build_file: &str,
     limits: Limits,
+    cancel: CancellationToken,
 ) -> Result<SealedContext, JobError> {
-    let index = Index::read(path, limits)?;
+    let index = Index::read(path, limits, &cancel)?;
     let context = resolve::resolve(&index, context_dir, Want::ContextDir)?;
     let dockerfile = resolve::resolve(&index, build_file, Want::BuildFile)?;
     let mut ignore = {
         let mut key = context.path.clone();
         key.push(DOCKERIGNORE.to_owned());
         match index.dockerignores.get(&key.join("/")) {
-            Some(bytes) => DockerIgnore::parse(&String::from_utf8_lossy(bytes)),
+            Some(bytes) => DockerIgnore::load(&mut &bytes[..])?,
             None => DockerIgnore::default(),
         }
     };
@@ -74,7 +80,7 @@ pub fn seal(
         }
     };
     ignore.keep(DOCKERIGNORE);
-    index.check_context(&context.path, &ignore, limits)?;
+    index.check_context(&context.path, &ignore, limits, &cancel)?;
     let writer = ArchiveContext {
         path: path.to_path_buf(),
         context: context.path,
@@ -82,6 +88,7 @@ pub fn seal(
         reserved,
         ignore,
         limits,
+        cancel,
     };
     Ok(SealedContext::new(name, Box::new(writer)))
 }
@@ -150,11 +157,13 @@ enum Kind {
 /// Pass 1: every entry checked and recorded.
 struct Index {
     nodes: HashMap<String, Kind>,
+    /// Each `.dockerignore` of the archive, read up to one byte over its cap (so that
+    /// [`DockerIgnore::load`] refuses an oversized one of the context, and only that one).
     dockerignores: HashMap<String, Vec<u8>>,
 }
 
 impl Index {
-    fn read(path: &Path, limits: Limits) -> Result<Index, JobError> {
+    fn read(path: &Path, limits: Limits, cancel: &CancellationToken) -> Result<Index, JobError> {
         let mut opened = open(path, limits)?;
         let mut index = Index {
             nodes: HashMap::new(),
@@ -168,6 +177,9 @@ impl Index {
                 .entries()
                 .map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
             for entry in entries {
+                if cancel.is_cancelled() {
+                    return Err(JobError::cancelled(Stage::Seal));
+                }
                 let mut entry = entry.map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
                 let kind = entry.header().entry_type();
                 if matches!(
@@ -198,7 +210,7 @@ impl Index {
                 }
                 let node = match kind {
                     EntryType::Regular | EntryType::Continuous => {
-                        let size = entry.header().size().unwrap_or(0);
+                        let size = entry.size();
                         content_bytes = content_bytes.saturating_add(size);
                         if content_bytes > limits.max_context_bytes {
                             return Err(context::limit(format!(
@@ -207,11 +219,10 @@ impl Index {
                                 limits.max_context_bytes
                             )));
                         }
-                        if parts.last().is_some_and(|n| n == DOCKERIGNORE)
-                            && size <= MAX_DOCKERIGNORE_BYTES
-                        {
-                            let mut text = Vec::with_capacity(size as usize);
-                            entry
+                        if parts.last().is_some_and(|n| n == DOCKERIGNORE) {
+                            let mut text = Vec::new();
+                            (&mut entry)
+                                .take(MAX_DOCKERIGNORE_BYTES + 1)
                                 .read_to_end(&mut text)
                                 .map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
                             index.dockerignores.insert(parts.join("/"), text);
@@ -343,21 +354,26 @@ impl Index {
     /// The context-relative rules, judged on the index (no second decompression): caps on what
     /// is sent, symlinks and hard links staying inside the context. The write pass applies the
     /// same rules again through the [`Sealer`].
+    /// Every entry below the context counts against the entry cap, as in the write walk,
+    /// whether `.dockerignore` leaves it out or not.
     fn check_context(
         &self,
         context: &[String],
         ignore: &DockerIgnore,
         limits: Limits,
+        cancel: &CancellationToken,
     ) -> Result<(), JobError> {
         let mut entries: u64 = 0;
         let mut bytes: u64 = 0;
         for (key, kind) in &self.nodes {
+            if cancel.is_cancelled() {
+                return Err(JobError::cancelled(Stage::Seal));
+            }
             let parts: Vec<String> = key.split('/').map(str::to_owned).collect();
             let Some(rel) = parts.strip_prefix(context) else {
                 continue;
             };
-            let rel_name = rel.join("/");
-            if rel.is_empty() || ignore.is_excluded(&rel_name) {
+            if rel.is_empty() {
                 continue;
             }
             entries += 1;
@@ -366,6 +382,10 @@ impl Index {
                     "the build context has more than {} entries (sources.max_entries)",
                     limits.max_entries
                 )));
+            }
+            let rel_name = rel.join("/");
+            if ignore.is_excluded(&rel_name) {
+                continue;
             }
             match kind {
                 Kind::Dir => {}
@@ -473,6 +493,7 @@ struct ArchiveContext {
     reserved: Option<String>,
     ignore: DockerIgnore,
     limits: Limits,
+    cancel: CancellationToken,
 }
 
 impl ArchiveContext {
@@ -481,8 +502,14 @@ impl ArchiveContext {
         let over_cap = Rc::clone(&opened.over_cap);
         let cap = opened.cap;
         let mut sealer = match out {
-            Some(out) => Sealer::write(self.ignore.clone(), self.limits, true, out),
-            None => Sealer::check(self.ignore.clone(), self.limits, true),
+            Some(out) => Sealer::write(
+                self.ignore.clone(),
+                self.limits,
+                true,
+                self.cancel.clone(),
+                out,
+            ),
+            None => Sealer::check(self.ignore.clone(), self.limits, true, self.cancel.clone()),
         };
         let entries = opened
             .archive
@@ -509,7 +536,7 @@ impl ArchiveContext {
             };
             if let Some(reserved) = &self.reserved {
                 if parts == self.build_file {
-                    let size = entry.header().size().unwrap_or(0);
+                    let size = entry.size();
                     sealer.add_build_file(reserved, meta, size, &mut entry)?;
                     continue;
                 }
@@ -523,7 +550,7 @@ impl ArchiveContext {
             match kind {
                 EntryType::Directory => sealer.add(rel, meta, Entry::Dir)?,
                 EntryType::Regular | EntryType::Continuous => {
-                    let size = entry.header().size().unwrap_or(0);
+                    let size = entry.size();
                     sealer.add(
                         rel,
                         meta,

@@ -11,20 +11,22 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::context::resolve::{self, Node, SourceLookup, Want};
-use crate::context::{
-    self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE, MAX_DOCKERIGNORE_BYTES,
-};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE};
 use crate::error::{classify_io, JobError, Stage};
 use crate::job::DockerFile;
 use crate::ports::{ContextWriter, FetchedSource, Fetcher, SealedContext, StageContext};
 use crate::workspace::random_hex;
 
-/// Seals `context_dir` / `build_file` of the directory `root`. Blocking.
+/// Seals `context_dir` / `build_file` of the directory `root`. Blocking; the walks stop when
+/// `cancel` fires.
 pub fn seal(
     root: &Path,
     context_dir: &str,
     build_file: &str,
     limits: Limits,
+    cancel: CancellationToken,
 ) -> Result<SealedContext, JobError> {
     let root = root.canonicalize().map_err(|e| io_error(root, e))?;
     let lookup = DirLookup { root: &root };
@@ -34,13 +36,8 @@ pub fn seal(
     let ignore_path = context_path.join(DOCKERIGNORE);
     let mut ignore = match fs::symlink_metadata(&ignore_path) {
         Ok(meta) if meta.is_file() => {
-            if meta.len() > MAX_DOCKERIGNORE_BYTES {
-                return Err(context::limit(format!(
-                    "{DOCKERIGNORE} is larger than {MAX_DOCKERIGNORE_BYTES} bytes"
-                )));
-            }
-            let bytes = fs::read(&ignore_path).map_err(|e| io_error(&ignore_path, e))?;
-            DockerIgnore::parse(&String::from_utf8_lossy(&bytes))
+            let mut file = File::open(&ignore_path).map_err(|e| io_error(&ignore_path, e))?;
+            DockerIgnore::load(&mut file)?
         }
         _ => DockerIgnore::default(),
     };
@@ -61,6 +58,7 @@ pub fn seal(
         extra,
         ignore,
         limits,
+        cancel,
     };
     writer.walk(None)?;
     Ok(SealedContext::new(name, Box::new(writer)))
@@ -89,21 +87,23 @@ impl Fetcher for LocalFetcher {
     async fn fetch(
         &self,
         origin: &DockerFile,
-        _cx: &StageContext,
+        cx: &StageContext,
     ) -> Result<FetchedSource, JobError> {
         let root = self.root.clone();
         let (context_dir, build_file) = (origin.context_dir.clone(), origin.build_file.clone());
         let limits = self.limits;
-        let context =
-            tokio::task::spawn_blocking(move || seal(&root, &context_dir, &build_file, limits))
-                .await
-                .map_err(|e| {
-                    JobError::transient(
-                        Stage::Seal,
-                        crate::error::ErrorCode::Internal,
-                        format!("sealing the local context failed: {e}"),
-                    )
-                })??;
+        let cancel = cx.cancel.clone();
+        let context = tokio::task::spawn_blocking(move || {
+            seal(&root, &context_dir, &build_file, limits, cancel)
+        })
+        .await
+        .map_err(|e| {
+            JobError::transient(
+                Stage::Seal,
+                crate::error::ErrorCode::Internal,
+                format!("sealing the local context failed: {e}"),
+            )
+        })??;
         Ok(FetchedSource {
             context,
             revision: None,
@@ -117,17 +117,23 @@ struct DirContext {
     extra: Option<(String, PathBuf)>,
     ignore: DockerIgnore,
     limits: Limits,
+    cancel: CancellationToken,
 }
 
 impl DirContext {
     fn walk(&self, out: Option<&mut dyn Write>) -> Result<u64, JobError> {
         let writing = out.is_some();
         let mut sealer = match out {
-            Some(out) => Sealer::write(self.ignore.clone(), self.limits, false, out),
-            None => Sealer::check(self.ignore.clone(), self.limits, false),
+            Some(out) => Sealer::write(
+                self.ignore.clone(),
+                self.limits,
+                false,
+                self.cancel.clone(),
+                out,
+            ),
+            None => Sealer::check(self.ignore.clone(), self.limits, false, self.cancel.clone()),
         };
-        let mut rel = Vec::new();
-        walk_dir(&self.context, &mut rel, &mut sealer, writing)?;
+        walk_dir(&self.context, &mut sealer, writing)?;
         if let Some((name, path)) = &self.extra {
             let meta = fs::symlink_metadata(path).map_err(|e| io_error(path, e))?;
             let mut file = File::open(path).map_err(|e| io_error(path, e))?;
@@ -143,20 +149,20 @@ impl ContextWriter for DirContext {
     }
 }
 
-fn walk_dir(
-    dir: &Path,
-    rel: &mut Vec<String>,
-    sealer: &mut Sealer<'_>,
-    writing: bool,
-) -> Result<(), JobError> {
-    let mut names: Vec<_> = fs::read_dir(dir)
-        .map_err(|e| io_error(dir, e))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()
-        .map_err(|e| io_error(dir, e))?;
-    names.sort();
-    for os_name in names {
-        let path = dir.join(&os_name);
+/// Walks the directory `root`, keeping its own stack of directories instead of recursing, so no
+/// tree, however deep, can exhaust the thread's stack; the sealer's depth cap ends a deep one.
+fn walk_dir(root: &Path, sealer: &mut Sealer<'_>, writing: bool) -> Result<(), JobError> {
+    let cap = sealer.limits().max_entries;
+    let mut stack = vec![DirFrame::read(root.to_path_buf(), cap)?];
+    let mut rel: Vec<String> = Vec::new();
+    while let Some(frame) = stack.last_mut() {
+        let Some(os_name) = frame.names.get(frame.next) else {
+            stack.pop();
+            rel.pop();
+            continue;
+        };
+        frame.next += 1;
+        let path = frame.dir.join(os_name);
         let Some(name) = os_name.to_str() else {
             return Err(context::unsafe_entry(
                 &os_name.to_string_lossy(),
@@ -167,19 +173,20 @@ fn walk_dir(
         let meta = fs::symlink_metadata(&path).map_err(|e| io_error(&path, e))?;
         let kind = meta.file_type();
         if kind.is_dir() {
-            sealer.add(rel, meta_of(&meta), Entry::Dir)?;
-            if sealer.descend(rel) {
-                walk_dir(&path, rel, sealer, writing)?;
+            sealer.add(&rel, meta_of(&meta), Entry::Dir)?;
+            if sealer.descend(&rel) {
+                stack.push(DirFrame::read(path, cap)?);
+                continue;
             }
         } else if kind.is_file() {
-            if !sealer.excluded(rel) {
+            if !sealer.skip_excluded(&rel)? {
                 let mut content: Box<dyn io::Read> = if writing {
                     Box::new(File::open(&path).map_err(|e| io_error(&path, e))?)
                 } else {
                     Box::new(io::empty())
                 };
                 sealer.add(
-                    rel,
+                    &rel,
                     meta_of(&meta),
                     Entry::File {
                         size: meta.len(),
@@ -188,12 +195,12 @@ fn walk_dir(
                 )?;
             }
         } else if kind.is_symlink() {
-            if !sealer.excluded(rel) {
+            if !sealer.skip_excluded(&rel)? {
                 let target = fs::read_link(&path).map_err(|e| io_error(&path, e))?;
                 let target = target.to_str().map(str::to_owned).ok_or_else(|| {
                     context::unsafe_entry(name, "its symlink target is not UTF-8")
                 })?;
-                sealer.add(rel, meta_of(&meta), Entry::Symlink { target })?;
+                sealer.add(&rel, meta_of(&meta), Entry::Symlink { target })?;
             }
         } else {
             let what = if kind.is_fifo() {
@@ -205,11 +212,41 @@ fn walk_dir(
             } else {
                 "character device"
             };
-            sealer.add(rel, meta_of(&meta), Entry::Special(what))?;
+            sealer.add(&rel, meta_of(&meta), Entry::Special(what))?;
         }
         rel.pop();
     }
     Ok(())
+}
+
+/// One directory of the walk: its entry names, sorted, and the next to visit. A directory holding
+/// more names than the context may have entries is refused before its names are all read.
+struct DirFrame {
+    dir: PathBuf,
+    names: Vec<std::ffi::OsString>,
+    next: usize,
+}
+
+impl DirFrame {
+    fn read(dir: PathBuf, cap: u64) -> Result<DirFrame, JobError> {
+        let mut names: Vec<_> = fs::read_dir(&dir)
+            .map_err(|e| io_error(&dir, e))?
+            .take(usize::try_from(cap).unwrap_or(usize::MAX).saturating_add(1))
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_error(&dir, e))?;
+        if names.len() as u64 > cap {
+            return Err(context::limit(format!(
+                "a directory of the context holds more than {cap} entries (sources.max_entries)"
+            )));
+        }
+        names.sort();
+        Ok(DirFrame {
+            dir,
+            names,
+            next: 0,
+        })
+    }
 }
 
 struct DirLookup<'a> {

@@ -90,8 +90,9 @@ impl TarballFetcher {
         let limits = self.limits;
         let context_dir = context_dir.to_owned();
         let build_file = build_file.to_owned();
+        let cancel = cx.cancel.clone();
         let context = tokio::task::spawn_blocking(move || {
-            archive::seal(&path, &context_dir, &build_file, limits)
+            archive::seal(&path, &context_dir, &build_file, limits, cancel)
         })
         .await
         .map_err(|e| {

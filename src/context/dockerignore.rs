@@ -13,6 +13,20 @@
 //!
 //! BuildKit does not apply `.dockerignore` to an uploaded context (ARCHITECTURE §10), so the
 //! sealer applies it when the stream is made.
+//!
+//! A source's `.dockerignore` is hostile input: [`DockerIgnore::load`] caps the file and each
+//! pattern, so that matching (tokens × characters states per path) stays small.
+
+use std::io::Read;
+
+use crate::context::{limit, DOCKERIGNORE};
+use crate::error::JobError;
+
+/// Largest `.dockerignore` read; a bigger one is refused rather than buffered.
+pub const MAX_DOCKERIGNORE_BYTES: u64 = 1 << 20;
+
+/// Longest pattern line: as long as the longest path the sealer sends (PATH_MAX).
+pub const MAX_PATTERN_BYTES: usize = 4096;
 
 /// A parsed `.dockerignore`.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +38,8 @@ pub struct DockerIgnore {
 struct Pattern {
     exclusion: bool,
     tokens: Vec<Token>,
+    /// The path of an exception added by [`DockerIgnore::keep`] (matches that path only).
+    kept: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +61,39 @@ enum Token {
 }
 
 impl DockerIgnore {
+    /// Reads a source's `.dockerignore` from `reader`: at most [`MAX_DOCKERIGNORE_BYTES`], no
+    /// pattern longer than [`MAX_PATTERN_BYTES`]; either is refused as `limit_exceeded`.
+    pub fn load(reader: &mut dyn std::io::Read) -> Result<DockerIgnore, JobError> {
+        let mut bytes = Vec::new();
+        reader
+            .take(MAX_DOCKERIGNORE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| {
+                JobError::transient(
+                    crate::error::Stage::Seal,
+                    crate::error::ErrorCode::LocalIo,
+                    format!("reading {DOCKERIGNORE} failed: {e}"),
+                )
+            })?;
+        if bytes.len() as u64 > MAX_DOCKERIGNORE_BYTES {
+            return Err(limit(format!(
+                "{DOCKERIGNORE} is larger than {MAX_DOCKERIGNORE_BYTES} bytes"
+            )));
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        if let Some((n, _)) = text
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.len() > MAX_PATTERN_BYTES)
+        {
+            return Err(limit(format!(
+                "{DOCKERIGNORE} line {} is longer than {MAX_PATTERN_BYTES} bytes",
+                n + 1
+            )));
+        }
+        Ok(DockerIgnore::parse(&text))
+    }
+
     /// Parses the file's text. Never fails: a malformed class is taken literally.
     pub fn parse(text: &str) -> DockerIgnore {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
@@ -71,6 +120,7 @@ impl DockerIgnore {
             patterns.push(Pattern {
                 exclusion: exception,
                 tokens: compile(&cleaned),
+                kept: None,
             });
         }
         DockerIgnore { patterns }
@@ -82,6 +132,7 @@ impl DockerIgnore {
         self.patterns.push(Pattern {
             exclusion: true,
             tokens: compile(&escape(path)),
+            kept: Some(path.to_owned()),
         });
     }
 
@@ -89,39 +140,29 @@ impl DockerIgnore {
         self.patterns.is_empty()
     }
 
-    /// True when some pattern is an exception, so an excluded directory must still be walked.
-    pub fn has_exceptions(&self) -> bool {
-        self.patterns.iter().any(|p| p.exclusion)
+    /// Whether an exception could bring back something below the directory `dir`, so that an
+    /// excluded `dir` must still be walked: any exception from the file itself, or a kept path
+    /// (the build file, `.dockerignore`) below `dir`.
+    pub fn may_keep_below(&self, dir: &str) -> bool {
+        self.patterns.iter().any(|p| match (&p.kept, p.exclusion) {
+            (_, false) => false,
+            (None, true) => true,
+            (Some(path), true) => path
+                .strip_prefix(dir)
+                .is_some_and(|rest| rest.starts_with('/')),
+        })
     }
 
     /// Whether `path` (relative to the context root, `/`-separated, no leading `/`) is left out
     /// of the context: `MatchesOrParentMatches` of moby's patternmatcher.
     pub fn is_excluded(&self, path: &str) -> bool {
-        let parents: Vec<&str> = match path.rfind('/') {
-            Some(i) => path[..i].split('/').collect(),
-            None => Vec::new(),
-        };
         let mut matched = false;
         for pattern in &self.patterns {
             // An exception only matters once something matched, an exclusion only before.
             if pattern.exclusion != matched {
                 continue;
             }
-            let mut hit = matches(&pattern.tokens, path);
-            if !hit {
-                let mut prefix = String::new();
-                for (i, dir) in parents.iter().enumerate() {
-                    if i > 0 {
-                        prefix.push('/');
-                    }
-                    prefix.push_str(dir);
-                    if matches(&pattern.tokens, &prefix) {
-                        hit = true;
-                        break;
-                    }
-                }
-            }
-            if hit {
+            if matches_path_or_parent(&pattern.tokens, path) {
                 matched = !pattern.exclusion;
             }
         }
@@ -240,56 +281,66 @@ fn parse_class(chars: &[char]) -> Option<(Token, usize)> {
     None
 }
 
-/// Whole-string match of `tokens` against `text`, by backtracking with memoisation (paths are
-/// short, patterns shorter: at most tokens × characters states).
-fn matches(tokens: &[Token], text: &str) -> bool {
-    let chars: Vec<char> = text.chars().collect();
-    let mut seen = vec![false; (tokens.len() + 1) * (chars.len() + 1)];
-    match_at(tokens, &chars, 0, 0, &mut seen)
+/// Whether `tokens` match `text` whole or any of its parent directories (`text` up to one of
+/// its `/`). One pass over `text` with the set of pattern positions reached so far (a Thompson
+/// simulation), so the cost is tokens × characters however deep the path: a walk of a deep tree
+/// stays linear in each path's length instead of matching every parent again from the start.
+fn matches_path_or_parent(tokens: &[Token], text: &str) -> bool {
+    let mut now = vec![false; tokens.len() + 1];
+    let mut next = vec![false; tokens.len() + 1];
+    now[0] = true;
+    close(tokens, &mut now);
+    for c in text.chars() {
+        if c == '/' && accepts(tokens, &now) {
+            return true;
+        }
+        next.fill(false);
+        for (t, token) in tokens.iter().enumerate() {
+            if !now[t] {
+                continue;
+            }
+            match token {
+                Token::Literal(l) if *l == c => next[t + 1] = true,
+                Token::Literal(_) => {}
+                Token::AnyChar => next[t + 1] |= c != '/',
+                Token::Class { negated, ranges } => {
+                    next[t + 1] |=
+                        c != '/' && ranges.iter().any(|(lo, hi)| *lo <= c && c <= *hi) != *negated;
+                }
+                Token::Star => next[t] |= c != '/',
+                Token::AnyTail => next[t] = true,
+                Token::AnyDirs => {
+                    next[t] = true;
+                    next[t + 1] |= c == '/';
+                }
+            }
+        }
+        close(tokens, &mut next);
+        if !next.contains(&true) {
+            return false;
+        }
+        std::mem::swap(&mut now, &mut next);
+    }
+    accepts(tokens, &now)
 }
 
-fn match_at(tokens: &[Token], text: &[char], t: usize, s: usize, seen: &mut [bool]) -> bool {
-    let key = t * (text.len() + 1) + s;
-    if seen[key] {
-        return false;
-    }
-    seen[key] = true;
-    let Some(token) = tokens.get(t) else {
-        return s == text.len();
-    };
-    match token {
-        Token::Literal(c) => text.get(s) == Some(c) && match_at(tokens, text, t + 1, s + 1, seen),
-        Token::AnyChar => {
-            text.get(s).is_some_and(|c| *c != '/') && match_at(tokens, text, t + 1, s + 1, seen)
-        }
-        Token::Class { negated, ranges } => {
-            text.get(s).is_some_and(|c| {
-                *c != '/' && ranges.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated
-            }) && match_at(tokens, text, t + 1, s + 1, seen)
-        }
-        Token::Star => {
-            let mut end = s;
-            loop {
-                if match_at(tokens, text, t + 1, end, seen) {
-                    return true;
-                }
-                if end >= text.len() || text[end] == '/' {
-                    return false;
-                }
-                end += 1;
-            }
-        }
-        Token::AnyTail => true,
-        Token::AnyDirs => {
-            // Zero components, or any prefix ending just after a '/'.
-            if match_at(tokens, text, t + 1, s, seen) {
-                return true;
-            }
-            (s..text.len())
-                .filter(|i| text[*i] == '/')
-                .any(|i| match_at(tokens, text, t + 1, i + 1, seen))
+/// Adds the positions reachable without reading a character: past a `*` or a `**/` that
+/// matches nothing.
+fn close(tokens: &[Token], set: &mut [bool]) {
+    for (t, token) in tokens.iter().enumerate() {
+        if set[t] && matches!(token, Token::Star | Token::AnyDirs) {
+            set[t + 1] = true;
         }
     }
+}
+
+/// Whether the set holds the end of the pattern, or a trailing `**` that matches the rest.
+fn accepts(tokens: &[Token], set: &[bool]) -> bool {
+    set[tokens.len()]
+        || tokens
+            .iter()
+            .enumerate()
+            .any(|(t, token)| set[t] && matches!(token, Token::AnyTail))
 }
 
 #[cfg(test)]
@@ -322,6 +373,26 @@ mod tests {
         assert!(excluded("a/**/z", "a/b/c/z"));
         assert!(excluded("a/**", "a/b/c"));
         assert!(!excluded("a/**/z", "b/z"));
+        assert!(excluded("**", "a/b"));
+        assert!(excluded("**/keep", "d/d/keep"));
+        assert!(excluded("**/keep", "d/keep/x"));
+        assert!(!excluded("**/keep", "d/keeper"));
+        assert!(excluded("a/**/b", "a/x/b/c"));
+        assert!(excluded("a/**/b/*", "a/b/c"));
+        assert!(!excluded("a/**/b/*", "a/b"));
+    }
+
+    /// A parent that matches excludes its contents at any depth, and a path thousands of
+    /// components deep is matched whole (one pass, not once per parent).
+    #[test]
+    fn parents_match_at_any_depth() {
+        assert!(excluded("a*", "ab/c"));
+        assert!(!excluded("a*", "b/c"));
+        let deep = vec!["d"; 2000].join("/");
+        assert!(excluded("d/d", &format!("{deep}/f")));
+        assert!(excluded(&format!("{deep}/f"), &format!("{deep}/f")));
+        assert!(!excluded(&format!("{deep}/g"), &format!("{deep}/f")));
+        assert!(excluded("**/f", &format!("{deep}/f")));
     }
 
     #[test]
@@ -362,6 +433,31 @@ mod tests {
         assert!(excluded("log[!0-9].txt", "logx.txt"));
         assert!(excluded("\\*star", "*star"));
         assert!(!excluded("\\*star", "xstar"));
+    }
+
+    #[test]
+    fn an_excluded_directory_is_walked_only_when_something_below_it_may_be_kept() {
+        let mut ignore = DockerIgnore::parse("*\n");
+        ignore.keep("docker/Dockerfile");
+        ignore.keep(".dockerignore");
+        assert!(ignore.may_keep_below("docker"));
+        assert!(!ignore.may_keep_below("dock"));
+        assert!(!ignore.may_keep_below("node_modules"));
+        let with_exception = DockerIgnore::parse("*\n!**/keep.txt\n");
+        assert!(with_exception.may_keep_below("node_modules"));
+    }
+
+    #[test]
+    fn an_oversized_file_or_pattern_is_refused_as_a_limit() {
+        let big = vec![b'#'; MAX_DOCKERIGNORE_BYTES as usize + 1];
+        let err = DockerIgnore::load(&mut &big[..]).unwrap_err();
+        assert_eq!(err.code, crate::error::ErrorCode::LimitExceeded);
+        let long_line = format!("ok\n{}\n", "a".repeat(MAX_PATTERN_BYTES + 1));
+        let err = DockerIgnore::load(&mut long_line.as_bytes()).unwrap_err();
+        assert_eq!(err.code, crate::error::ErrorCode::LimitExceeded);
+        assert!(err.message.contains("line 2"), "{err}");
+        let fine = DockerIgnore::load(&mut &b"*.log\n"[..]).unwrap();
+        assert!(fine.is_excluded("a.log"));
     }
 
     #[test]

@@ -18,16 +18,21 @@ pub mod resolve;
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::config::SourcesConfig;
 use crate::error::{ErrorCode, JobError, Stage};
 
-pub use dockerignore::DockerIgnore;
+pub use dockerignore::{DockerIgnore, MAX_DOCKERIGNORE_BYTES};
 
 /// The name of the ignore file at the context root.
 pub const DOCKERIGNORE: &str = ".dockerignore";
 
-/// Largest `.dockerignore` read; a bigger one is refused rather than buffered.
-pub const MAX_DOCKERIGNORE_BYTES: u64 = 1 << 20;
+/// Longest name of one path component (NAME_MAX of Linux file systems).
+pub const MAX_NAME_BYTES: usize = 255;
+
+/// Longest path of an entry below the context root (PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
 
 /// Caps on one build context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,9 +78,14 @@ pub enum Entry<'a> {
 }
 
 /// Applies the context rules to a walk and, when given an output, writes the tar stream.
+///
+/// Every entry a walk visits counts against the caps, including those `.dockerignore` leaves
+/// out: the caps bound the work a source makes the walk do, not only what is sent. The walk
+/// stops with a `cancelled` error once `cancel` fires (job timeout, cancel request, shutdown).
 pub struct Sealer<'w> {
     ignore: DockerIgnore,
     limits: Limits,
+    cancel: CancellationToken,
     entries: u64,
     content_bytes: u64,
     out: Option<tar::Builder<Counter<'w>>>,
@@ -85,10 +95,16 @@ pub struct Sealer<'w> {
 
 impl<'w> Sealer<'w> {
     /// A sealer that checks without writing.
-    pub fn check(ignore: DockerIgnore, limits: Limits, track_files: bool) -> Sealer<'w> {
+    pub fn check(
+        ignore: DockerIgnore,
+        limits: Limits,
+        track_files: bool,
+        cancel: CancellationToken,
+    ) -> Sealer<'w> {
         Sealer {
             ignore,
             limits,
+            cancel,
             entries: 0,
             content_bytes: 0,
             out: None,
@@ -101,6 +117,7 @@ impl<'w> Sealer<'w> {
         ignore: DockerIgnore,
         limits: Limits,
         track_files: bool,
+        cancel: CancellationToken,
         out: &'w mut dyn Write,
     ) -> Sealer<'w> {
         let mut builder = tar::Builder::new(Counter {
@@ -109,33 +126,42 @@ impl<'w> Sealer<'w> {
         });
         builder.follow_symlinks(false);
         Sealer {
-            ignore,
-            limits,
-            entries: 0,
-            content_bytes: 0,
             out: Some(builder),
-            files: track_files.then(HashSet::new),
+            ..Sealer::check(ignore, limits, track_files, cancel)
         }
     }
 
-    /// Whether a walk must look inside directory `rel` (it is sent, or an exception pattern
-    /// could bring back something below it).
-    pub fn descend(&self, rel: &[String]) -> bool {
-        !self.ignore.is_excluded(&rel.join("/")) || self.ignore.has_exceptions()
+    /// The caps this sealer applies.
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
-    /// Whether `rel` is left out by `.dockerignore`.
-    pub fn excluded(&self, rel: &[String]) -> bool {
-        self.ignore.is_excluded(&rel.join("/"))
+    /// Whether a walk must look inside directory `rel` (already passed to [`Sealer::add`]): it
+    /// is sent, or an exception could bring back something below it.
+    pub fn descend(&self, rel: &[String]) -> bool {
+        let name = rel.join("/");
+        !self.ignore.is_excluded(&name) || self.ignore.may_keep_below(&name)
+    }
+
+    /// Visits `rel` for a walk that needs to know, before reading an entry's content, whether
+    /// it is sent. An excluded entry is counted here (call nothing else for it) and `true` is
+    /// returned; for an entry that is sent, `false`, and the walk then calls [`Sealer::add`].
+    pub fn skip_excluded(&mut self, rel: &[String]) -> Result<bool, JobError> {
+        let name = rel.join("/");
+        if !self.ignore.is_excluded(&name) {
+            return Ok(false);
+        }
+        self.count(rel, &name)?;
+        Ok(true)
     }
 
     /// Checks one entry at `rel` (relative to the context root, not empty) and writes it.
     pub fn add(&mut self, rel: &[String], meta: Meta, entry: Entry<'_>) -> Result<(), JobError> {
         let name = rel.join("/");
+        self.count(rel, &name)?;
         if self.ignore.is_excluded(&name) {
             return Ok(());
         }
-        self.count(rel, &name)?;
         match entry {
             Entry::Special(what) => Err(unsafe_entry(&name, &format!("it is a {what}"))),
             Entry::Dir => self.append(
@@ -247,7 +273,11 @@ impl<'w> Sealer<'w> {
         }
     }
 
+    /// Counts one visited entry against the caps; also where the walk notices cancellation.
     fn count(&mut self, rel: &[String], name: &str) -> Result<(), JobError> {
+        if self.cancel.is_cancelled() {
+            return Err(JobError::cancelled(Stage::Seal));
+        }
         self.entries += 1;
         if self.entries > self.limits.max_entries {
             return Err(limit(format!(
@@ -259,6 +289,18 @@ impl<'w> Sealer<'w> {
             return Err(limit(format!(
                 "{name:?} is more than {} directories deep (sources.max_path_depth)",
                 self.limits.max_path_depth
+            )));
+        }
+        if let Some(part) = rel.iter().find(|p| p.len() > MAX_NAME_BYTES) {
+            let shown: String = part.chars().take(64).collect();
+            return Err(limit(format!(
+                "an entry's name ({shown:?}…) is longer than {MAX_NAME_BYTES} bytes"
+            )));
+        }
+        if name.len() > MAX_PATH_BYTES {
+            let shown: String = name.chars().take(64).collect();
+            return Err(limit(format!(
+                "the path {shown:?}… is longer than {MAX_PATH_BYTES} bytes"
             )));
         }
         Ok(())
@@ -417,6 +459,10 @@ mod tests {
         mtime: 1,
     };
 
+    fn live() -> CancellationToken {
+        CancellationToken::new()
+    }
+
     #[test]
     fn symlinks_that_stay_inside_the_context_are_accepted() {
         assert_eq!(symlink_escape(&parts("a/link"), "../b"), None);
@@ -446,7 +492,7 @@ mod tests {
 
     #[test]
     fn the_entry_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false);
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
         for name in ["a", "b", "c"] {
             s.add(&parts(name), META, Entry::Dir).unwrap();
         }
@@ -456,7 +502,7 @@ mod tests {
 
     #[test]
     fn the_byte_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false);
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
         let err = s
             .add(
                 &parts("big"),
@@ -472,14 +518,14 @@ mod tests {
 
     #[test]
     fn the_depth_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false);
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
         let err = s.add(&parts("a/b/c"), META, Entry::Dir).unwrap_err();
         assert_eq!(err.code, ErrorCode::LimitExceeded);
     }
 
     #[test]
     fn special_files_are_refused_by_name() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false);
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
         let err = s
             .add(&parts("pipe"), META, Entry::Special("FIFO"))
             .unwrap_err();
@@ -488,18 +534,64 @@ mod tests {
     }
 
     #[test]
-    fn ignored_entries_are_neither_counted_nor_checked() {
-        let mut s = Sealer::check(DockerIgnore::parse("tmp"), LIMITS, false);
+    fn ignored_entries_are_not_checked() {
+        let mut s = Sealer::check(DockerIgnore::parse("tmp"), LIMITS, false, live());
         s.add(&parts("tmp/sock"), META, Entry::Special("socket"))
             .unwrap();
+    }
+
+    #[test]
+    fn ignored_entries_count_against_the_entry_and_depth_caps() {
+        let mut s = Sealer::check(DockerIgnore::parse("*"), LIMITS, false, live());
         for name in ["a", "b", "c"] {
-            s.add(&parts(name), META, Entry::Dir).unwrap();
+            assert!(s.skip_excluded(&parts(name)).unwrap());
         }
+        let err = s.add(&parts("d"), META, Entry::Dir).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
+
+        let mut s = Sealer::check(DockerIgnore::parse("*"), LIMITS, false, live());
+        let err = s.skip_excluded(&parts("x/y/z")).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
+    }
+
+    #[test]
+    fn an_excluded_directory_is_not_descended_unless_something_below_is_kept() {
+        let mut ignore = DockerIgnore::parse("*");
+        ignore.keep("docker/Dockerfile");
+        let s = Sealer::check(ignore, LIMITS, false, live());
+        assert!(s.descend(&parts("docker")));
+        assert!(!s.descend(&parts("node_modules")));
+    }
+
+    #[test]
+    fn long_names_and_paths_are_refused_as_limits() {
+        let limits = Limits {
+            max_path_depth: 64,
+            max_entries: 100,
+            ..LIMITS
+        };
+        let mut s = Sealer::check(DockerIgnore::parse("*"), limits, false, live());
+        let long = "n".repeat(MAX_NAME_BYTES + 1);
+        let err = s.skip_excluded(&parts(&long)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
+        let deep = vec!["d".repeat(MAX_NAME_BYTES); 17].join("/");
+        let err = s.add(&parts(&deep), META, Entry::Dir).unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded);
+    }
+
+    #[test]
+    fn a_cancelled_walk_stops_at_the_next_entry() {
+        let cancel = CancellationToken::new();
+        let mut s = Sealer::check(DockerIgnore::parse("*"), LIMITS, false, cancel.clone());
+        assert!(s.skip_excluded(&parts("a")).unwrap());
+        cancel.cancel();
+        let err = s.skip_excluded(&parts("b")).unwrap_err();
+        assert_eq!(err.class, crate::error::ErrorClass::Cancelled);
     }
 
     #[test]
     fn a_hard_link_to_an_unsent_file_is_refused() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, true);
+        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, true, live());
         let err = s
             .add(
                 &parts("link"),
@@ -515,7 +607,12 @@ mod tests {
     #[test]
     fn the_stream_holds_sanitised_entries() {
         let mut out = Vec::new();
-        let mut s = Sealer::write(DockerIgnore::parse("skip"), LIMITS, true, &mut out);
+        // Four entries visited (the excluded one counts too).
+        let limits = Limits {
+            max_entries: 4,
+            ..LIMITS
+        };
+        let mut s = Sealer::write(DockerIgnore::parse("skip"), limits, true, live(), &mut out);
         s.add(&parts("dir"), META, Entry::Dir).unwrap();
         s.add(
             &parts("dir/f"),

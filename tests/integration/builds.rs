@@ -323,6 +323,7 @@ fn seal_dir(dir: &Path) -> factoryd::ports::SealedContext {
             max_entries: 100_000,
             max_path_depth: 64,
         },
+        Default::default(),
     )
     .expect("seal")
 }
@@ -732,7 +733,7 @@ async fn a_symlink_to_a_host_file_never_brings_the_host_file_into_the_build() {
         max_entries: 100,
         max_path_depth: 8,
     };
-    let e = local::seal(dir.path(), "/", "/Dockerfile", limits)
+    let e = local::seal(dir.path(), "/", "/Dockerfile", limits, Default::default())
         .expect_err("a link out of the context is refused before anything reaches the engine");
     assert_eq!(
         (e.class, e.code),

@@ -364,7 +364,7 @@ impl FetchTask {
         };
         revision.commit = commit.to_string();
         let gitmodules = if self.repo.submodules {
-            submodule::read_gitmodules(&repo, commit).map_err(|e| self.local_error(e))?
+            submodule::read_gitmodules(&repo, commit).map_err(|e| self.local_error(e))??
         } else {
             None
         };
@@ -384,6 +384,7 @@ impl FetchTask {
             &self.context_dir,
             &self.build_file,
             self.limits,
+            self.cx.cancel.clone(),
             if self.repo.submodules {
                 Some(&mut fetch_submodule)
             } else {

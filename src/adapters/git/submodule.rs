@@ -17,19 +17,31 @@ const GITMODULES: &str = ".gitmodules";
 /// Where submodule repositories go inside the workspace.
 const SUBMODULES_DIR: &str = "submodules";
 
-/// The `.gitmodules` blob at the root of `commit`, if there is one.
+/// Largest `.gitmodules` read; a bigger one is refused before it is loaded.
+const MAX_GITMODULES_BYTES: usize = 1 << 20;
+
+/// The `.gitmodules` blob at the root of `commit`, if there is one. The outer error is a
+/// failure to read our own repository; the inner one a `.gitmodules` over its cap.
 pub(super) fn read_gitmodules(
     repo: &Repository,
     commit: Oid,
-) -> Result<Option<Vec<u8>>, git2::Error> {
+) -> Result<Result<Option<Vec<u8>>, JobError>, git2::Error> {
     let tree = repo.find_commit(commit)?.tree()?;
     let Some(entry) = tree.get_name(GITMODULES) else {
-        return Ok(None);
+        return Ok(Ok(None));
     };
     if entry.kind() != Some(ObjectType::Blob) {
-        return Ok(None);
+        return Ok(Ok(None));
     }
-    Ok(Some(repo.find_blob(entry.id())?.content().to_vec()))
+    let (size, _) = repo.odb()?.read_header(entry.id())?;
+    if size > MAX_GITMODULES_BYTES {
+        return Ok(Err(JobError::permanent(
+            Stage::Fetch,
+            ErrorCode::LimitExceeded,
+            format!("{GITMODULES} is larger than {MAX_GITMODULES_BYTES} bytes"),
+        )));
+    }
+    Ok(Ok(Some(repo.find_blob(entry.id())?.content().to_vec())))
 }
 
 /// The URL `.gitmodules` (written to `scratch` to be read as git configuration) gives for the

@@ -7,11 +7,10 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use git2::{ObjectType, Oid, Repository, Tree};
+use tokio_util::sync::CancellationToken;
 
 use crate::context::resolve::{self, Node, SourceLookup, Want};
-use crate::context::{
-    self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE, MAX_DOCKERIGNORE_BYTES,
-};
+use crate::context::{self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE};
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::ports::{ContextWriter, SealedContext};
 use crate::workspace::random_hex;
@@ -27,15 +26,24 @@ const MODE_COMMIT: i32 = 0o160000;
 /// gitlink pins, returns the bare repository holding that commit.
 pub type SubmoduleFetch<'a> = dyn FnMut(&str, Oid) -> Result<PathBuf, JobError> + 'a;
 
+/// Largest symlink target read from a blob (PATH_MAX); a longer one is refused.
+const MAX_LINK_TARGET_BYTES: usize = 4096;
+
 /// Resolves and checks the context of `commit` in the bare repository at `repo_path`, and
 /// returns the sealed context that streams it. With `submodules`, each gitlink inside the
-/// context is fetched through it (during the check walk) and streamed at its path.
+/// context is fetched through it (during the check walk) and streamed at its path. Both walks
+/// stop when `cancel` fires.
+///
+/// The walk recurses once per directory level, and only into a directory the sealer has
+/// counted, so its depth is at most `sources.max_path_depth` (config caps it at 4096; a test
+/// walks that deep on a 2 MiB stack, the size of tokio's blocking threads).
 pub fn seal(
     repo_path: &Path,
     commit: Oid,
     context_dir: &str,
     build_file: &str,
     limits: Limits,
+    cancel: CancellationToken,
     submodules: Option<&mut SubmoduleFetch<'_>>,
 ) -> Result<SealedContext, JobError> {
     let repo = open(repo_path)?;
@@ -59,13 +67,18 @@ pub fn seal(
 
     let mut ignore = match context_tree.get_name(DOCKERIGNORE) {
         Some(entry) if entry.filemode() != MODE_TREE => {
-            let blob = repo.find_blob(entry.id()).map_err(internal)?;
-            if blob.size() as u64 > MAX_DOCKERIGNORE_BYTES {
+            let (size, _) = repo
+                .odb()
+                .and_then(|odb| odb.read_header(entry.id()))
+                .map_err(internal)?;
+            if size as u64 > context::MAX_DOCKERIGNORE_BYTES {
                 return Err(context::limit(format!(
-                    "{DOCKERIGNORE} is larger than {MAX_DOCKERIGNORE_BYTES} bytes"
+                    "{DOCKERIGNORE} is larger than {} bytes",
+                    context::MAX_DOCKERIGNORE_BYTES
                 )));
             }
-            DockerIgnore::parse(&String::from_utf8_lossy(blob.content()))
+            let blob = repo.find_blob(entry.id()).map_err(internal)?;
+            DockerIgnore::load(&mut blob.content())?
         }
         _ => DockerIgnore::default(),
     };
@@ -96,6 +109,7 @@ pub fn seal(
         prefix: context.path.clone(),
         ignore,
         limits,
+        cancel,
         mtime,
         extra,
         submodules: submodules.is_some(),
@@ -120,6 +134,7 @@ struct GitContext {
     tree: Oid,
     ignore: DockerIgnore,
     limits: Limits,
+    cancel: CancellationToken,
     mtime: u64,
     extra: Option<BuildFile>,
     /// The context directory's path from the repository root.
@@ -134,76 +149,70 @@ struct GitContext {
 impl GitContext {
     /// Walks the context tree; writes the stream when `out` is given, only checks otherwise.
     /// `fetch` (check walk only) fetches the submodules met, recorded in `fetched`.
+    ///
+    /// The walk keeps its own stack of directories instead of recursing, so no tree, however
+    /// deep, can exhaust the thread's stack; the sealer's depth cap ends a deep one.
     fn walk(
         &self,
         out: Option<&mut dyn Write>,
-        fetch: Option<&mut SubmoduleFetch<'_>>,
+        mut fetch: Option<&mut SubmoduleFetch<'_>>,
         fetched: &mut BTreeMap<String, PathBuf>,
     ) -> Result<u64, JobError> {
-        let repo = open(&self.repo_path)?;
         let writing = out.is_some();
         let mut sealer = match out {
-            Some(out) => Sealer::write(self.ignore.clone(), self.limits, false, out),
-            None => Sealer::check(self.ignore.clone(), self.limits, false),
+            Some(out) => Sealer::write(
+                self.ignore.clone(),
+                self.limits,
+                false,
+                self.cancel.clone(),
+                out,
+            ),
+            None => Sealer::check(self.ignore.clone(), self.limits, false, self.cancel.clone()),
         };
-        let tree = repo.find_tree(self.tree).map_err(internal)?;
-        let mut rel = Vec::new();
-        let mut walk = Walk {
-            writing,
-            fetch,
-            fetched,
-            in_submodule: false,
+        // repos[0] is the superproject; a submodule's repository is added when entered.
+        let mut repos = vec![open(&self.repo_path)?];
+        let mut stack = {
+            let root = repos[0].find_tree(self.tree).map_err(internal)?;
+            vec![Frame::of(&root, 0)]
         };
-        self.walk_tree(&repo, &tree, &mut rel, &mut sealer, &mut walk)?;
-        if let Some(extra) = &self.extra {
-            let blob = repo.find_blob(extra.blob).map_err(internal)?;
-            let meta = Meta {
-                mode: extra.mode,
-                mtime: self.mtime,
+        let mut rel: Vec<String> = Vec::new();
+        while let Some(frame) = stack.last_mut() {
+            let Some(item) = frame.items.get(frame.next) else {
+                stack.pop();
+                rel.pop();
+                continue;
             };
-            sealer.add_build_file(&extra.name, meta, blob.size() as u64, &mut blob.content())?;
-        }
-        sealer.finish()
-    }
-
-    fn walk_tree(
-        &self,
-        repo: &Repository,
-        tree: &Tree<'_>,
-        rel: &mut Vec<String>,
-        sealer: &mut Sealer<'_>,
-        walk: &mut Walk<'_, '_>,
-    ) -> Result<(), JobError> {
-        let writing = walk.writing;
-        let odb = repo.odb().map_err(internal)?;
-        for entry in tree.iter() {
-            let Ok(name) = entry.name() else {
+            frame.next += 1;
+            let repo_index = frame.repo;
+            let Ok(name) = std::str::from_utf8(&item.name) else {
                 return Err(context::unsafe_entry(
-                    &String::from_utf8_lossy(entry.name_bytes()),
+                    &String::from_utf8_lossy(&item.name),
                     "its name is not UTF-8",
                 ));
             };
             rel.push(name.to_owned());
-            let mode = entry.filemode();
+            let (mode, id) = (item.mode, item.id);
+            let repo = &repos[repo_index];
             let meta = Meta {
                 mode: blob_mode(mode),
                 mtime: self.mtime,
             };
             match mode {
                 MODE_TREE => {
-                    sealer.add(rel, dir_meta(self.mtime), Entry::Dir)?;
-                    if sealer.descend(rel) {
-                        let sub = repo.find_tree(entry.id()).map_err(internal)?;
-                        self.walk_tree(repo, &sub, rel, sealer, walk)?;
+                    sealer.add(&rel, dir_meta(self.mtime), Entry::Dir)?;
+                    if sealer.descend(&rel) {
+                        let sub = repo.find_tree(id).map_err(internal)?;
+                        stack.push(Frame::of(&sub, repo_index));
+                        continue;
                     }
                 }
                 MODE_BLOB | MODE_BLOB_GROUP_WRITABLE | MODE_BLOB_EXECUTABLE => {
-                    if !sealer.excluded(rel) {
+                    if !sealer.skip_excluded(&rel)? {
                         if writing {
-                            let blob = repo.find_blob(entry.id()).map_err(internal)?;
+                            let blob = repo.find_blob(id).map_err(internal)?;
                             let size = blob.size() as u64;
                             sealer.add(
-                                rel,
+                                &rel,
                                 meta,
                                 Entry::File {
                                     size,
@@ -211,9 +220,10 @@ impl GitContext {
                                 },
                             )?;
                         } else {
-                            let (size, _) = odb.read_header(entry.id()).map_err(internal)?;
+                            let odb = repo.odb().map_err(internal)?;
+                            let (size, _) = odb.read_header(id).map_err(internal)?;
                             sealer.add(
-                                rel,
+                                &rel,
                                 meta,
                                 Entry::File {
                                     size: size as u64,
@@ -224,36 +234,56 @@ impl GitContext {
                     }
                 }
                 MODE_LINK => {
-                    if !sealer.excluded(rel) {
-                        let blob = repo.find_blob(entry.id()).map_err(internal)?;
-                        let target = String::from_utf8_lossy(blob.content()).into_owned();
-                        sealer.add(rel, meta, Entry::Symlink { target })?;
+                    if !sealer.skip_excluded(&rel)? {
+                        let target = link_target(repo, id, &rel.join("/"))?;
+                        sealer.add(&rel, meta, Entry::Symlink { target })?;
                     }
                 }
                 MODE_COMMIT if self.submodules => {
-                    sealer.add(rel, dir_meta(self.mtime), Entry::Dir)?;
-                    if sealer.descend(rel) {
-                        self.walk_submodule(rel, entry.id(), sealer, walk)?;
+                    sealer.add(&rel, dir_meta(self.mtime), Entry::Dir)?;
+                    if sealer.descend(&rel) {
+                        let in_submodule = repo_index != 0;
+                        let path =
+                            self.submodule_repo(&rel, id, in_submodule, &mut fetch, fetched)?;
+                        let sub_repo = open(&path)?;
+                        let tree = sub_repo
+                            .find_commit(id)
+                            .and_then(|c| c.tree())
+                            .map_err(internal)?;
+                        let frame = Frame::of(&tree, repos.len());
+                        drop(tree);
+                        repos.push(sub_repo);
+                        stack.push(frame);
+                        continue;
                     }
                 }
                 // A submodule not asked for: `git archive` writes an empty directory, so do we.
-                MODE_COMMIT => sealer.add(rel, dir_meta(self.mtime), Entry::Dir)?,
-                _ => sealer.add(rel, meta, Entry::Special("git object of an unknown mode"))?,
+                MODE_COMMIT => sealer.add(&rel, dir_meta(self.mtime), Entry::Dir)?,
+                _ => sealer.add(&rel, meta, Entry::Special("git object of an unknown mode"))?,
             }
             rel.pop();
         }
-        Ok(())
+        if let Some(extra) = &self.extra {
+            let blob = repos[0].find_blob(extra.blob).map_err(internal)?;
+            let meta = Meta {
+                mode: extra.mode,
+                mtime: self.mtime,
+            };
+            sealer.add_build_file(&extra.name, meta, blob.size() as u64, &mut blob.content())?;
+        }
+        sealer.finish()
     }
 
-    /// Streams the tree of submodule commit `commit` at `rel`, fetching it first on the check
-    /// walk.
-    fn walk_submodule(
+    /// The bare repository holding submodule commit `commit` at `rel`, fetched on the check
+    /// walk (through `fetch`) and looked up in `fetched` on the write walk.
+    fn submodule_repo(
         &self,
-        rel: &mut Vec<String>,
+        rel: &[String],
         commit: Oid,
-        sealer: &mut Sealer<'_>,
-        walk: &mut Walk<'_, '_>,
-    ) -> Result<(), JobError> {
+        in_submodule: bool,
+        fetch: &mut Option<&mut SubmoduleFetch<'_>>,
+        fetched: &mut BTreeMap<String, PathBuf>,
+    ) -> Result<PathBuf, JobError> {
         let key = rel.join("/");
         let full = self
             .prefix
@@ -262,7 +292,7 @@ impl GitContext {
             .cloned()
             .collect::<Vec<_>>()
             .join("/");
-        if walk.in_submodule {
+        if in_submodule {
             return Err(JobError::permanent(
                 Stage::Fetch,
                 ErrorCode::Unsupported,
@@ -272,41 +302,51 @@ impl GitContext {
                 ),
             ));
         }
-        let repo_path = match walk.fetched.get(&key) {
-            Some(path) => path.clone(),
-            None => {
-                let Some(fetch) = walk.fetch.as_deref_mut() else {
-                    return Err(JobError::transient(
-                        Stage::Seal,
-                        ErrorCode::Internal,
-                        format!("submodule {full:?} was not fetched when the context was checked"),
-                    ));
-                };
-                let path = fetch(&full, commit)?;
-                walk.fetched.insert(key, path.clone());
-                path
-            }
+        if let Some(path) = fetched.get(&key) {
+            return Ok(path.clone());
+        }
+        let Some(fetch) = fetch.as_deref_mut() else {
+            return Err(JobError::transient(
+                Stage::Seal,
+                ErrorCode::Internal,
+                format!("submodule {full:?} was not fetched when the context was checked"),
+            ));
         };
-        let repo = open(&repo_path)?;
-        let tree = repo
-            .find_commit(commit)
-            .and_then(|c| c.tree())
-            .map_err(internal)?;
-        walk.in_submodule = true;
-        let result = self.walk_tree(&repo, &tree, rel, sealer, walk);
-        walk.in_submodule = false;
-        result
+        let path = fetch(&full, commit)?;
+        fetched.insert(key, path.clone());
+        Ok(path)
     }
 }
 
-/// The state of one walk over the context.
-struct Walk<'f, 'm> {
-    /// Whether the stream is written (else only checked).
-    writing: bool,
-    fetch: Option<&'f mut SubmoduleFetch<'m>>,
-    fetched: &'f mut BTreeMap<String, PathBuf>,
-    /// Inside a submodule's tree: a gitlink there is a nested submodule.
-    in_submodule: bool,
+/// One directory of the walk: its entries, read when it was entered, and the next to visit.
+struct Frame {
+    items: Vec<Item>,
+    next: usize,
+    /// Index of the repository the tree is in (0: the superproject).
+    repo: usize,
+}
+
+struct Item {
+    name: Vec<u8>,
+    mode: i32,
+    id: Oid,
+}
+
+impl Frame {
+    fn of(tree: &Tree<'_>, repo: usize) -> Frame {
+        Frame {
+            items: tree
+                .iter()
+                .map(|e| Item {
+                    name: e.name_bytes().to_vec(),
+                    mode: e.filemode(),
+                    id: e.id(),
+                })
+                .collect(),
+            next: 0,
+            repo,
+        }
+    }
 }
 
 impl ContextWriter for GitContext {
@@ -333,10 +373,7 @@ impl SourceLookup for TreeLookup<'_> {
         };
         Ok(Some(match entry.filemode() {
             MODE_TREE => Node::Dir,
-            MODE_LINK => {
-                let blob = self.repo.find_blob(entry.id()).map_err(internal)?;
-                Node::Symlink(String::from_utf8_lossy(blob.content()).into_owned())
-            }
+            MODE_LINK => Node::Symlink(link_target(self.repo, entry.id(), &path.join("/"))?),
             MODE_COMMIT => Node::Other("submodule"),
             _ if entry.kind() == Some(ObjectType::Blob) => Node::File,
             _ => Node::Other("git object of an unknown mode"),
@@ -359,6 +396,22 @@ impl SourceLookup for TreeLookup<'_> {
         })
         .unwrap_or_default()
     }
+}
+
+/// The target of the symlink blob `id` at `name`, read only when its size is sane: a link is a
+/// path, and a blob of gigabytes posing as one must not be loaded.
+fn link_target(repo: &Repository, id: Oid, name: &str) -> Result<String, JobError> {
+    let (size, _) = repo
+        .odb()
+        .and_then(|odb| odb.read_header(id))
+        .map_err(internal)?;
+    if size > MAX_LINK_TARGET_BYTES {
+        return Err(context::limit(format!(
+            "the symlink {name:?} has a target longer than {MAX_LINK_TARGET_BYTES} bytes"
+        )));
+    }
+    let blob = repo.find_blob(id).map_err(internal)?;
+    Ok(String::from_utf8_lossy(blob.content()).into_owned())
 }
 
 fn blob_mode(filemode: i32) -> u32 {
@@ -384,4 +437,93 @@ fn internal(e: git2::Error) -> JobError {
         ErrorCode::Internal,
         format!("reading the fetched repository failed: {}", e.message()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bare repository whose one commit holds `ignore` as `.dockerignore`, a `Dockerfile`,
+    /// and a chain of `depth` directories `d/d/d/…`.
+    fn deep_repo(dir: &Path, depth: usize, ignore: &str) -> Oid {
+        let repo = Repository::init_bare(dir).unwrap();
+        let empty = repo.treebuilder(None).unwrap().write().unwrap();
+        let mut inner = empty;
+        for _ in 0..depth {
+            let mut b = repo.treebuilder(None).unwrap();
+            b.insert("d", inner, MODE_TREE).unwrap();
+            inner = b.write().unwrap();
+        }
+        let mut root = repo.treebuilder(None).unwrap();
+        root.insert("d", inner, MODE_TREE).unwrap();
+        let ignore = repo.blob(ignore.as_bytes()).unwrap();
+        root.insert(DOCKERIGNORE, ignore, MODE_BLOB).unwrap();
+        let dockerfile = repo.blob(b"FROM scratch\n").unwrap();
+        root.insert("Dockerfile", dockerfile, MODE_BLOB).unwrap();
+        let tree = repo.find_tree(root.write().unwrap()).unwrap();
+        let sig = git2::Signature::new("t", "t@example.invalid", &git2::Time::new(1, 0)).unwrap();
+        repo.commit(None, &sig, &sig, "deep", &tree, &[]).unwrap()
+    }
+
+    fn seal_all(path: &Path, commit: Oid, limits: Limits) -> Result<SealedContext, JobError> {
+        seal(
+            path,
+            commit,
+            "/",
+            "/Dockerfile",
+            limits,
+            CancellationToken::new(),
+            None,
+        )
+    }
+
+    /// Regression: a tree 100,000 directories deep below an excluded directory overflowed the
+    /// worker's stack (excluded directories were walked but never counted against the depth).
+    /// An exception pattern makes the walk enter excluded directories.
+    #[test]
+    fn a_deep_excluded_tree_stops_at_the_depth_cap_on_a_blocking_threads_stack() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = deep_repo(dir.path(), 10_000, "*\n!**/keep\n");
+        for max_path_depth in [64, 4096] {
+            let limits = Limits {
+                max_context_bytes: 1 << 20,
+                max_entries: 1_000_000,
+                max_path_depth,
+            };
+            let path = dir.path().to_path_buf();
+            // tokio's blocking threads have 2 MiB stacks; the walk must fit the deepest tree
+            // any config allows (max_path_depth is at most 4096; paths at most 4096 bytes).
+            let err = std::thread::Builder::new()
+                .stack_size(2 << 20)
+                .spawn(move || seal_all(&path, commit, limits).map(|_| ()))
+                .unwrap()
+                .join()
+                .expect("the walk must not overflow its stack")
+                .expect_err("the tree is deeper than any cap");
+            assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+        }
+    }
+
+    /// Without an exception, an excluded directory is not entered at all: the same deep tree
+    /// seals at once, and its entries are not in the stream.
+    #[test]
+    fn an_excluded_directory_without_exceptions_is_not_walked() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = deep_repo(dir.path(), 10_000, "*\n");
+        let limits = Limits {
+            max_context_bytes: 1 << 20,
+            max_entries: 10,
+            max_path_depth: 64,
+        };
+        let sealed = seal_all(dir.path(), commit, limits).expect("seals");
+        let mut out = Vec::new();
+        sealed.write_tar(&mut out).unwrap();
+        let mut archive = tar::Archive::new(&out[..]);
+        let names: Vec<String> = archive
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect();
+        assert_eq!(names, [".dockerignore", "Dockerfile"]);
+    }
 }
