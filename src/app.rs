@@ -407,6 +407,7 @@ async fn run_one(job: job::Job, config: Config, context: Option<std::path::PathB
         ));
     }
     let worker = config.worker.name.clone();
+    // One masking set for the run, as in the worker: the stages grow it, the result uses it.
     let redactor = Arc::new(job::Redactor::for_job(&job));
     let events: Arc<dyn crate::ports::EventSink> = Arc::new(RedactingSink {
         inner: Arc::new(StderrEvents {

@@ -575,6 +575,8 @@ impl Worker {
             );
         }
 
+        // One masking set for the whole attempt: its stages add the credentials they learn, and
+        // the events and the result below are masked with all of them.
         let redactor = Arc::new(Redactor::for_job(&job));
         let events: Arc<dyn EventSink> = Arc::new(RedactingSink {
             inner: self.ports.events.sink(&job.id, attempt),

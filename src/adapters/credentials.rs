@@ -1,6 +1,6 @@
 //! The [`CredentialResolver`] for import origins: static credentials from the job, a webhook,
 //! or the ECR provider. It only chooses; the technologies live in [`super::webhook`] and
-//! [`super::ecr`].
+//! [`super::ecr`]. Whatever it resolves joins the job's masking set (`StageContext::redactor`).
 
 use async_trait::async_trait;
 
@@ -55,7 +55,7 @@ impl CredentialResolver for OriginCredentials {
         fresh: bool,
         cx: &StageContext,
     ) -> Result<Option<BasicAuth>, JobError> {
-        Ok(match origin {
+        let auth = match origin {
             Origin::DockerHub(hub) => match (&hub.username, &hub.token) {
                 (Some(user), Some(token)) => Some(basic(user, token)),
                 _ => None,
@@ -80,6 +80,12 @@ impl CredentialResolver for OriginCredentials {
                 },
             },
             Origin::DockerFile(_) => None,
-        })
+        };
+        // A webhook's or ECR's answer (fresh or cached) is new to the job's masking set: add it
+        // before any request carries it, so a registry echoing it back is masked.
+        if let Some(auth) = &auth {
+            cx.redactor.add(&auth.password, Some(&auth.username));
+        }
+        Ok(auth)
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! The token is base64 of `AWS:<password>`; it is used as Basic credentials for the registry,
 //! cached per (region, access key, secret) until five minutes before it expires, and fetched
-//! afresh when asked (`fresh`, after a 401 in the middle of an import). What it must not do:
+//! afresh when asked (`fresh`, after a 401 in the middle of an import). The token and its
+//! password join the job's masking set as soon as they are decoded. What it must not do:
 //! keep a secret as a cache key (a hash is used), or pass AWS's error text on unredacted.
 
 use std::collections::HashMap;
@@ -110,6 +111,9 @@ impl EcrTokens {
         let (username, password) = decoded
             .split_once(':')
             .ok_or_else(|| malformed("a token that is not user:password"))?;
+        // The token as AWS sent it, and the password in it, are credentials of the job now.
+        redactor.add(&Secret::new(token.trim()), None);
+        redactor.add(&Secret::new(password), Some(username));
         let expires_at = data
             .expires_at()
             .and_then(|t| SystemTime::try_from(*t).ok());

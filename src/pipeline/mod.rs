@@ -10,6 +10,9 @@
 //! destination as it reads; a fetcher seals straight from the fetched objects), the two stages
 //! are one port call, and the pipeline reports the stage the call began in. Queue handling
 //! (claims, heartbeats, results, settling) is the worker's; this module knows nothing of it.
+//!
+//! Node credentials a job uses (the destination registry's password, `registries.credentials`
+//! handed to a build) join the job's masking set here, before a stage sends them anywhere.
 
 pub mod claim;
 pub mod destination;
@@ -22,8 +25,8 @@ use tokio::time::Instant;
 use crate::error::{JobError, Stage};
 use crate::job::{ImageInfo, Job, JobEvent, Origin, Revision, Timings};
 use crate::ports::{
-    BasicAuth, BuildRequest, Builder, CredentialResolver, Fetcher, ImportRequest, Importer,
-    StageContext,
+    BasicAuth, BuildRequest, Builder, CredentialResolver, Destination, Fetcher, ImportRequest,
+    Importer, StageContext,
 };
 
 pub use destination::DestinationSettings;
@@ -59,6 +62,13 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
 
     enter(cx, Stage::Resolve)?;
     let destination = stages.destinations.resolve(job)?;
+    if let Destination::Registry {
+        auth: Some(auth), ..
+    } = &destination
+    {
+        // The node's own password, not the job's: it must be masked in this job's text too.
+        cx.redactor.add(&auth.password, Some(&auth.username));
+    }
 
     let (image, revision) = match &job.origin {
         Origin::DockerFile(docker_file) => {
@@ -69,13 +79,16 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
 
             enter(cx, Stage::Build)?;
             let t = Instant::now();
+            let registry_auth =
+                build_registry_auth(&stages.node_registry_auth, &docker_file.credentials);
+            // The node's `registries.credentials` go to this build's session: mask them too.
+            for (_, auth) in &registry_auth {
+                cx.redactor.add(&auth.password, Some(&auth.username));
+            }
             let request = BuildRequest {
                 context: fetched.context,
                 options: job.build.clone().unwrap_or_default(),
-                registry_auth: build_registry_auth(
-                    &stages.node_registry_auth,
-                    &docker_file.credentials,
-                ),
+                registry_auth,
                 destination,
             };
             let image = stages.builder.build(request, cx).await?;
@@ -167,3 +180,6 @@ fn build_registry_auth(
     }
     out
 }
+
+#[cfg(test)]
+mod tests;

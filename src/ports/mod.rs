@@ -50,7 +50,9 @@ pub struct StageContext {
     /// their *work* (kill the build, abort the transfer), not only stop waiting.
     pub cancel: CancellationToken,
     pub events: Arc<dyn EventSink>,
-    /// Masks the job's credentials in any text that leaves the process.
+    /// Masks the job's credentials in any text that leaves the process. Shared by every stage
+    /// of the attempt and by the worker's result and events: a stage that learns a credential
+    /// (a webhook's answer, a token) adds it here before using it.
     pub redactor: Arc<Redactor>,
     /// The job's private directory (mode 0700), removed when the job ends.
     pub workspace: PathBuf,

@@ -524,3 +524,60 @@ async fn a_kind_held_for_two_causes_waits_until_both_clear() {
     r.stop().await;
     assert_eq!(r.stages.runs("waits"), 1);
 }
+
+/// An importer that learns a credential mid-job (as a webhook or token service hands one over),
+/// adds it to the job's masking set, then warns and fails with text that echoes it.
+struct EchoingImporter;
+
+const LEARNED: &str = "learned-token-5d2e";
+
+#[async_trait::async_trait]
+impl crate::ports::Importer for EchoingImporter {
+    async fn import(
+        &self,
+        _: crate::ports::ImportRequest<'_>,
+        cx: &StageContext,
+    ) -> Result<job::ImageInfo, JobError> {
+        cx.redactor
+            .add(&crate::secret::Secret::new(LEARNED), Some("hook-user"));
+        cx.emit(JobEvent::Warning {
+            code: "echo".into(),
+            message: format!("registry said {LEARNED}"),
+        });
+        Err(JobError::permanent(
+            Stage::Import,
+            ErrorCode::AuthFailed,
+            format!("registry echoed {LEARNED}"),
+        ))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_credential_a_stage_learns_is_masked_in_the_result_and_events() {
+    let work_root = tempfile::tempdir().unwrap();
+    let queue = MemQueue::new(ACK_WAIT, 5);
+    let results = MemResults::new();
+    let events = MemEvents::new();
+    let ports = QueuePorts {
+        queue: Arc::new(queue.clone()),
+        states: Arc::new(MemStates::new()),
+        results: Arc::new(results.clone()),
+        events: Arc::new(events.clone()),
+        cancels: Arc::new(MemCancels::new()),
+    };
+    let mut stages = ScriptedStages::new().stages(work_root.path().join("store"));
+    stages.importer = Arc::new(EchoingImporter);
+    let worker = Worker::new(settings(work_root.path()), ports, stages);
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(Arc::clone(&worker).run(shutdown.clone()));
+    assert!(queue.publish(Kind::Import, "j1", import_job("j1")));
+
+    let results = results.wait_for(1).await;
+    shutdown.cancel();
+    handle.await.unwrap();
+    let message = &results[0].error.as_ref().unwrap().message;
+    assert_eq!(message, "registry echoed ***");
+    let events = serde_json::to_string(&events.for_job("j1")).unwrap();
+    assert!(events.contains("registry said ***"), "{events}");
+    assert!(!events.contains(LEARNED), "{events}");
+}

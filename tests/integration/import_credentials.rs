@@ -13,7 +13,7 @@ use factoryd::job::ImageInfo;
 use tracing::instrument::WithSubscriber as _;
 
 use crate::import_auth::seed;
-use crate::support::http::{Fault, FaultProxy, StaticServer};
+use crate::support::http::{AuthEchoRegistry, Fault, FaultProxy, StaticServer};
 use crate::support::import::{
     credentials, importer, job, layout, run, settings, LogCapture, Recorder, LOOPBACK,
 };
@@ -102,6 +102,76 @@ async fn webhook_on_a_refused_address_is_refused_by_the_egress_policy() {
         .unwrap_err();
     assert_eq!(err.code, ErrorCode::EgressRefused, "{err}");
     assert_eq!(hook.requests.load(std::sync::atomic::Ordering::SeqCst), 0);
+}
+
+/// Regression (issue 14): credentials a webhook returned were unknown to the job's redactor, so a
+/// registry echoing the `Authorization` header it got put them in the result's message.
+#[test]
+fn factoryd_run_masks_webhook_credentials_that_a_registry_echoes_back() {
+    const CANARY: &str = "canary-pass-7f3c91";
+    let b64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    let registry = AuthEchoRegistry::start();
+    let hook = StaticServer::start(200, b64(&format!("hook-user:{CANARY}")).into_bytes());
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("factoryd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
+             [registries]\ninsecure = [\"{}\"]\n[egress]\nallow_loopback = true\n\
+             [log]\nlevel = \"debug\"\n",
+            root.path().join("work").display(),
+            root.path().join("store").display(),
+            registry.host(),
+        ),
+    )
+    .unwrap();
+    let job_file = root.path().join("job.json");
+    let job = serde_json::json!({"v": 1, "id": "job-echo", "source_id": "src-echo",
+        "origin": webhook_origin(&registry.host(), "acme/web:3", &hook.url("/creds"))});
+    std::fs::write(&job_file, job.to_string()).unwrap();
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_factoryd"))
+        .arg("run")
+        .arg(&job_file)
+        .arg("--config")
+        .arg(&config)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("spawn factoryd");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+
+    let result: serde_json::Value = serde_json::from_str(&stdout).expect("result JSON on stdout");
+    assert_eq!(result["status"], "failed");
+    assert_eq!(result["error"]["code"], "auth_failed");
+    assert!(
+        registry.authenticated_requests.load(Ordering::SeqCst) >= 1,
+        "the registry never saw the webhook's credentials"
+    );
+    let message = result["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("denied: you sent"),
+        "the registry's words are quoted"
+    );
+    // The secrets themselves are never printed: a failure names the forms and where they are.
+    let mut leaks = Vec::new();
+    for (form, secret) in [
+        ("the password", CANARY.to_owned()),
+        (
+            "base64 of user:password",
+            b64(&format!("hook-user:{CANARY}")),
+        ),
+        ("base64 of the password", b64(CANARY)),
+    ] {
+        for (place, text) in [("the result", &stdout), ("stderr", &stderr)] {
+            if text.contains(&secret) {
+                leaks.push(format!("{place} holds {form}"));
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "{leaks:?}");
 }
 
 /// An `oci-registry` origin on `host` whose credentials come from ECR (moto's API).

@@ -4,7 +4,8 @@
 //!
 //! Credentials go to a token realm on another host only over https, or to a loopback realm when
 //! the egress policy allows loopback (test set-ups); otherwise the token is asked for anonymously.
-//! Text a server sends back is redacted and cut short before it goes into a message.
+//! Text a server sends back is redacted and cut short before it goes into a message; bearer
+//! tokens join the job's masking set as they arrive, so that text is masked for them too.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -260,6 +261,8 @@ impl RegistryClient {
                 )
             })?;
         let token = Secret::new(token);
+        // A registry may echo the bearer token in an error body: mask it from now on.
+        self.redactor.add(&token, None);
         self.auth.lock().await.tokens.insert(
             scope,
             token.clone(),

@@ -1,5 +1,6 @@
 //! Small HTTP servers for the import tests, on threads: a fixed-answer server (credential
-//! webhooks) and a fault-injecting proxy in front of a real registry.
+//! webhooks), a hostile registry that echoes the credentials it is sent, and a
+//! fault-injecting proxy in front of a real registry.
 //!
 //! Both speak just enough HTTP/1.1: every answer closes its connection (`Connection: close`),
 //! so each request arrives on a fresh connection and can be looked at on its own.
@@ -89,6 +90,70 @@ impl StaticServer {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.acceptor.addr)
+    }
+}
+
+/// A hostile registry: it asks for Basic credentials, then refuses every authenticated request
+/// with HTTP 403 and a distribution error whose message quotes the `Authorization` header it
+/// received, the `user:password` decoded from it and the base64 of the password alone, so that
+/// each form a leak could take is offered to the client's error text.
+pub struct AuthEchoRegistry {
+    acceptor: Acceptor,
+    pub authenticated_requests: Arc<AtomicUsize>,
+}
+
+impl AuthEchoRegistry {
+    pub fn start() -> AuthEchoRegistry {
+        use base64::Engine as _;
+        let counter = Arc::new(AtomicUsize::new(0));
+        let authenticated = counter.clone();
+        let acceptor = serve(move |mut stream| {
+            let Some((head, _)) = read_head(&mut stream) else {
+                return;
+            };
+            let authorization = head.split("\r\n").find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then(|| value.trim().to_owned())
+            });
+            let answer = match authorization {
+                None => "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"echo\"\r\n\
+                         Content-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_owned(),
+                Some(value) => {
+                    authenticated.fetch_add(1, Ordering::SeqCst);
+                    let engine = base64::engine::general_purpose::STANDARD;
+                    let decoded = value
+                        .strip_prefix("Basic ")
+                        .and_then(|b| engine.decode(b).ok())
+                        .map(|d| String::from_utf8_lossy(&d).into_owned())
+                        .unwrap_or_default();
+                    let password = decoded.split_once(':').map_or("", |(_, p)| p);
+                    let message = format!(
+                        "denied: you sent Authorization: {value}, that is {decoded}, \
+                         password base64 {}",
+                        engine.encode(password)
+                    );
+                    let body =
+                        serde_json::json!({"errors": [{"code": "DENIED", "message": message}]})
+                            .to_string();
+                    format!(
+                        "HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\n\
+                         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                }
+            };
+            let _ = stream.write_all(answer.as_bytes());
+        });
+        AuthEchoRegistry {
+            acceptor,
+            authenticated_requests: counter,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        self.acceptor.addr.to_string()
     }
 }
 

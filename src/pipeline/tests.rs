@@ -1,0 +1,80 @@
+//! Node credentials a job uses join its masking set (issue 14).
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::config::{Config, DestinationKind, RegistryCredentials, RegistryTarget};
+use crate::job::Redactor;
+use crate::ports::NoEvents;
+use crate::testing::ScriptedStages;
+
+fn job(origin: serde_json::Value) -> Job {
+    crate::job::decode_value(&json!({"v": 1, "id": "j1", "source_id": "s1", "origin": origin}))
+        .expect("valid job")
+}
+
+fn context(workspace: &std::path::Path, job: &Job) -> StageContext {
+    StageContext {
+        job_id: job.id.clone(),
+        attempt: 1,
+        cancel: CancellationToken::new(),
+        events: Arc::new(NoEvents),
+        redactor: Arc::new(Redactor::for_job(job)),
+        workspace: workspace.to_owned(),
+    }
+}
+
+fn assert_masked(cx: &StageContext, user: &str, password: &str) {
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    assert_eq!(
+        cx.redactor.redact(&format!("{password} Basic {basic}")),
+        "*** Basic ***"
+    );
+}
+
+#[tokio::test]
+async fn the_destination_registry_password_joins_the_masking_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "dest-pass-91xq\n").unwrap();
+    let mut destination = Config::defaults().destination;
+    destination.kind = DestinationKind::Registry;
+    destination.registry = Some(RegistryTarget {
+        authority: "registry.example:5000".into(),
+        plain_http: false,
+    });
+    destination.credentials = Some(RegistryCredentials {
+        username: "factoryd".into(),
+        password_file,
+    });
+    let mut stages = ScriptedStages::new().stages(dir.path().join("store"));
+    stages.destinations = DestinationSettings::new(destination);
+    let job = job(json!({"type": "docker-hub", "details": {"target": "busybox:1"}}));
+    let cx = context(dir.path(), &job);
+
+    run_job(&job, &stages, &cx).await.expect("scripted import");
+    assert_masked(&cx, "factoryd", "dest-pass-91xq");
+}
+
+#[tokio::test]
+async fn node_registry_credentials_given_to_a_build_join_the_masking_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stages = ScriptedStages::new().stages(dir.path().join("store"));
+    stages.node_registry_auth = vec![(
+        "base.example".into(),
+        BasicAuth {
+            username: "node-user".into(),
+            password: crate::secret::Secret::new("node-pass-77ab"),
+        },
+    )];
+    let job = job(json!({"type": "docker-file", "details": {
+        "targz_url": "https://example.com/src.tar.gz"}}));
+    let cx = context(dir.path(), &job);
+
+    run_job(&job, &stages, &cx).await.expect("scripted build");
+    assert_masked(&cx, "node-user", "node-pass-77ab");
+}
