@@ -99,15 +99,36 @@ fn log_style(format: config::LogFormat, env: &HashMap<String, String>) -> LogSty
 
 /// The stages of a production worker: the real adapters where this build has them.
 pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobError> {
+    let node_registry_auth = node_registry_auth(config)?;
+    let mut node_secrets = nats_secrets(&config.nats.auth);
+    node_secrets.extend(node_registry_auth.iter().map(|(_, a)| a.password.clone()));
     Ok(Stages {
         fetcher: Arc::new(SourceFetcher::new(config)?),
         builder: buildkit::from_config(config)?,
         resolver: Arc::new(OriginCredentials::from_config(config)?),
         importer: Arc::new(RegistryImporter::from_config(config)?),
-        node_registry_auth: node_registry_auth(config)?,
+        node_registry_auth,
+        node_secrets,
         insecure_registries: config.registries.insecure.clone(),
         destinations: DestinationSettings::new(config.destination.clone()),
     })
+}
+
+/// The worker's own NATS credentials, for masking: a job never receives them, but a server a
+/// job talks to must not be able to make them appear in its text either. A file that cannot be
+/// read here adds nothing (the connection reports it).
+pub(crate) fn nats_secrets(auth: &config::NatsAuth) -> Vec<crate::secret::Secret> {
+    let file = match auth {
+        config::NatsAuth::None => return Vec::new(),
+        config::NatsAuth::CredentialsFile(f)
+        | config::NatsAuth::NkeySeedFile(f)
+        | config::NatsAuth::TokenFile(f) => f,
+        config::NatsAuth::UserPassword { password_file, .. } => password_file,
+    };
+    // A `.creds` file is masked line by line (the redactor masks each long line of a value).
+    std::fs::read_to_string(file)
+        .map(|text| vec![crate::secret::Secret::new(text.trim())])
+        .unwrap_or_default()
 }
 
 /// `registries.credentials`, with each password read from its file now: a file that cannot be

@@ -28,6 +28,7 @@ use crate::ports::{
     BasicAuth, BuildRequest, Builder, CredentialResolver, Destination, Fetcher, ImportRequest,
     Importer, StageContext,
 };
+use crate::secret::Secret;
 
 pub use destination::DestinationSettings;
 
@@ -41,6 +42,9 @@ pub struct Stages {
     /// Node-level registry credentials for `FROM` lines (host → credentials); a job's own
     /// credentials for the same host win.
     pub node_registry_auth: Vec<(String, BasicAuth)>,
+    /// The node's own credentials (NATS, `registries.credentials`): masked in every job's text
+    /// whether or not the job uses them.
+    pub node_secrets: Vec<Secret>,
     /// Hosts reachable over plain HTTP (`registries.insecure`).
     pub insecure_registries: Vec<String>,
     pub destinations: DestinationSettings,
@@ -60,6 +64,9 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
     let started = Instant::now();
     let mut timings = Timings::default();
 
+    for secret in &stages.node_secrets {
+        cx.redactor.add(secret, None);
+    }
     enter(cx, Stage::Resolve)?;
     let destination = stages.destinations.resolve(job)?;
     if let Destination::Registry {

@@ -78,3 +78,20 @@ async fn node_registry_credentials_given_to_a_build_join_the_masking_set() {
     run_job(&job, &stages, &cx).await.expect("scripted build");
     assert_masked(&cx, "node-user", "node-pass-77ab");
 }
+
+#[tokio::test]
+async fn the_nodes_nats_credentials_are_masked_in_every_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("nats-token");
+    std::fs::write(&token_file, "nats-token-5kq2\n").unwrap();
+    let mut config = Config::defaults();
+    config.nats.auth = crate::config::NatsAuth::TokenFile(token_file);
+    let mut stages = ScriptedStages::new().stages(dir.path().join("store"));
+    stages.node_secrets = crate::app::nats_secrets(&config.nats.auth);
+    let job = job(json!({"type": "docker-hub", "details": {"target": "busybox:1"}}));
+    let cx = context(dir.path(), &job);
+    assert_eq!(cx.redactor.redact("nats-token-5kq2"), "nats-token-5kq2");
+
+    run_job(&job, &stages, &cx).await.expect("scripted import");
+    assert_eq!(cx.redactor.redact("token nats-token-5kq2"), "token ***");
+}

@@ -222,6 +222,7 @@ impl ScriptedStages {
             resolver: me.clone(),
             importer: me,
             node_registry_auth: Vec::new(),
+            node_secrets: Vec::new(),
             insecure_registries: Vec::new(),
             destinations: crate::pipeline::destination::oci_layout_settings(store),
         }

@@ -76,6 +76,7 @@ fn stages(engine: &Engine, config: &Config) -> Stages {
         resolver: Arc::new(OriginCredentials::from_config(config).expect("resolver")),
         importer: Arc::new(RegistryImporter::from_config(config).expect("importer")),
         node_registry_auth: Vec::new(),
+        node_secrets: Vec::new(),
         insecure_registries: Vec::new(),
         destinations: DestinationSettings::new(config.destination.clone()),
     }
