@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use factoryd::adapters::sources::SourceFetcher;
 use factoryd::error::{ErrorClass, ErrorCode, JobError};
@@ -11,7 +12,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::git_servers::{
-    git, revision_fixture, ssh_key, submodule_fixture, GitHttpServer, RevisionFixture, SshServer,
+    git, hostile_tree_fixture, revision_fixture, ssh_key, submodule_fixture, GitHttpServer,
+    Hostile, RevisionFixture, SshServer,
 };
 use crate::support::sources::{config, docker_file, stage_context, tar_entries, Recorder};
 
@@ -694,4 +696,86 @@ async fn a_submodule_commit_its_repository_lacks_is_a_permanent_not_found_naming
     assert_eq!(err.code, ErrorCode::NotFound, "{err}");
     assert!(err.message.contains("\"app/lib\""), "{err}");
     assert!(err.message.contains(missing), "{err}");
+}
+
+/// A repository under `repos/<name>` built by `hostile_tree_fixture`, served by http-backend.
+fn hostile_setup(
+    name: &str,
+    dockerignore: &str,
+    shape: Hostile,
+) -> (tempfile::TempDir, GitHttpServer) {
+    let root = tempfile::tempdir().unwrap();
+    let repos = root.path().join("repos");
+    std::fs::create_dir_all(&repos).unwrap();
+    hostile_tree_fixture(&repos, name, dockerignore, shape);
+    let server = GitHttpServer::start(&repos, USER, PASSWORD);
+    (root, server)
+}
+
+fn hostile_details(server: &GitHttpServer, name: &str) -> serde_json::Value {
+    json!({"repo": {
+        "url": server.url(name),
+        "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}},
+    }})
+}
+
+/// Issue 14: `*` plus an exception in `.dockerignore` over a tree of 10^8 paths ran for
+/// minutes past the job's timeout, because excluded entries were walked but never counted.
+/// They count now: the walk stops at `max_entries` with `limit_exceeded`.
+#[tokio::test]
+async fn a_huge_tree_behind_an_exception_stops_at_the_entry_cap() {
+    let (root, server) = hostile_setup("wide.git", "*\n!**/keep\n", Hostile::Wide);
+    let (fetcher, work_root) = (
+        fetcher("[sources]\nmax_entries = 10000\n"),
+        root.path().join("work-root"),
+    );
+    let fetch = fetch_with(&fetcher, &work_root, hostile_details(&server, "wide.git"));
+    // A guard against the old behaviour hanging the suite, not a timing assertion.
+    let (result, _, _ws) = tokio::time::timeout(Duration::from_secs(300), fetch)
+        .await
+        .expect("the walk must end");
+    let err = result.err().expect("10^8 walked entries are over the cap");
+    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert!(err.message.contains("max_entries"), "{err}");
+}
+
+/// Without an exception an excluded directory is not entered at all: the same tree seals
+/// to the Dockerfile and `.dockerignore` alone.
+#[tokio::test]
+async fn a_huge_excluded_tree_without_exceptions_is_skipped() {
+    let (root, server) = hostile_setup("wide.git", "*\n", Hostile::Wide);
+    let (fetcher, work_root) = (
+        fetcher("[sources]\nmax_entries = 10000\n"),
+        root.path().join("work-root"),
+    );
+    let fetch = fetch_with(&fetcher, &work_root, hostile_details(&server, "wide.git"));
+    let (result, _, _ws) = tokio::time::timeout(Duration::from_secs(300), fetch)
+        .await
+        .expect("the walk must end");
+    let source = result.expect("an excluded tree is not walked");
+    let names: Vec<String> = tar_entries(&context_bytes(&source))
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert_eq!(names, [".dockerignore", "Dockerfile"]);
+}
+
+/// Issue 14: a tree thousands of directories deep overflowed the worker's stack (SIGABRT).
+/// The walk keeps its own stack: the path caps end the job, and the process is still here to
+/// say so.
+#[tokio::test]
+async fn a_tree_deeper_than_any_cap_is_limit_exceeded_not_a_crash() {
+    let (root, server) = hostile_setup("deep.git", "*\n!**/keep\n", Hostile::Deep(5000));
+    let (fetcher, work_root) = (
+        fetcher("[sources]\nmax_path_depth = 4096\n"),
+        root.path().join("work-root"),
+    );
+    let fetch = fetch_with(&fetcher, &work_root, hostile_details(&server, "deep.git"));
+    let (result, _, _ws) = tokio::time::timeout(Duration::from_secs(300), fetch)
+        .await
+        .expect("the walk must end");
+    let err = result.err().expect("the tree is deeper than the caps");
+    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+    assert_eq!(err.class, ErrorClass::Permanent);
 }

@@ -465,3 +465,98 @@ async fn a_metadata_address_is_refused_by_the_egress_policy() {
     let err = result.err().expect("refused");
     assert_eq!(err.code, ErrorCode::EgressRefused, "{err}");
 }
+
+/// A PAX extended header (`x`) giving `name` the size `pax_size`, then its ustar header
+/// claiming `ustar_size`, then `content` (which must be `pax_size` bytes for a valid archive).
+fn pax_sized_entry(out: &mut Vec<u8>, name: &[u8], ustar_size: u64, pax_size: u64, content: &[u8]) {
+    let body = format!(" size={pax_size}\n");
+    // The record's length counts its own digits.
+    let mut len = body.len() + 1;
+    while format!("{len}{body}").len() != len {
+        len += 1;
+    }
+    let record = format!("{len}{body}");
+    let mut append = |name: &[u8], kind: EntryType, size: u64, data: &[u8]| {
+        let mut header = tar::Header::new_ustar();
+        header.as_ustar_mut().unwrap().name[..name.len()].copy_from_slice(name);
+        header.set_entry_type(kind);
+        header.set_mode(0o644);
+        header.set_size(size);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    };
+    append(
+        b"PaxHeaders/x",
+        EntryType::XHeader,
+        record.len() as u64,
+        record.as_bytes(),
+    );
+    append(name, EntryType::Regular, ustar_size, content);
+}
+
+fn with_end_marker(mut tar: Vec<u8>) -> Vec<u8> {
+    tar.extend_from_slice(&[0u8; 1024]);
+    tar
+}
+
+/// Issue 14: the `.dockerignore` cap read the ustar size (0) while the archive held 64 MiB for
+/// it under a PAX `size`; the worker read it all and the build went on. The PAX size is what
+/// counts: refused as over the 1 MiB cap, at its header.
+#[tokio::test]
+async fn a_dockerignore_whose_pax_size_exceeds_the_cap_is_refused() {
+    let setup = setup();
+    let mut tar = tar_of(&[Raw(
+        b"Dockerfile",
+        EntryType::Regular,
+        b"FROM scratch\n",
+        None,
+    )]);
+    tar.truncate(tar.len() - 1024); // drop the end marker to append more entries
+    let ignore = vec![b'#'; 64 << 20];
+    pax_sized_entry(&mut tar, b".dockerignore", 0, ignore.len() as u64, &ignore);
+    let archive = gzip(&with_end_marker(tar));
+    let url = setup
+        .server
+        .route("/pax.tar.gz", Route::Body(Arc::new(archive)));
+    let (result, ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
+    let err = result
+        .err()
+        .expect("an oversized .dockerignore must be refused");
+    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+    assert_eq!(err.class, ErrorClass::Permanent);
+    assert!(err.message.contains(".dockerignore"), "{err}");
+    assert_canary_untouched(&setup, &ws);
+}
+
+/// A file whose PAX size differs from its ustar size is streamed whole: the ustar field said 4
+/// bytes, the archive holds 3000, and all 3000 reach the context (and count against its caps).
+#[tokio::test]
+async fn a_file_with_a_pax_size_is_streamed_whole() {
+    let setup = setup();
+    let mut tar = tar_of(&[Raw(
+        b"Dockerfile",
+        EntryType::Regular,
+        b"FROM scratch\n",
+        None,
+    )]);
+    tar.truncate(tar.len() - 1024);
+    let content: Vec<u8> = (0..3000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    pax_sized_entry(&mut tar, b"data.txt", 4, content.len() as u64, &content);
+    let archive = gzip(&with_end_marker(tar));
+    let url = setup
+        .server
+        .route("/pax-file.tar.gz", Route::Body(Arc::new(archive)));
+    let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
+    let source = result.expect("a valid PAX archive seals");
+    let mut out = Vec::new();
+    source.context.write_tar(&mut out).unwrap();
+    let entries = tar_entries(&out);
+    let data = entries
+        .iter()
+        .find(|e| e.0 == "data.txt")
+        .expect("data.txt in the stream");
+    assert_eq!(data.4, content);
+}

@@ -328,3 +328,69 @@ impl SshServer {
         format!("ssh://127.0.0.1:{}{}", self.port, repo.display())
     }
 }
+
+/// The shape of a hostile tree for [`hostile_tree_fixture`].
+pub enum Hostile {
+    /// Four levels of 100 directories over 100 files: 10^8 paths from five tree objects.
+    Wide,
+    /// A chain of directories `d/d/d/...` this deep (one tree object per level).
+    Deep(usize),
+}
+
+/// A bare repository `repos/<name>` whose single commit on `main` holds `Dockerfile`,
+/// `.dockerignore` = `dockerignore` and, under `tree/`, the hostile tree. Written with git2
+/// straight into the object database: the git CLI would take a process per tree object.
+pub fn hostile_tree_fixture(repos: &Path, name: &str, dockerignore: &str, shape: Hostile) {
+    let repo = git2::Repository::init_bare(repos.join(name)).expect("init bare");
+    // git's own cap (core.maxTreeDepth, 2048 by default) would make the server refuse the deep
+    // tree: this server must serve whatever a hostile one would.
+    repo.config()
+        .and_then(|mut c| c.set_i64("core.maxTreeDepth", 1_000_000))
+        .expect("config");
+    let blob = |data: &[u8]| repo.blob(data).expect("blob");
+    let tree_of = |entries: &[(String, git2::Oid, i32)]| {
+        let mut builder = repo.treebuilder(None).expect("treebuilder");
+        for (name, oid, mode) in entries {
+            builder.insert(name, *oid, *mode).expect("insert");
+        }
+        builder.write().expect("write tree")
+    };
+    let file = blob(b"x\n");
+    let hostile = match shape {
+        Hostile::Wide => {
+            let files: Vec<_> = (0..100)
+                .map(|i| (format!("f{i:02}"), file, 0o100644))
+                .collect();
+            let mut level = tree_of(&files);
+            for _ in 0..3 {
+                let dirs: Vec<_> = (0..100)
+                    .map(|i| (format!("d{i:02}"), level, 0o040000))
+                    .collect();
+                level = tree_of(&dirs);
+            }
+            level
+        }
+        Hostile::Deep(depth) => {
+            let mut level = tree_of(&[("f".to_owned(), file, 0o100644)]);
+            for _ in 0..depth {
+                level = tree_of(&[("d".to_owned(), level, 0o040000)]);
+            }
+            level
+        }
+    };
+    let root = tree_of(&[
+        (
+            ".dockerignore".to_owned(),
+            blob(dockerignore.as_bytes()),
+            0o100644,
+        ),
+        ("Dockerfile".to_owned(), blob(b"FROM scratch\n"), 0o100644),
+        ("tree".to_owned(), hostile, 0o040000),
+    ]);
+    let tree = repo.find_tree(root).expect("root tree");
+    let sig = git2::Signature::new("Fixture", "fixture@example.com", &git2::Time::new(0, 0))
+        .expect("signature");
+    repo.commit(Some("refs/heads/main"), &sig, &sig, "hostile", &tree, &[])
+        .expect("commit");
+    repo.set_head("refs/heads/main").expect("HEAD");
+}
