@@ -494,7 +494,8 @@ pub struct SourcesConfig {
     pub max_fetch_bytes: u64,
     /// Bytes of file content in a build context (uncompressed), and of a tarball decompressed.
     pub max_context_bytes: u64,
-    /// Entries (files, directories, links) in a source tree or archive.
+    /// Entries (files, directories, links) a walk of a source tree or archive may visit,
+    /// `.dockerignore`d ones included.
     pub max_entries: u64,
     /// Path components of any entry.
     pub max_path_depth: u32,
