@@ -502,6 +502,28 @@ async fn ssh_with_a_key_the_server_does_not_know_is_permanent_auth_failed() {
     assert!(!err.message.contains("PRIVATE KEY"), "{err}");
 }
 
+/// Issue 14: a wrong passphrase failed as a transient internal error and was retried. The job's
+/// own key cannot be used: permanent `auth_failed`, naming the passphrase, never echoing it.
+#[tokio::test]
+async fn ssh_with_a_wrong_passphrase_is_permanent_auth_failed() {
+    let setup = ssh_setup();
+    for passphrase in [Some("not the passphrase"), None] {
+        let details = ssh_details(&setup, &setup.protected.private, passphrase);
+        let (result, _, _ws) = fetch_with(
+            &ssh_fetcher(&setup.known_hosts),
+            &setup.root.path().join("wr"),
+            details,
+        )
+        .await;
+        let err = result.err().expect("a wrong passphrase must fail");
+        assert_eq!(err.code, ErrorCode::AuthFailed, "{passphrase:?}: {err}");
+        assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+        assert!(err.message.contains("passphrase"), "{err}");
+        assert!(!err.message.contains("not the passphrase"), "{err}");
+        assert!(!err.message.contains("PRIVATE KEY"), "{err}");
+    }
+}
+
 #[tokio::test]
 async fn ssh_to_a_host_whose_key_is_not_known_is_refused() {
     let setup = ssh_setup();

@@ -678,6 +678,20 @@ impl FetchTask {
         }
         let detail = self.scrub(e.message());
         let lower = detail.to_ascii_lowercase();
+        // libssh2 could not use the job's key: the same key fails the same way every time.
+        if lower.contains("passphrase")
+            || lower.contains("unable to extract public key")
+            || lower.contains("unable to initialize private key")
+            || (e.class() == git2::ErrorClass::Ssh && lower.contains("private key"))
+        {
+            return permanent(
+                ErrorCode::AuthFailed,
+                format!(
+                    "the job's SSH key could not be used for {host}: {detail} (check \
+                     repo.auth.credentials.private_key and .passphrase)"
+                ),
+            );
+        }
         let (code, transient) = match e.code() {
             git2::ErrorCode::Auth => (ErrorCode::AuthFailed, false),
             git2::ErrorCode::Certificate => (ErrorCode::AuthFailed, false),
