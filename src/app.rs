@@ -109,6 +109,7 @@ pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobErr
         importer: Arc::new(RegistryImporter::from_config(config)?),
         node_registry_auth,
         node_secrets,
+        allowed_frontends: config.builder.allowed_frontends.clone(),
         insecure_registries: config.registries.insecure.clone(),
         destinations: DestinationSettings::new(config.destination.clone()),
     })

@@ -295,6 +295,9 @@ pub struct BuilderConfig {
     pub backend: BuilderBackend,
     pub docker_host: DaemonAddr,
     pub buildkitd_addr: BuildkitdAddr,
+    /// Frontend images a build may name, canonical (`docker.io/docker/dockerfile:1`); empty:
+    /// only the built-in Dockerfile frontend.
+    pub allowed_frontends: Vec<String>,
 }
 
 /// Where the `buildkitd` backend finds BuildKit's control API.
@@ -964,6 +967,21 @@ fn validate_builder(raw: &raw::RawBuilder, p: &mut Problems) -> BuilderConfig {
                 "\"docker-engine\", ",
             ))
         },
+        allowed_frontends: raw
+            .allowed_frontends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let canonical = crate::context::frontend::canonical(f);
+                if canonical.is_none() {
+                    p.push(
+                        format!("builder.allowed_frontends[{i}]"),
+                        format!("expected an image reference, got {f:?}"),
+                    );
+                }
+                canonical
+            })
+            .collect(),
     }
 }
 

@@ -111,6 +111,8 @@ pub struct RawBuilder {
     pub backend: String,
     pub docker_host: String,
     pub buildkitd_addr: String,
+    /// Frontend images a build may name (`# syntax=` or `BUILDKIT_SYNTAX`); empty: none.
+    pub allowed_frontends: Vec<String>,
 }
 
 impl Default for RawBuilder {
@@ -119,6 +121,7 @@ impl Default for RawBuilder {
             backend: "docker".to_owned(),
             docker_host: "unix:///var/run/docker.sock".to_owned(),
             buildkitd_addr: "docker-engine".to_owned(),
+            allowed_frontends: Vec::new(),
         }
     }
 }

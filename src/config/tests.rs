@@ -844,3 +844,15 @@ fn node_registry_credentials_are_read_by_host_and_checked() {
         assert!(paths(&found).contains(&path), "{path} in {found:?}");
     }
 }
+
+#[test]
+fn allowed_frontends_are_image_references_kept_canonical() {
+    let config = parse("[builder]\nallowed_frontends = [\"docker/dockerfile:1\"]\n");
+    assert_eq!(
+        config.builder.allowed_frontends,
+        ["docker.io/docker/dockerfile:1"]
+    );
+    assert!(Config::defaults().builder.allowed_frontends.is_empty());
+    let p = problems("[builder]\nallowed_frontends = [\"docker/dockerfile:1\", \"Not A Ref\"]\n");
+    assert_eq!(paths(&p), ["builder.allowed_frontends[1]"]);
+}

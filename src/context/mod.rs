@@ -13,6 +13,7 @@
 //! untrusted is ever extracted onto the node.
 
 pub mod dockerignore;
+pub mod frontend;
 pub mod resolve;
 
 use std::collections::HashSet;

@@ -22,11 +22,12 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use crate::context::frontend;
 use crate::error::{JobError, Stage};
-use crate::job::{ImageInfo, Job, JobEvent, Origin, Revision, Timings};
+use crate::job::{BuildOptions, ImageInfo, Job, JobEvent, Origin, Revision, Timings};
 use crate::ports::{
     BasicAuth, BuildRequest, Builder, CredentialResolver, Destination, Fetcher, ImportRequest,
-    Importer, StageContext,
+    Importer, SealedContext, StageContext,
 };
 use crate::secret::Secret;
 
@@ -45,6 +46,8 @@ pub struct Stages {
     /// The node's own credentials (NATS, `registries.credentials`): masked in every job's text
     /// whether or not the job uses them.
     pub node_secrets: Vec<Secret>,
+    /// Frontend images a build may name (`builder.allowed_frontends`, canonical).
+    pub allowed_frontends: Vec<String>,
     /// Hosts reachable over plain HTTP (`registries.insecure`).
     pub insecure_registries: Vec<String>,
     pub destinations: DestinationSettings,
@@ -86,6 +89,9 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
 
             enter(cx, Stage::Build)?;
             let t = Instant::now();
+            let options = job.build.clone().unwrap_or_default();
+            let context =
+                check_frontends(fetched.context, &options, &stages.allowed_frontends).await?;
             let registry_auth =
                 build_registry_auth(&stages.node_registry_auth, &docker_file.credentials);
             // The node's `registries.credentials` go to this build's session: mask them too.
@@ -93,8 +99,8 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
                 cx.redactor.add(&auth.password, Some(&auth.username));
             }
             let request = BuildRequest {
-                context: fetched.context,
-                options: job.build.clone().unwrap_or_default(),
+                context,
+                options,
                 registry_auth,
                 destination,
             };
@@ -161,6 +167,30 @@ fn plain_http(origin: &Origin, source: &crate::reference::Reference, insecure: &
         _ => false,
     };
     explicit || insecure.iter().any(|h| h == source.registry())
+}
+
+/// Refuses a build whose build file or `BUILDKIT_SYNTAX` argument names a frontend the node
+/// does not allow (a frontend is an image BuildKit would pull and run with the job's context).
+/// The build file is read from the sealed context, off the async runtime.
+async fn check_frontends(
+    context: SealedContext,
+    options: &BuildOptions,
+    allowed: &[String],
+) -> Result<SealedContext, JobError> {
+    let (context, build_file) = tokio::task::spawn_blocking(move || {
+        let build_file = context.read_build_file(frontend::MAX_BUILD_FILE_BYTES);
+        (context, build_file)
+    })
+    .await
+    .map_err(|e| {
+        JobError::transient(
+            Stage::Build,
+            crate::error::ErrorCode::Internal,
+            format!("reading the build file failed: {e}"),
+        )
+    })?;
+    frontend::check(context.dockerfile(), &build_file?, &options.args, allowed)?;
+    Ok(context)
 }
 
 /// The credentials for a build's `FROM` lines: the job's, then the node's for other hosts.

@@ -95,3 +95,50 @@ async fn the_nodes_nats_credentials_are_masked_in_every_job() {
     run_job(&job, &stages, &cx).await.expect("scripted import");
     assert_eq!(cx.redactor.redact("token nats-token-5kq2"), "token ***");
 }
+
+/// Issue 14: a `# syntax=` directive makes BuildKit pull and run the image it names. One not
+/// in `builder.allowed_frontends` fails the job before the builder is called.
+#[tokio::test]
+async fn a_frontend_not_allowed_fails_the_build_before_the_builder_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripted =
+        ScriptedStages::new().with_build_file("# syntax=evil.example/frontend:1\nFROM scratch\n");
+    let mut stages = scripted.stages(dir.path().join("store"));
+    let job = job(json!({"type": "docker-file", "details": {
+        "targz_url": "https://example.com/src.tar.gz"}}));
+    let cx = context(dir.path(), &job);
+
+    let err = run_job(&job, &stages, &cx).await.expect_err("refused");
+    assert_eq!(err.code, crate::error::ErrorCode::UnsafeSource, "{err}");
+    assert_eq!(err.stage, Stage::Build);
+    assert!(err.message.contains("evil.example/frontend:1"), "{err}");
+    assert_eq!(scripted.runs(&job.id), 0, "the builder must not be called");
+
+    stages.allowed_frontends = vec!["evil.example/frontend:1".into()];
+    run_job(&job, &stages, &cx)
+        .await
+        .expect("allowed frontends build");
+    assert_eq!(scripted.runs(&job.id), 1);
+}
+
+#[tokio::test]
+async fn a_buildkit_syntax_build_arg_is_checked_like_the_directive() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripted = ScriptedStages::new();
+    let stages = scripted.stages(dir.path().join("store"));
+    let job = job(json!({"type": "docker-file", "details": {
+        "targz_url": "https://example.com/src.tar.gz"}}));
+    let mut job = job;
+    job.build = Some(crate::job::BuildOptions {
+        args: [(
+            "BUILDKIT_SYNTAX".to_owned(),
+            "docker/dockerfile:1".to_owned(),
+        )]
+        .into(),
+        ..Default::default()
+    });
+    let cx = context(dir.path(), &job);
+    let err = run_job(&job, &stages, &cx).await.expect_err("refused");
+    assert_eq!(err.code, crate::error::ErrorCode::UnsafeSource, "{err}");
+    assert_eq!(scripted.runs(&job.id), 0);
+}

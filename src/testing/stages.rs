@@ -55,6 +55,8 @@ pub struct ScriptedStages {
     dir: Option<PathBuf>,
     /// Attempts that reached the main stage, per job.
     runs: Arc<Mutex<HashMap<String, u32>>>,
+    /// The build file fetched sources hold (default `FROM scratch`).
+    build_file: Option<Arc<str>>,
 }
 
 impl ScriptedStages {
@@ -67,6 +69,12 @@ impl ScriptedStages {
             dir: Some(dir),
             ..Self::default()
         }
+    }
+
+    /// Fetched sources hold `text` as their build file.
+    pub fn with_build_file(mut self, text: &str) -> Self {
+        self.build_file = Some(Arc::from(text));
+        self
     }
 
     pub fn script(&self, job_id: &str, behaviours: Vec<Behaviour>) {
@@ -164,14 +172,25 @@ fn image(job_id: &str) -> ImageInfo {
     }
 }
 
-struct EmptyContext;
+/// A context of one file, `Dockerfile`.
+struct ScriptedContext {
+    build_file: Arc<str>,
+}
 
-impl ContextWriter for EmptyContext {
+impl ContextWriter for ScriptedContext {
     fn write_tar(&self, out: &mut dyn std::io::Write) -> Result<u64, JobError> {
-        // An empty tar archive: two zero blocks.
-        out.write_all(&[0u8; 1024])
-            .map_err(|e| JobError::new(Stage::Seal, ErrorCode::LocalIo, e.to_string()))?;
-        Ok(1024)
+        let io = |e: std::io::Error| JobError::new(Stage::Seal, ErrorCode::LocalIo, e.to_string());
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(self.build_file.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, "Dockerfile", self.build_file.as_bytes())
+            .map_err(io)?;
+        let bytes = builder.into_inner().map_err(io)?;
+        out.write_all(&bytes).map_err(io)?;
+        Ok(bytes.len() as u64)
     }
 }
 
@@ -179,7 +198,15 @@ impl ContextWriter for EmptyContext {
 impl Fetcher for ScriptedStages {
     async fn fetch(&self, _: &DockerFile, _: &StageContext) -> Result<FetchedSource, JobError> {
         Ok(FetchedSource {
-            context: SealedContext::new("Dockerfile", Box::new(EmptyContext)),
+            context: SealedContext::new(
+                "Dockerfile",
+                Box::new(ScriptedContext {
+                    build_file: self
+                        .build_file
+                        .clone()
+                        .unwrap_or_else(|| Arc::from("FROM scratch\n")),
+                }),
+            ),
             revision: None,
             fetched_bytes: 0,
         })
@@ -223,6 +250,7 @@ impl ScriptedStages {
             importer: me,
             node_registry_auth: Vec::new(),
             node_secrets: Vec::new(),
+            allowed_frontends: Vec::new(),
             insecure_registries: Vec::new(),
             destinations: crate::pipeline::destination::oci_layout_settings(store),
         }

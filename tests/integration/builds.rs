@@ -77,6 +77,7 @@ fn stages(engine: &Engine, config: &Config) -> Stages {
         importer: Arc::new(RegistryImporter::from_config(config).expect("importer")),
         node_registry_auth: Vec::new(),
         node_secrets: Vec::new(),
+        allowed_frontends: config.builder.allowed_frontends.clone(),
         insecure_registries: Vec::new(),
         destinations: DestinationSettings::new(config.destination.clone()),
     }
@@ -1366,5 +1367,61 @@ async fn a_missing_base_image_is_a_permanent_not_found() {
         (e.class, e.code),
         (ErrorClass::Permanent, ErrorCode::NotFound),
         "{e}"
+    );
+}
+
+/// Issue 14: `# syntax=` makes BuildKit pull and run the frontend image a job names. One not
+/// in `builder.allowed_frontends` fails the job as `unsafe_source` before the builder is
+/// contacted: the "registry" serving the frontend (a loopback listener) sees no connection,
+/// through the directive or the `BUILDKIT_SYNTAX` build argument.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frontend_not_allowed_is_refused_before_buildkit_pulls_it() {
+    let engine = Engine::shared();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let frontend = format!("127.0.0.1:{port}/evil/frontend:1");
+    let server = FileServer::start();
+    let directive = server.route(
+        "/directive.tar.gz",
+        Route::Body(Arc::new(targz(&[(
+            "Dockerfile",
+            &format!("# syntax={frontend}\nFROM scratch\n"),
+        )]))),
+    );
+    let plain = server.route(
+        "/plain.tar.gz",
+        Route::Body(Arc::new(targz(&[("Dockerfile", "FROM scratch\n")]))),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let config = test_config(&format!(
+        "[builder]\nallowed_frontends = [\"docker/dockerfile:1\"]\n\
+         [destination]\nkind = \"oci-layout\"\npath = \"{}\"\n",
+        root.path().join("store").display()
+    ));
+    let jobs = [
+        json!({"v": 1, "id": "job-syntax", "source_id": "src-syntax",
+            "origin": {"type": "docker-file", "details": {"targz_url": directive}}}),
+        json!({"v": 1, "id": "job-syntax-arg", "source_id": "src-syntax",
+            "origin": {"type": "docker-file", "details": {"targz_url": plain}},
+            "build": {"args": {"BUILDKIT_SYNTAX": frontend}}}),
+    ];
+    for job in jobs {
+        let (result, _) = run(&engine, &config, job, &root.path().join("work")).await;
+        let err = result.expect_err("a frontend not allowed must be refused");
+        assert_eq!(
+            (err.class, err.code),
+            (ErrorClass::Permanent, ErrorCode::UnsafeSource),
+            "{err}"
+        );
+        assert!(err.message.contains(&frontend), "{err}");
+        assert!(
+            err.message.contains("docker.io/docker/dockerfile:1"),
+            "{err}"
+        );
+    }
+    assert!(
+        listener.accept().is_err(),
+        "nothing may have connected to the frontend's registry"
     );
 }
