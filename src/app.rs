@@ -101,7 +101,7 @@ fn log_style(format: config::LogFormat, env: &HashMap<String, String>) -> LogSty
 pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobError> {
     let node_registry_auth = node_registry_auth(config)?;
     let mut node_secrets = nats_secrets(&config.nats.auth);
-    node_secrets.extend(node_registry_auth.iter().map(|(_, a)| a.password.clone()));
+    node_secrets.extend(node_registry_auth.iter().map(|n| n.auth.password.clone()));
     Ok(Stages {
         fetcher: Arc::new(SourceFetcher::new(config)?),
         builder: buildkit::from_config(config)?,
@@ -136,12 +136,13 @@ pub(crate) fn nats_secrets(auth: &config::NatsAuth) -> Vec<crate::secret::Secret
 /// read stops the start-up rather than failing every build that needs it.
 fn node_registry_auth(
     config: &Config,
-) -> Result<Vec<(String, crate::ports::BasicAuth)>, crate::error::JobError> {
+) -> Result<Vec<crate::pipeline::NodeRegistryAuth>, crate::error::JobError> {
     config
         .registries
         .credentials
         .iter()
-        .map(|(host, login)| {
+        .map(|(host, node)| {
+            let login = &node.login;
             let text = std::fs::read_to_string(&login.password_file).map_err(|e| {
                 crate::error::JobError::transient(
                     crate::error::Stage::Resolve,
@@ -152,13 +153,14 @@ fn node_registry_auth(
                     ),
                 )
             })?;
-            Ok((
-                host.clone(),
-                crate::ports::BasicAuth {
+            Ok(crate::pipeline::NodeRegistryAuth {
+                host: host.clone(),
+                auth: crate::ports::BasicAuth {
                     username: login.username.clone(),
                     password: crate::secret::Secret::new(text.trim_end_matches(['\r', '\n'])),
                 },
-            ))
+                sources: node.sources.clone(),
+            })
         })
         .collect()
 }

@@ -454,7 +454,33 @@ pub struct RegistriesConfig {
     pub webhook_max_bytes: usize,
     /// Node-level credentials for builds' `FROM` registries, by host (`docker.io` for Docker
     /// Hub); passwords are read from their files when the worker starts.
-    pub credentials: Vec<(String, RegistryCredentials)>,
+    pub credentials: Vec<(String, NodeLogin)>,
+}
+
+/// One of `registries.credentials`: a login and the sources whose builds may use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeLogin {
+    pub login: RegistryCredentials,
+    /// `source_id`s, or prefixes ending in `*`; `None`: every source.
+    pub sources: Option<Vec<String>>,
+}
+
+impl NodeLogin {
+    /// Whether a build of `source_id` is offered this login.
+    pub fn offered_to(&self, source_id: &str) -> bool {
+        source_scope_matches(self.sources.as_deref(), source_id)
+    }
+}
+
+/// Whether `source_id` is in a `sources` list (`None`: every source): an entry is an id, or a
+/// prefix ending in `*`.
+pub fn source_scope_matches(sources: Option<&[String]>, source_id: &str) -> bool {
+    sources.is_none_or(|list| {
+        list.iter().any(|entry| match entry.strip_suffix('*') {
+            Some(prefix) => source_id.starts_with(prefix),
+            None => entry == source_id,
+        })
+    })
 }
 
 /// An OCI platform, `os/architecture[/variant]`.
@@ -1088,13 +1114,33 @@ fn validate_registries(raw: &raw::RawRegistries, p: &mut Problems) -> Registries
         if login.username.is_empty() {
             p.push(format!("{path}.username"), "expected a user name, got \"\"");
         }
+        for (i, entry) in login.sources.iter().flatten().enumerate() {
+            let id = entry.strip_suffix('*').unwrap_or(entry);
+            let valid = id.len() <= 128
+                && (!id.is_empty() || entry == "*")
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !valid {
+                p.push(
+                    format!("{path}.sources[{i}]"),
+                    format!(
+                        "expected a source_id (1-128 of [A-Za-z0-9_-]) or such a prefix \
+                         followed by `*`, got {entry:?}"
+                    ),
+                );
+            }
+        }
         let file = secret_file(p, &format!("{path}.password_file"), &login.password_file);
         match file {
             Some(password_file) => credentials.push((
                 host.clone(),
-                RegistryCredentials {
-                    username: login.username.clone(),
-                    password_file,
+                NodeLogin {
+                    login: RegistryCredentials {
+                        username: login.username.clone(),
+                        password_file,
+                    },
+                    sources: login.sources.clone(),
                 },
             )),
             None if login.password_file.is_empty() => p.push(

@@ -184,6 +184,10 @@ pub struct RawRegistries {
 pub struct RawRegistryLogin {
     pub username: String,
     pub password_file: String,
+    /// The sources whose builds are offered this login: `source_id`s, or prefixes ending in
+    /// `*`. Absent: every source's.
+    #[serde(default)]
+    pub sources: Option<Vec<String>>,
 }
 
 impl Default for RawRegistries {

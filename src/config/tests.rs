@@ -828,10 +828,15 @@ fn node_registry_credentials_are_read_by_host_and_checked() {
         &HashMap::new(),
     )
     .unwrap();
-    let (host, login) = &config.registries.credentials[0];
+    let (host, node) = &config.registries.credentials[0];
     assert_eq!(host, "registry.example.com:5000");
-    assert_eq!(login.username, "ci");
-    assert_eq!(login.password_file, PathBuf::from("/etc/factoryd/reg.pass"));
+    assert_eq!(node.login.username, "ci");
+    assert_eq!(
+        node.login.password_file,
+        PathBuf::from("/etc/factoryd/reg.pass")
+    );
+    assert_eq!(node.sources, None);
+    assert!(node.offered_to("any-source"));
 
     let found = problems(
         "[registries]\ncredentials = { \"https://x\" = { username = \"\", password_file = \"reg.pass\" } }",
@@ -855,4 +860,38 @@ fn allowed_frontends_are_image_references_kept_canonical() {
     assert!(Config::defaults().builder.allowed_frontends.is_empty());
     let p = problems("[builder]\nallowed_frontends = [\"docker/dockerfile:1\", \"Not A Ref\"]\n");
     assert_eq!(paths(&p), ["builder.allowed_frontends[1]"]);
+}
+
+#[test]
+fn node_registry_credentials_can_be_limited_to_sources() {
+    let config = parse(
+        "[registries]\ncredentials = { \"r.example\" = { username = \"ci\", password_file = \"/p\", sources = [\"web\", \"team-a-*\"] } }",
+    );
+    let node = &config.registries.credentials[0].1;
+    for (source, offered) in [
+        ("web", true),
+        ("team-a-api", true),
+        ("team-a-", true),
+        ("web2", false),
+        ("team-b-api", false),
+        ("tea", false),
+    ] {
+        assert_eq!(node.offered_to(source), offered, "{source}");
+    }
+    let none = parse(
+        "[registries]\ncredentials = { \"r.example\" = { username = \"ci\", password_file = \"/p\", sources = [] } }",
+    );
+    assert!(!none.registries.credentials[0].1.offered_to("web"));
+
+    let found = problems(
+        "[registries]\ncredentials = { \"r.example\" = { username = \"ci\", password_file = \"/p\", sources = [\"ok\", \"a/b\", \"\", \"x**\"] } }",
+    );
+    assert_eq!(
+        paths(&found),
+        [
+            "registries.credentials.\"r.example\".sources[1]",
+            "registries.credentials.\"r.example\".sources[2]",
+            "registries.credentials.\"r.example\".sources[3]",
+        ]
+    );
 }

@@ -40,9 +40,9 @@ pub struct Stages {
     pub builder: Arc<dyn Builder>,
     pub resolver: Arc<dyn CredentialResolver>,
     pub importer: Arc<dyn Importer>,
-    /// Node-level registry credentials for `FROM` lines (host → credentials); a job's own
-    /// credentials for the same host win.
-    pub node_registry_auth: Vec<(String, BasicAuth)>,
+    /// Node-level registry credentials for `FROM` lines (`registries.credentials`); a job's
+    /// own credentials for the same host win.
+    pub node_registry_auth: Vec<NodeRegistryAuth>,
     /// The node's own credentials (NATS, `registries.credentials`): masked in every job's text
     /// whether or not the job uses them.
     pub node_secrets: Vec<Secret>,
@@ -51,6 +51,16 @@ pub struct Stages {
     /// Hosts reachable over plain HTTP (`registries.insecure`).
     pub insecure_registries: Vec<String>,
     pub destinations: DestinationSettings,
+}
+
+/// One of `registries.credentials`, its password read: offered to the builds of the sources
+/// it names, for its host only.
+#[derive(Debug, Clone)]
+pub struct NodeRegistryAuth {
+    pub host: String,
+    pub auth: BasicAuth,
+    /// `source_id`s or prefixes ending in `*`; `None`: every source.
+    pub sources: Option<Vec<String>>,
 }
 
 /// What a successful job produced.
@@ -93,7 +103,7 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
             let context =
                 check_frontends(fetched.context, &options, &stages.allowed_frontends).await?;
             let registry_auth =
-                build_registry_auth(&stages.node_registry_auth, &docker_file.credentials);
+                build_registry_auth(&stages.node_registry_auth, &docker_file.credentials, job);
             // The node's `registries.credentials` go to this build's session: mask them too.
             for (_, auth) in &registry_auth {
                 cx.redactor.add(&auth.password, Some(&auth.username));
@@ -193,12 +203,14 @@ async fn check_frontends(
     Ok(context)
 }
 
-/// The credentials for a build's `FROM` lines: the job's, then the node's for other hosts.
+/// The credentials for a build's `FROM` lines: the job's, then the node's for other hosts,
+/// each node login only where it is offered to the job's source.
 fn build_registry_auth(
-    node: &[(String, BasicAuth)],
-    job: &[crate::job::RegistryCredential],
+    node: &[NodeRegistryAuth],
+    own: &[crate::job::RegistryCredential],
+    job: &Job,
 ) -> Vec<(String, BasicAuth)> {
-    let mut out: Vec<(String, BasicAuth)> = job
+    let mut out: Vec<(String, BasicAuth)> = own
         .iter()
         .map(|c| {
             (
@@ -210,9 +222,10 @@ fn build_registry_auth(
             )
         })
         .collect();
-    for (host, auth) in node {
-        if !out.iter().any(|(h, _)| h == host) {
-            out.push((host.clone(), auth.clone()));
+    for login in node {
+        let offered = crate::config::source_scope_matches(login.sources.as_deref(), &job.source_id);
+        if offered && !out.iter().any(|(h, _)| *h == login.host) {
+            out.push((login.host.clone(), login.auth.clone()));
         }
     }
     out

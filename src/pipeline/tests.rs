@@ -64,13 +64,14 @@ async fn the_destination_registry_password_joins_the_masking_set() {
 async fn node_registry_credentials_given_to_a_build_join_the_masking_set() {
     let dir = tempfile::tempdir().unwrap();
     let mut stages = ScriptedStages::new().stages(dir.path().join("store"));
-    stages.node_registry_auth = vec![(
-        "base.example".into(),
-        BasicAuth {
+    stages.node_registry_auth = vec![NodeRegistryAuth {
+        host: "base.example".into(),
+        auth: BasicAuth {
             username: "node-user".into(),
             password: crate::secret::Secret::new("node-pass-77ab"),
         },
-    )];
+        sources: None,
+    }];
     let job = job(json!({"type": "docker-file", "details": {
         "targz_url": "https://example.com/src.tar.gz"}}));
     let cx = context(dir.path(), &job);
@@ -141,4 +142,61 @@ async fn a_buildkit_syntax_build_arg_is_checked_like_the_directive() {
     let err = run_job(&job, &stages, &cx).await.expect_err("refused");
     assert_eq!(err.code, crate::error::ErrorCode::UnsafeSource, "{err}");
     assert_eq!(scripted.runs(&job.id), 0);
+}
+
+/// `registries.credentials` with `sources`: a node login reaches only the builds of the
+/// sources it names, and a job's own login for the same host wins.
+#[test]
+fn node_registry_logins_are_offered_only_to_the_sources_they_name() {
+    let login = |host: &str, user: &str, sources: Option<Vec<&str>>| NodeRegistryAuth {
+        host: host.into(),
+        auth: BasicAuth {
+            username: user.into(),
+            password: crate::secret::Secret::new("p"),
+        },
+        sources: sources.map(|s| s.into_iter().map(str::to_owned).collect()),
+    };
+    let node = [
+        login("shared.example", "everyone", None),
+        login("team.example", "team-a", Some(vec!["team-a-*", "web"])),
+        login("nobody.example", "nobody", Some(vec![])),
+    ];
+    let offered = |source_id: &str, own: serde_json::Value| {
+        let mut value = json!({"v": 1, "id": "j1", "source_id": source_id,
+            "origin": {"type": "docker-file", "details": {
+                "targz_url": "https://example.com/src.tar.gz", "credentials": own}}});
+        if value["origin"]["details"]["credentials"].is_null() {
+            value["origin"]["details"]
+                .as_object_mut()
+                .unwrap()
+                .remove("credentials");
+        }
+        let job = crate::job::decode_value(&value).expect("valid job");
+        let Origin::DockerFile(df) = &job.origin else {
+            unreachable!()
+        };
+        build_registry_auth(&node, &df.credentials, &job)
+            .into_iter()
+            .map(|(host, auth)| format!("{host}={}", auth.username))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        offered("team-a-api", json!(null)),
+        ["shared.example=everyone", "team.example=team-a"]
+    );
+    assert_eq!(
+        offered("web", json!(null)),
+        ["shared.example=everyone", "team.example=team-a"]
+    );
+    assert_eq!(
+        offered("team-b-api", json!(null)),
+        ["shared.example=everyone"]
+    );
+    assert_eq!(
+        offered(
+            "team-b-api",
+            json!([{"url": "team.example", "username": "b", "token": "t"}])
+        ),
+        ["team.example=b", "shared.example=everyone"]
+    );
 }

@@ -1313,6 +1313,26 @@ fn node_registry_credentials_from_the_config_reach_the_build() {
     assert_eq!(out.status.code(), Some(1));
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(result["error"]["code"], "auth_failed");
+
+    // Limited to other sources (issue 14): not offered to this one; named by prefix: offered.
+    for (sources, offered) in [("[\"other\", \"src-x*\"]", false), ("[\"src-*\"]", true)] {
+        let extra = format!(
+            "[registries]\ncredentials = {{ \"{}\" = {{ username = \"{USER}\", password_file = \"{}\", sources = {sources} }} }}\n",
+            base.host,
+            password_file.display()
+        );
+        let out = factoryd_run_with(&engine, root.path(), &job, dir.path(), &extra)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if offered {
+            assert_eq!(out.status.code(), Some(0), "{sources}: {stderr}");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "{sources}: {stderr}");
+            let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(result["error"]["code"], "auth_failed", "{sources}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1423,5 +1443,85 @@ async fn a_frontend_not_allowed_is_refused_before_buildkit_pulls_it() {
     assert!(
         listener.accept().is_err(),
         "nothing may have connected to the frontend's registry"
+    );
+}
+
+/// The digest the layout store at `layout` has under `tag`, read from its `index.json`.
+fn layout_digest(layout: &Path, tag: &str) -> Option<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).ok()?).ok()?;
+    index["manifests"]
+        .as_array()?
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .and_then(|m| m["digest"].as_str().map(str::to_owned))
+}
+
+/// Issue 14: a job of one source named another source's repository and tag in its
+/// `destination` and replaced that source's image. Now the override is refused before anything
+/// runs, and an override inside the job's own namespace still works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_destination_override_cannot_replace_another_sources_image() {
+    let engine = Engine::shared();
+    let server = FileServer::start();
+    let source = |name: &str, text: &str| {
+        server.route(
+            &format!("/{name}.tar.gz"),
+            Route::Body(Arc::new(targz(&[
+                ("Dockerfile", "FROM scratch\nCOPY owner.txt /owner.txt\n"),
+                ("owner.txt", text),
+            ]))),
+        )
+    };
+    let (web, evil) = (source("web", "web\n"), source("evil", "evil\n"));
+    let root = tempfile::tempdir().unwrap();
+    let layout = root.path().join("store");
+    let config = test_config(&format!(
+        "[destination]\nkind = \"oci-layout\"\npath = \"{}\"\nrepository = \"tenants/{{source_id}}\"\n",
+        layout.display()
+    ));
+    let work = root.path().join("work");
+
+    let job = json!({"v": 1, "id": "job-web", "source_id": "web",
+        "origin": {"type": "docker-file", "details": {"targz_url": web}}});
+    let (result, _) = run(&engine, &config, job, &work).await;
+    let own = result.expect("the owner's build").image.digest;
+    assert_eq!(
+        layout_digest(&layout, "tenants/web:job-web").as_deref(),
+        Some(own.as_str())
+    );
+
+    for (repository, tag) in [("tenants/web", "job-web"), ("tenants/web/x", "job-web")] {
+        let job = json!({"v": 1, "id": "job-evil", "source_id": "evil",
+            "origin": {"type": "docker-file", "details": {"targz_url": evil}},
+            "destination": {"kind": "oci-layout", "repository": repository, "tag": tag}});
+        let (result, _) = run(&engine, &config, job, &work).await;
+        let err = result.expect_err("another source's repository must be refused");
+        assert_eq!(
+            (err.class, err.code, err.stage),
+            (ErrorClass::Permanent, ErrorCode::InvalidJob, Stage::Resolve),
+            "{err}"
+        );
+        assert!(err.message.starts_with("destination.repository: "), "{err}");
+    }
+    assert_eq!(
+        layout_digest(&layout, "tenants/web:job-web").as_deref(),
+        Some(own.as_str()),
+        "the owner's image is untouched"
+    );
+
+    // Inside its own namespace a job still chooses repository and tag.
+    let job = json!({"v": 1, "id": "job-evil-2", "source_id": "evil",
+        "origin": {"type": "docker-file", "details": {"targz_url": evil}},
+        "destination": {"kind": "oci-layout", "repository": "tenants/evil/tools", "tag": "v1"}});
+    let (result, _) = run(&engine, &config, job, &work).await;
+    let theirs = result
+        .expect("an override in the job's own namespace")
+        .image
+        .digest;
+    assert_ne!(theirs, own);
+    assert_eq!(
+        layout_digest(&layout, "tenants/evil/tools:v1").as_deref(),
+        Some(theirs.as_str())
     );
 }
