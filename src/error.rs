@@ -116,6 +116,8 @@ pub enum ErrorCode {
     Unsupported,
     /// An address refused by the egress policy.
     EgressRefused,
+    /// Earlier attempts of the job ended with their worker gone; not run again.
+    Poison,
     /// The remote side is unreachable, reset the connection, or answered 5xx.
     Unavailable,
     /// The remote side asked us to slow down (429).
@@ -145,6 +147,7 @@ impl ErrorCode {
             ErrorCode::DigestMismatch => "digest_mismatch",
             ErrorCode::Unsupported => "unsupported",
             ErrorCode::EgressRefused => "egress_refused",
+            ErrorCode::Poison => "poison",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Timeout => "timeout",
@@ -167,7 +170,8 @@ impl ErrorCode {
             | ErrorCode::LimitExceeded
             | ErrorCode::DigestMismatch
             | ErrorCode::Unsupported
-            | ErrorCode::EgressRefused => ErrorClass::Permanent,
+            | ErrorCode::EgressRefused
+            | ErrorCode::Poison => ErrorClass::Permanent,
             ErrorCode::Unavailable
             | ErrorCode::RateLimited
             | ErrorCode::Timeout
@@ -368,6 +372,7 @@ mod tests {
             ErrorCode::DigestMismatch,
             ErrorCode::Unsupported,
             ErrorCode::EgressRefused,
+            ErrorCode::Poison,
             ErrorCode::Unavailable,
             ErrorCode::RateLimited,
             ErrorCode::Timeout,

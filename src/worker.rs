@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::error::{ErrorClass, ErrorCode, JobError, Stage};
-use crate::job::{self, ErrorInfo, Job, JobEvent, JobResult, Kind, Redactor, Status};
+use crate::job::{self, DeadLetter, ErrorInfo, Job, JobEvent, JobResult, Kind, Redactor, Status};
 use crate::pipeline::claim::{ClaimOutcome, Claims};
 use crate::pipeline::disposition::{decide, Outcome, RetryPolicy, Settle};
 use crate::pipeline::{run_job, JobOutput, Stages};
@@ -53,6 +53,8 @@ pub struct WorkerSettings {
     pub lease: Duration,
     /// How long one pull waits for a message.
     pub pull_wait: Duration,
+    /// Lost attempts (worker gone mid-job) after which a job is given up as `poison` (0: never).
+    pub max_lost_attempts: u32,
 }
 
 impl WorkerSettings {
@@ -75,6 +77,7 @@ impl WorkerSettings {
             heartbeat: ack_wait / 3,
             lease: ack_wait,
             pull_wait: Duration::from_secs(30),
+            max_lost_attempts: w.max_lost_attempts,
         }
     }
 
@@ -279,13 +282,15 @@ impl Worker {
             .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 
-    fn claims(&self, attempt: u32) -> Claims<'_> {
+    /// The claim protocol for `attempt`, keeping the record's `lost_attempts` in every write.
+    fn claims(&self, attempt: u32, lost_attempts: u32) -> Claims<'_> {
         Claims {
             states: self.ports.states.as_ref(),
             worker: &self.settings.name,
             lease: self.settings.lease,
             now_ms: self.now_ms(),
             attempt,
+            lost_attempts,
         }
     }
 
@@ -464,6 +469,78 @@ impl Worker {
         self.run_delivery(job, delivery).instrument(span).await;
     }
 
+    /// A job whose earlier attempts ended with their worker gone (`lost_attempts`, at least
+    /// `worker.max_lost_attempts`): most likely the job itself brings workers down, so it is not
+    /// run again. It is copied to the dead-letter stream first, then fails permanently as
+    /// `poison` like any finished job (terminal record, result, term). A failure on the way
+    /// leaves the message for redelivery, which comes back here; the copy is deduplicated.
+    async fn give_up_poison(
+        &self,
+        job: &Job,
+        delivery: &Delivery,
+        revision: u64,
+        lost_attempts: u32,
+    ) {
+        let attempt = delivery.attempt;
+        let err = JobError::permanent(
+            Stage::Receive,
+            ErrorCode::Poison,
+            format!(
+                "not run again: {lost_attempts} earlier attempt(s) ended with their worker gone \
+                 mid-job (it crashed, was killed or lost its connection; \
+                 worker.max_lost_attempts = {}); a copy is in the dead-letter stream",
+                self.settings.max_lost_attempts
+            ),
+        );
+        error!(
+            lost_attempts,
+            "Giving the job up as poison: its earlier attempts ended with their worker gone."
+        );
+        let now = self.now();
+        let result = self.result_of(
+            &job.id,
+            &job.source_id,
+            attempt,
+            Err((&err, false)),
+            now,
+            now,
+            &Redactor::for_job(job),
+        );
+        let letter = DeadLetter {
+            v: job::WIRE_VERSION,
+            job_id: job.id.clone(),
+            source_id: job.source_id.clone(),
+            kind: job.kind(),
+            delivery: attempt,
+            lost_attempts,
+            result: result.clone(),
+        };
+        if let Err(e) = self.ports.results.dead_letter(&letter).await {
+            warn!(error = %e, "Cannot copy the job to the dead-letter stream; it will be redelivered.");
+            return;
+        }
+        match self
+            .claims(attempt, lost_attempts)
+            .finish(&job.id, revision, &result)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                warn!(error = %e, "Cannot store the terminal state; the job will be redelivered.");
+                return;
+            }
+        }
+        if self.publish(&result).await {
+            self.settle(delivery, Settle::Term).await;
+        }
+        metrics()
+            .jobs_completed
+            .with_label_values(&[job.kind().as_str(), "poisoned"])
+            .inc();
+        self.count(|s| s.finished += 1);
+    }
+
     /// A message that is not a valid job: a permanent failure, reported on the subject's id.
     async fn reject(&self, delivery: Delivery, source_id: &str, message: String) {
         let err = JobError::new(Stage::Receive, ErrorCode::InvalidJob, message);
@@ -503,8 +580,11 @@ impl Worker {
             return;
         }
 
-        let revision = match self.claims(attempt).claim(&job.id).await {
-            Ok(ClaimOutcome::Claimed { revision }) => revision,
+        let (revision, lost_attempts) = match self.claims(attempt, 0).claim(&job.id).await {
+            Ok(ClaimOutcome::Claimed {
+                revision,
+                lost_attempts,
+            }) => (revision, lost_attempts),
             Ok(ClaimOutcome::AlreadyDone(result)) => {
                 info!(
                     status = result.status.as_str(),
@@ -544,7 +624,7 @@ impl Worker {
                 );
                 info!("Job cancelled before it started.");
                 let stored = self
-                    .claims(attempt)
+                    .claims(attempt, 0)
                     .finish_cancelled_before_start(&job.id, revision, &result)
                     .await
                     .unwrap_or(false);
@@ -562,6 +642,13 @@ impl Worker {
                 return;
             }
         };
+
+        let max_lost = self.settings.max_lost_attempts;
+        if max_lost > 0 && lost_attempts >= max_lost {
+            return self
+                .give_up_poison(&job, &delivery, revision, lost_attempts)
+                .await;
+        }
 
         let token = CancellationToken::new();
         let reason = Arc::new(Mutex::new(None));
@@ -596,7 +683,7 @@ impl Worker {
         let revision = Arc::new(tokio::sync::Mutex::new(revision));
         let heartbeat = tokio::spawn(Arc::clone(&self).heartbeat(
             job.id.clone(),
-            attempt,
+            (attempt, lost_attempts),
             Arc::clone(&revision),
             Arc::clone(&delivery.handle),
             token.clone(),
@@ -628,7 +715,7 @@ impl Worker {
         self.conclude(
             &job,
             &delivery,
-            *revision.lock().await,
+            (*revision.lock().await, lost_attempts),
             outcome,
             started_at,
             finished_at,
@@ -644,7 +731,7 @@ impl Worker {
         &self,
         job: &Job,
         delivery: &Delivery,
-        revision: u64,
+        (revision, lost_attempts): (u64, u32),
         outcome: Result<JobOutput, JobError>,
         started_at: OffsetDateTime,
         finished_at: OffsetDateTime,
@@ -691,7 +778,7 @@ impl Worker {
                 fastrand::f64(),
             ),
         };
-        let claims = self.claims(attempt);
+        let claims = self.claims(attempt, lost_attempts);
         match decision.publish {
             Some(status) => {
                 let result = self.result_of(
@@ -838,7 +925,7 @@ impl Worker {
     async fn heartbeat(
         self: Arc<Self>,
         job_id: String,
-        attempt: u32,
+        (attempt, lost_attempts): (u32, u32),
         revision: Arc<tokio::sync::Mutex<u64>>,
         delivery: Arc<dyn DeliveryHandle>,
         token: CancellationToken,
@@ -853,7 +940,11 @@ impl Worker {
                 debug!(job.id = %job_id, error = %e, "In-progress ack failed.");
             }
             let mut rev = revision.lock().await;
-            match self.claims(attempt).refresh(&job_id, *rev).await {
+            match self
+                .claims(attempt, lost_attempts)
+                .refresh(&job_id, *rev)
+                .await
+            {
                 Ok(Some((new, cancel))) => {
                     *rev = new;
                     if cancel {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::config::{NatsAuth, NatsConfig};
-use crate::job::{EventEnvelope, JobEvent, JobResult, Kind, WIRE_VERSION};
+use crate::job::{DeadLetter, EventEnvelope, JobEvent, JobResult, Kind, WIRE_VERSION};
 use crate::pipeline::disposition::Settle;
 use crate::ports::{
     CancelRequests, Conflict, Delivery, DeliveryHandle, EventBus, EventSink, JobQueue, JobStates,
@@ -79,6 +79,11 @@ impl Names {
 
     pub fn result_subject(&self, job_id: &str) -> String {
         format!("{}.results.{job_id}", self.prefix)
+    }
+
+    /// Where a worker copies a job it gave up on (`poison`), in the DLQ stream.
+    pub fn dead_letter_subject(&self, job_id: &str) -> String {
+        format!("{}.dlq.{job_id}", self.prefix)
     }
 
     pub fn event_subject(&self, job_id: &str) -> String {
@@ -267,16 +272,20 @@ pub async fn ensure_topology(
     )
     .await?;
     // Jobs that ran out of deliveries without a worker's own result (should stay empty: the
-    // worker's retry budget is below max_deliver). Terminations are not captured: every term
+    // worker's retry budget is below max_deliver), and jobs a worker gave up on without running
+    // them (`poison`, on `<prefix>.dlq.<job_id>`). Terminations are not captured: every term
     // comes with a published result.
     ensure_stream(
         js,
         stream::Config {
             name: names.dlq_stream.clone(),
-            subjects: vec![format!(
-                "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
-                names.jobs_stream
-            )],
+            subjects: vec![
+                format!(
+                    "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+                    names.jobs_stream
+                ),
+                names.dead_letter_subject("*"),
+            ],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             max_age: JOBS_MAX_AGE,
@@ -309,7 +318,7 @@ async fn ensure_stream(
 ) -> Result<stream::Stream, QueueError> {
     let name = want.name.clone();
     let created = match js.get_stream(&name).await {
-        Ok(existing) => return check_stream(existing, &want, mismatches).await,
+        Ok(existing) => return check_stream(js, existing, &want, mismatches).await,
         Err(e)
             if matches!(
                 e.kind(),
@@ -330,7 +339,7 @@ async fn ensure_stream(
         // create but the first ("subjects overlap", "name already in use"). The stream is
         // there now: check it like any existing one.
         Err(create_error) => match js.get_stream(&name).await {
-            Ok(existing) => check_stream(existing, &want, mismatches).await,
+            Ok(existing) => check_stream(js, existing, &want, mismatches).await,
             Err(_) => Err(QueueError::new(
                 "create stream",
                 format!("{name}: {create_error}"),
@@ -339,18 +348,35 @@ async fn ensure_stream(
     }
 }
 
-/// Notes in `mismatches` where an existing stream differs from what this worker needs.
+/// Notes in `mismatches` where an existing stream differs from what this worker needs. A
+/// stream an older worker made with fewer subjects (the DLQ before `<prefix>.dlq.*`) gets the
+/// missing ones added: that changes nothing for what it already holds or for older workers.
 async fn check_stream(
+    js: &jetstream::Context,
     mut existing: stream::Stream,
     want: &stream::Config,
     mismatches: &mut Vec<String>,
 ) -> Result<stream::Stream, QueueError> {
-    let have = existing
+    let mut have = existing
         .info()
         .await
         .map_err(|e| QueueError::new("read stream info", e))?
         .config
         .clone();
+    let missing: Vec<&String> = want
+        .subjects
+        .iter()
+        .filter(|s| !have.subjects.contains(s))
+        .collect();
+    if !missing.is_empty() && have.subjects.iter().all(|s| want.subjects.contains(s)) {
+        let mut updated = have.clone();
+        updated.subjects = want.subjects.clone();
+        js.update_stream(&updated)
+            .await
+            .map_err(|e| QueueError::new("add subjects to stream", e))?;
+        info!(stream = %want.name, added = ?missing, "Added subjects to stream.");
+        have = updated;
+    }
     let mut compared = vec![
         (
             "subjects",
@@ -696,21 +722,39 @@ impl ResultSink for Nats {
     async fn publish(&self, result: &JobResult) -> Result<(), QueueError> {
         let payload =
             serde_json::to_vec(result).map_err(|e| QueueError::new("encode result", e))?;
+        let subject = self.names.result_subject(&result.job_id);
+        let id = format!("result-{}", result.job_id);
+        self.publish_stored("publish result", subject, &id, payload)
+            .await
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), QueueError> {
+        let payload =
+            serde_json::to_vec(letter).map_err(|e| QueueError::new("encode dead letter", e))?;
+        let subject = self.names.dead_letter_subject(&letter.job_id);
+        let id = format!("dlq-{}", letter.job_id);
+        self.publish_stored("publish dead letter", subject, &id, payload)
+            .await
+    }
+}
+
+impl Nats {
+    /// Publishes `payload` on `subject` with `Nats-Msg-Id` = `id` and waits for the store.
+    async fn publish_stored(
+        &self,
+        what: &'static str,
+        subject: String,
+        id: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), QueueError> {
         let mut headers = HeaderMap::new();
-        headers.insert(
-            async_nats::header::NATS_MESSAGE_ID,
-            format!("result-{}", result.job_id).as_str(),
-        );
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         self.js
-            .publish_with_headers(
-                self.names.result_subject(&result.job_id),
-                headers,
-                payload.into(),
-            )
+            .publish_with_headers(subject, headers, payload.into())
             .await
-            .map_err(|e| QueueError::new("publish result", e))?
+            .map_err(|e| QueueError::new(what, e))?
             .await
-            .map_err(|e| QueueError::new("publish result", e))?;
+            .map_err(|e| QueueError::new(what, e))?;
         Ok(())
     }
 }

@@ -281,6 +281,9 @@ pub struct WorkerConfig {
     pub default_job_timeout: Duration,
     /// Attempts per job, 1..=4, below the consumer's delivery limit.
     pub max_attempts: u32,
+    /// Attempts of one job that may end with their worker gone before the job fails as
+    /// `poison` instead of running again (0: never).
+    pub max_lost_attempts: u32,
     /// First retry delay; doubles per attempt up to `retry_max_delay`.
     pub retry_base_delay: Duration,
     pub retry_max_delay: Duration,
@@ -930,6 +933,13 @@ fn validate_worker(raw: &raw::RawWorker, p: &mut Problems) -> WorkerConfig {
         max_job_timeout,
         default_job_timeout,
         max_attempts,
+        max_lost_attempts: in_range(
+            p,
+            "worker.max_lost_attempts",
+            raw.max_lost_attempts,
+            0,
+            CONSUMER_MAX_DELIVER - 1,
+        ),
         retry_base_delay,
         retry_max_delay,
         min_free_bytes: u64::from(in_range(

@@ -25,7 +25,7 @@ use crate::secret::Secret;
 pub use decode::{decode, decode_value, normalise_source_path, MAX_JOB_BYTES};
 pub use event::{EventEnvelope, JobEvent};
 pub use redact::{Redactor, MASK};
-pub use result::{ErrorInfo, ImageInfo, JobResult, Revision, Status, Timings};
+pub use result::{DeadLetter, ErrorInfo, ImageInfo, JobResult, Revision, Status, Timings};
 
 /// The wire format version this worker reads and writes.
 pub const WIRE_VERSION: u32 = 1;

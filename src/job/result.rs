@@ -48,6 +48,24 @@ pub struct JobResult {
     pub finished_at: OffsetDateTime,
 }
 
+/// What a worker copies to the dead-letter stream when it gives a job up without running it
+/// (`poison`): enough to find the job and see why, without the job itself (its payload holds
+/// credentials; the publisher has it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetter {
+    pub v: u32,
+    pub job_id: String,
+    pub source_id: String,
+    pub kind: super::Kind,
+    /// The delivery that gave it up (JetStream's count).
+    pub delivery: u32,
+    /// Attempts that ended with their worker gone.
+    pub lost_attempts: u32,
+    /// The result published for it (failed, `poison`).
+    pub result: JobResult,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageInfo {

@@ -54,6 +54,14 @@ pub struct JobRecord {
     pub cancel: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<JobResult>,
+    /// Attempts that ended with their worker gone (died, killed, cut off) instead of a
+    /// settled outcome: each takeover of a running record counts one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lost_attempts: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl JobRecord {
@@ -66,6 +74,7 @@ impl JobRecord {
             lease_until_ms: 0,
             cancel: true,
             result: None,
+            lost_attempts: 0,
         }
     }
 
@@ -86,8 +95,10 @@ impl JobRecord {
 /// What a worker may do with a delivery.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClaimOutcome {
-    /// Ours to run; `revision` is the record's revision for later compare-and-set.
-    Claimed { revision: u64 },
+    /// Ours to run; `revision` is the record's revision for later compare-and-set;
+    /// `lost_attempts` the attempts before this one whose worker went away mid-job (pass it to
+    /// the [`Claims`] of every later write, which keep it).
+    Claimed { revision: u64, lost_attempts: u32 },
     /// The job already ended: re-publish this result and settle, without running it again.
     AlreadyDone(Box<JobResult>),
     /// A cancel was requested before the job started.
@@ -105,6 +116,8 @@ pub struct Claims<'a> {
     pub now_ms: u64,
     /// The attempt (delivery) this worker claims or holds.
     pub attempt: u32,
+    /// The record's count of lost attempts, kept by every write (0 when claiming).
+    pub lost_attempts: u32,
 }
 
 impl Claims<'_> {
@@ -116,6 +129,7 @@ impl Claims<'_> {
             lease_until_ms: self.now_ms + self.lease.as_millis() as u64,
             cancel,
             result: None,
+            lost_attempts: self.lost_attempts,
         }
     }
 
@@ -127,9 +141,13 @@ impl Claims<'_> {
             .create(job_id, self.running(false).encode())
             .await?
         {
-            return Ok(ClaimOutcome::Claimed { revision });
+            return Ok(ClaimOutcome::Claimed {
+                revision,
+                lost_attempts: 0,
+            });
         }
         for _ in 0..MAX_CAS_ROUNDS {
+            let mut lost_attempts = 0;
             let written = match self.states.get(job_id).await? {
                 None => {
                     self.states
@@ -156,14 +174,24 @@ impl Claims<'_> {
                             retry_in: Duration::from_millis(left) + Duration::from_secs(1),
                         });
                     }
-                    // Pending, a lapsed lease, or our own record from before a restart.
+                    // Pending, a lapsed lease, or our own record from before a restart. A
+                    // record still running lost its worker mid-job: count that attempt.
+                    lost_attempts =
+                        record.lost_attempts + u32::from(record.state == RecordState::Running);
+                    let claimed = JobRecord {
+                        lost_attempts,
+                        ..self.running(false)
+                    };
                     self.states
-                        .update(job_id, self.running(false).encode(), revision)
+                        .update(job_id, claimed.encode(), revision)
                         .await?
                 }
             };
             if let Ok(revision) = written {
-                return Ok(ClaimOutcome::Claimed { revision });
+                return Ok(ClaimOutcome::Claimed {
+                    revision,
+                    lost_attempts,
+                });
             }
             // Someone wrote in between: read again and decide again.
         }
@@ -334,6 +362,7 @@ mod tests {
             lease: Duration::from_secs(60),
             now_ms,
             attempt: 1,
+            lost_attempts: 0,
         }
     }
 
@@ -362,7 +391,7 @@ mod tests {
     async fn the_old_owner_cannot_refresh_or_finish_after_a_takeover() {
         let states = MemStates::new();
         let a = claims(&states, "a", 0);
-        let ClaimOutcome::Claimed { revision } = a.claim("j").await.unwrap() else {
+        let ClaimOutcome::Claimed { revision, .. } = a.claim("j").await.unwrap() else {
             panic!()
         };
         let b = claims(&states, "b", 120_000);
@@ -378,7 +407,7 @@ mod tests {
     async fn a_cancel_mark_written_during_the_job_survives_a_refresh() {
         let states = MemStates::new();
         let a = claims(&states, "a", 0);
-        let ClaimOutcome::Claimed { revision } = a.claim("j").await.unwrap() else {
+        let ClaimOutcome::Claimed { revision, .. } = a.claim("j").await.unwrap() else {
             panic!()
         };
         assert!(mark_cancelled(&states, "j").await.unwrap());
@@ -402,7 +431,7 @@ mod tests {
     async fn a_released_job_is_claimed_at_once_by_another_worker() {
         let states = MemStates::new();
         let a = claims(&states, "a", 0);
-        let ClaimOutcome::Claimed { revision } = a.claim("j").await.unwrap() else {
+        let ClaimOutcome::Claimed { revision, .. } = a.claim("j").await.unwrap() else {
             panic!()
         };
         assert!(a.release("j", revision).await.unwrap());
@@ -410,5 +439,50 @@ mod tests {
             claims(&states, "b", 1).claim("j").await.unwrap(),
             ClaimOutcome::Claimed { .. }
         ));
+    }
+
+    /// Each takeover of a running record (its worker died or was cut off) counts a lost
+    /// attempt; the count survives the new owner's refreshes and releases; a released or
+    /// pending record taken over counts nothing.
+    #[tokio::test]
+    async fn takeovers_of_running_records_count_lost_attempts_and_writes_keep_the_count() {
+        let states = MemStates::new();
+        let lost = |states: &MemStates| states.record("j").unwrap()["lost_attempts"].as_u64();
+        claims(&states, "a", 0).claim("j").await.unwrap();
+        let b = claims(&states, "b", 61_000);
+        let ClaimOutcome::Claimed {
+            revision,
+            lost_attempts: 1,
+        } = b.claim("j").await.unwrap()
+        else {
+            panic!("a's lapsed attempt counts")
+        };
+        let b = Claims {
+            lost_attempts: 1,
+            ..b
+        };
+        let (revision, _) = b.refresh("j", revision).await.unwrap().unwrap();
+        assert_eq!(lost(&states), Some(1));
+        assert!(b.release("j", revision).await.unwrap());
+        assert_eq!(lost(&states), Some(1));
+        // Released: the next claim counts nothing new.
+        let c = claims(&states, "c", 62_000);
+        assert!(matches!(
+            c.claim("j").await.unwrap(),
+            ClaimOutcome::Claimed {
+                lost_attempts: 1,
+                ..
+            }
+        ));
+        // A worker restarted finds its own running record: its attempt was lost too.
+        let c_again = claims(&states, "c", 63_000);
+        assert!(matches!(
+            c_again.claim("j").await.unwrap(),
+            ClaimOutcome::Claimed {
+                lost_attempts: 2,
+                ..
+            }
+        ));
+        assert_eq!(lost(&states), Some(2));
     }
 }

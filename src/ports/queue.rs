@@ -10,7 +10,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::EventSink;
-use crate::job::{JobResult, Kind};
+use crate::job::{DeadLetter, JobResult, Kind};
 use crate::pipeline::disposition::Settle;
 
 /// A failure talking to the message system. All are worth retrying: the worker logs them,
@@ -84,6 +84,10 @@ pub trait ResultSink: Send + Sync {
     /// Publishes the result and waits until the server has stored it. Publishing the same
     /// job's result twice is harmless (deduplicated by job id).
     async fn publish(&self, result: &JobResult) -> Result<(), QueueError>;
+
+    /// Copies a job the worker gave up on without running it to the dead-letter stream and
+    /// waits until the server has stored it (deduplicated by job id, like results).
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), QueueError>;
 }
 
 /// Creates the event sink of one attempt of one job.

@@ -9,7 +9,14 @@ use prometheus::{
 };
 
 /// How a job attempt can end, as counted by `factoryd_jobs_completed_total`.
-pub const OUTCOMES: [&str; 5] = ["succeeded", "failed", "cancelled", "retried", "handed_back"];
+pub const OUTCOMES: [&str; 6] = [
+    "succeeded",
+    "failed",
+    "cancelled",
+    "retried",
+    "handed_back",
+    "poisoned",
+];
 
 /// Buckets for jobs and stages: from a second to hours.
 const DURATION_BUCKETS: &[f64] = &[
@@ -136,7 +143,7 @@ impl Metrics {
                 &r,
                 "factoryd_jobs_completed_total",
                 "Job attempts that ended, by kind and outcome (succeeded, failed, cancelled, \
-                 retried, handed_back).",
+                 retried, handed_back, poisoned).",
                 &["kind", "outcome"],
             ),
             job_duration: histogram_vec(

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::job::{JobEvent, JobResult, Kind};
+use crate::job::{DeadLetter, JobEvent, JobResult, Kind};
 use crate::pipeline::disposition::Settle;
 use crate::ports::{
     CancelRequests, Conflict, Delivery, DeliveryHandle, EventBus, EventSink, JobQueue, JobStates,
@@ -287,6 +287,7 @@ impl JobStates for MemStates {
 #[derive(Clone, Default)]
 pub struct MemResults {
     results: Arc<Mutex<Vec<JobResult>>>,
+    dead_letters: Arc<Mutex<Vec<DeadLetter>>>,
     notify: Arc<Notify>,
     /// While set, publishing fails (a message system that is down).
     pub failing: Arc<std::sync::atomic::AtomicBool>,
@@ -299,6 +300,14 @@ impl MemResults {
 
     pub fn all(&self) -> Vec<JobResult> {
         self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Every dead letter, in order.
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.dead_letters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
@@ -335,6 +344,17 @@ impl ResultSink for MemResults {
             .unwrap_or_else(|e| e.into_inner())
             .push(result.clone());
         self.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), QueueError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(QueueError::new("publish dead letter", "no responders"));
+        }
+        self.dead_letters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(letter.clone());
         Ok(())
     }
 }

@@ -26,10 +26,13 @@ pub enum Behaviour {
     /// Works until the token fires.
     WaitForCancel,
     Panic,
+    /// Ends the whole process at once (SIGABRT), as a stack overflow or the OOM killer would:
+    /// only for a worker process a test starts.
+    Abort,
 }
 
 impl Behaviour {
-    /// `succeed`, `permanent`, `transient`, `sleep:<ms>`, `wait-cancel`, `panic`.
+    /// `succeed`, `permanent`, `transient`, `sleep:<ms>`, `wait-cancel`, `panic`, `abort`.
     pub fn parse(word: &str) -> Option<Behaviour> {
         Some(match word.trim() {
             "succeed" => Behaviour::Succeed,
@@ -37,6 +40,7 @@ impl Behaviour {
             "transient" => Behaviour::Transient,
             "wait-cancel" => Behaviour::WaitForCancel,
             "panic" => Behaviour::Panic,
+            "abort" => Behaviour::Abort,
             other => {
                 let ms = other.strip_prefix("sleep:")?.parse().ok()?;
                 Behaviour::Sleep(Duration::from_millis(ms))
@@ -158,6 +162,7 @@ impl ScriptedStages {
                 Err(JobError::cancelled(stage))
             }
             Behaviour::Panic => panic!("scripted panic in {stage}"),
+            Behaviour::Abort => std::process::abort(),
         }
     }
 }

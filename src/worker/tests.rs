@@ -39,6 +39,7 @@ fn settings(work_root: &std::path::Path) -> WorkerSettings {
         heartbeat: ACK_WAIT / 3,
         lease: ACK_WAIT,
         pull_wait: Duration::from_secs(30),
+        max_lost_attempts: 2,
     }
 }
 
@@ -386,6 +387,7 @@ async fn a_delivery_of_a_job_running_elsewhere_is_put_back() {
         lease: ACK_WAIT,
         now_ms: r.worker.now_ms(),
         attempt: 1,
+        lost_attempts: 0,
     };
     assert!(matches!(
         other.claim("j1").await.unwrap(),
@@ -580,4 +582,84 @@ async fn a_credential_a_stage_learns_is_masked_in_the_result_and_events() {
     let events = serde_json::to_string(&events.for_job("j1")).unwrap();
     assert!(events.contains("registry said ***"), "{events}");
     assert!(!events.contains(LEARNED), "{events}");
+}
+
+/// Workers `names` each claim `job_id` in turn and vanish (their leases lapse): each one's
+/// attempt is lost, counted by the claim that takes over from it (the worker under test takes
+/// over from the last, once its lease, live when this returns, lapses).
+async fn lose_attempts(r: &Rig, job_id: &str, names: &[&str]) {
+    let start = r.worker.now_ms();
+    for (i, name) in names.iter().enumerate() {
+        let claims = Claims {
+            states: &r.states,
+            worker: name,
+            lease: ACK_WAIT,
+            now_ms: start + i as u64 * (ACK_WAIT.as_millis() as u64 + 1_000),
+            attempt: i as u32 + 1,
+            lost_attempts: 0,
+        };
+        assert!(matches!(
+            claims.claim(job_id).await.unwrap(),
+            ClaimOutcome::Claimed { lost_attempts, .. } if lost_attempts == i as u32
+        ));
+    }
+}
+
+/// Issue 14: a job whose attempts keep ending with their worker gone is not run again: it
+/// fails as permanent `poison`, is copied to the dead-letter stream, and its message termed.
+#[tokio::test(start_paused = true)]
+async fn a_job_whose_workers_vanished_twice_is_given_up_as_poison_and_dead_lettered() {
+    let mut r = rig();
+    lose_attempts(&r, "j1", &["node-b", "node-c"]).await;
+    r.publish("j1");
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(r.stages.runs("j1"), 0, "never run");
+    let error = results[0].error.as_ref().expect("failed");
+    assert_eq!(results[0].status, Status::Failed);
+    assert_eq!(
+        (error.class, error.code, error.stage),
+        (ErrorClass::Permanent, ErrorCode::Poison, Stage::Receive)
+    );
+    assert!(
+        error.message.contains("2 earlier attempt(s)"),
+        "{}",
+        error.message
+    );
+    let letters = r.results.dead_letters();
+    assert_eq!(letters.len(), 1);
+    assert_eq!(
+        (
+            letters[0].job_id.as_str(),
+            letters[0].lost_attempts,
+            letters[0].kind
+        ),
+        ("j1", 2, Kind::Import)
+    );
+    assert_eq!(letters[0].result, results[0]);
+    let settles = r.settles("j1");
+    assert!(
+        matches!(settles.as_slice(), [Settle::Nak { .. }, Settle::Term]),
+        "{settles:?}"
+    );
+    assert_eq!(r.states.record("j1").unwrap()["state"], "failed");
+}
+
+/// One lost attempt is not enough, and `max_lost_attempts = 0` turns the check off: the job
+/// runs and succeeds, with no dead letter.
+#[tokio::test(start_paused = true)]
+async fn a_job_is_run_again_below_the_lost_attempts_limit_or_with_the_check_off() {
+    for (max, workers) in [
+        (2, &["node-b"][..]),
+        (0, &["node-b", "node-c", "node-d"][..]),
+    ] {
+        let mut r = rig_with(|s| s.max_lost_attempts = max);
+        lose_attempts(&r, "j1", workers).await;
+        r.publish("j1");
+        let results = r.results.wait_for(1).await;
+        r.stop().await;
+        assert_eq!(results[0].status, Status::Succeeded, "max {max}");
+        assert_eq!(r.stages.runs("j1"), 1);
+        assert!(r.results.dead_letters().is_empty());
+    }
 }

@@ -695,3 +695,97 @@ async fn a_worker_refuses_existing_assets_that_differ_and_names_each_difference(
         stream::RetentionPolicy::Limits
     );
 }
+
+/// Issue 14: a job that takes down every worker that runs it (here it aborts the process, as
+/// a stack overflow or the OOM killer would). Each worker restarted after a crash (as systemd
+/// does) takes the job over when the lease lapses; after two attempts lost that way the next
+/// delivery is not run: the job fails as permanent `poison`, a copy goes to the dead-letter
+/// stream, and the worker goes on with other jobs.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_crashes_its_workers_is_dead_lettered_as_poison_after_two_attempts() {
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    fleet.script("crasher", "abort");
+    let nats = fleet.client().await;
+    assert!(publish(&nats, "crasher").await);
+    for (i, name) in ["node-a", "node-b"].into_iter().enumerate() {
+        let mut worker = fleet.worker(name, 30);
+        fleet
+            .wait_until(
+                &format!("{name} to run the job and die"),
+                Duration::from_secs(60),
+                || fleet.runs("crasher") == i + 1 && !worker.is_running(),
+            )
+            .await;
+    }
+    let mut survivor = fleet.worker("node-c", 30);
+    let results = wait_results(&nats, &["crasher".into()], Duration::from_secs(60)).await;
+    let result = &results["crasher"];
+    assert_eq!(result.status, Status::Failed);
+    let error = result.error.as_ref().expect("an error");
+    assert_eq!(error.code, factoryd::error::ErrorCode::Poison, "{error:?}");
+    assert_eq!(error.class, factoryd::error::ErrorClass::Permanent);
+    assert_eq!(result.worker, "node-c");
+    assert_eq!(fleet.runs("crasher"), 2, "not run a third time");
+
+    let dlq = nats.js.get_stream(&nats.names.dlq_stream).await.unwrap();
+    let letter = dlq
+        .get_last_raw_message_by_subject(&format!("{}.dlq.crasher", nats.names.prefix))
+        .await
+        .expect("a dead letter for the job");
+    let letter: factoryd::job::DeadLetter = serde_json::from_slice(&letter.payload).unwrap();
+    assert_eq!(
+        (letter.job_id.as_str(), letter.lost_attempts, letter.kind),
+        ("crasher", 2, Kind::Import)
+    );
+    assert_eq!(&letter.result, result);
+
+    // The worker that refused it goes on.
+    assert!(publish(&nats, "after").await);
+    let results = wait_results(&nats, &["after".into()], Duration::from_secs(60)).await;
+    assert_eq!(results["after"].status, Status::Succeeded);
+    assert!(survivor.is_running());
+    let mut jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
+    assert_eq!(jobs.info().await.unwrap().state.messages, 0, "both settled");
+}
+
+/// A dead-letter stream made by a version without poison handling (advisories only) gets the
+/// dead-letter subject added at start-up, keeping what it holds; nothing else is changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_older_dead_letter_stream_gets_the_dead_letter_subject_added() {
+    use async_nats::jetstream::{self, stream};
+
+    let (dir, server) = single();
+    let fleet = Fleet::new(vec![server.url()], 1, dir);
+    let config =
+        factoryd::config::load(Some(&fleet.config("older", 30)), &HashMap::new()).expect("config");
+    let names = nats::Names::new(&config.nats.prefix);
+    let advisories = format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+        names.jobs_stream
+    );
+    let js = jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.create_stream(stream::Config {
+        name: names.dlq_stream.clone(),
+        subjects: vec![advisories.clone()],
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    js.publish(advisories.replace('*', "old"), "kept".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let _nats = fleet.client().await;
+    let mut dlq = js.get_stream(&names.dlq_stream).await.unwrap();
+    let info = dlq.info().await.unwrap();
+    assert_eq!(
+        info.config.subjects,
+        [advisories, names.dead_letter_subject("*")]
+    );
+    assert_eq!(info.state.messages, 1, "what it held is kept");
+}
