@@ -138,7 +138,8 @@ impl EgressPolicy {
 
     /// Applies the policy to an HTTP client: resolved addresses are filtered, IP-literal hosts
     /// are checked at the first request (call [`check_url`](Self::check_url)) and on every
-    /// redirect, and at most [`MAX_REDIRECTS`] redirects are followed. No system proxy is used.
+    /// redirect, a redirect from `https` to plain `http` is refused, and at most
+    /// [`MAX_REDIRECTS`] redirects are followed. No system proxy is used.
     pub fn http_client(&self, builder: reqwest::ClientBuilder) -> reqwest::ClientBuilder {
         let policy = *self;
         builder
@@ -147,13 +148,42 @@ impl EgressPolicy {
                 if attempt.previous().len() >= MAX_REDIRECTS {
                     return attempt.error(RedirectLimit);
                 }
-                match policy.check_url(attempt.url()) {
+                let checked = check_redirect(attempt.previous(), attempt.url())
+                    .and_then(|()| policy.check_url(attempt.url()));
+                match checked {
                     Ok(()) => attempt.follow(),
                     Err(refused) => attempt.error(refused),
                 }
             }))
             .no_proxy()
     }
+}
+
+/// The redirect policy of a client that talks only to hosts the node's configuration names
+/// (the destination registry): no egress check, but no downgrade either.
+pub fn configured_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        if attempt.previous().len() >= MAX_REDIRECTS {
+            return attempt.error(RedirectLimit);
+        }
+        match check_redirect(attempt.previous(), attempt.url()) {
+            Ok(()) => attempt.follow(),
+            Err(refused) => attempt.error(refused),
+        }
+    })
+}
+
+/// Refuses a redirect to plain `http` once any URL of the chain was `https`: what TLS
+/// protected (credentials, the content's integrity) must not continue in the clear.
+pub fn check_redirect(previous: &[Url], next: &Url) -> Result<(), EgressRefused> {
+    let was_tls = previous.iter().any(|u| u.scheme() == "https");
+    if was_tls && next.scheme() == "http" {
+        return Err(EgressRefused {
+            host: next.host_str().unwrap_or_default().to_owned(),
+            reason: "a redirect from https:// to plain http:// is refused",
+        });
+    }
+    Ok(())
 }
 
 /// A name that did not resolve, or resolved only to refused addresses.
@@ -295,6 +325,35 @@ mod tests {
         allow_loopback: true,
         allow_private: true,
     };
+
+    #[test]
+    fn a_redirect_from_https_to_http_is_refused_anywhere_in_the_chain() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let refused =
+            check_redirect(&[url("https://a.example/x")], &url("http://b.example/y")).unwrap_err();
+        assert_eq!(refused.host, "b.example");
+        assert!(
+            refused.to_string().contains("https:// to plain http://"),
+            "{refused}"
+        );
+        // Later in the chain too.
+        assert!(check_redirect(
+            &[url("https://a.example/"), url("https://b.example/")],
+            &url("http://c.example/")
+        )
+        .is_err());
+        for (previous, next) in [
+            ("http://a.example/", "http://b.example/"),
+            ("http://a.example/", "https://b.example/"),
+            ("https://a.example/", "https://b.example/"),
+        ] {
+            assert_eq!(
+                check_redirect(&[url(previous)], &url(next)),
+                Ok(()),
+                "{previous} → {next}"
+            );
+        }
+    }
 
     #[test]
     fn address_table() {

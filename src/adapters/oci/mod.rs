@@ -135,9 +135,7 @@ impl RegistryImporter {
             source_http: egress.http_client(builder()).build().map_err(build_error)?,
             destination_http: builder()
                 .no_proxy()
-                .redirect(reqwest::redirect::Policy::limited(
-                    crate::egress::MAX_REDIRECTS,
-                ))
+                .redirect(crate::egress::configured_redirects())
                 .build()
                 .map_err(build_error)?,
             egress,
