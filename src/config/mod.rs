@@ -517,6 +517,11 @@ pub struct GitConfig {
     pub connect_timeout: Duration,
     /// Longest wait for the git server to send or accept data mid-transfer.
     pub io_timeout: Duration,
+    /// Bytes an HTTP(S) git server may send before its pack starts (ref advertisement and
+    /// negotiation), per fetch.
+    pub max_ref_advertisement_bytes: u64,
+    /// CA certificates trusted for git over https, in addition to the system's.
+    pub tls_ca_file: Option<PathBuf>,
 }
 
 /// `[sources]`: caps and timeouts on what a build job fetches and seals.
@@ -701,6 +706,17 @@ pub fn validate(raw: RawConfig) -> Result<Config, Problems> {
                 1,
                 MAX_DELAY_SECS,
             ),
+            max_ref_advertisement_bytes: {
+                let value = raw.git.max_ref_advertisement_bytes;
+                if !(1 << 16..=1 << 32).contains(&value) {
+                    p.push(
+                        "git.max_ref_advertisement_bytes",
+                        format!("expected 65536 to 4294967296 bytes, got {value}"),
+                    );
+                }
+                value
+            },
+            tls_ca_file: optional_path(&mut p, "git.tls_ca_file", &raw.git.tls_ca_file),
         },
         sources: validate_sources(&raw.sources, &mut p),
         egress: EgressConfig {

@@ -219,6 +219,8 @@ pub struct RawGit {
     pub insecure_hosts: Vec<String>,
     pub connect_timeout_secs: u64,
     pub io_timeout_secs: u64,
+    pub max_ref_advertisement_bytes: u64,
+    pub tls_ca_file: String,
 }
 
 impl Default for RawGit {
@@ -230,6 +232,8 @@ impl Default for RawGit {
             insecure_hosts: Vec::new(),
             connect_timeout_secs: 30,
             io_timeout_secs: 120,
+            max_ref_advertisement_bytes: 64 << 20,
+            tls_ca_file: String::new(),
         }
     }
 }

@@ -12,8 +12,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::git_servers::{
-    git, hostile_tree_fixture, revision_fixture, ssh_key, submodule_fixture, GitHttpServer,
-    Hostile, RevisionFixture, SshServer,
+    git, hostile_tree_fixture, revision_fixture, ssh_key, submodule_fixture, test_tls, EndlessRefs,
+    GitHttpServer, Hostile, RevisionFixture, SshServer,
 };
 use crate::support::sources::{config, docker_file, stage_context, tar_entries, Recorder};
 
@@ -800,4 +800,109 @@ async fn a_tree_deeper_than_any_cap_is_limit_exceeded_not_a_crash() {
     let err = result.err().expect("the tree is deeper than the caps");
     assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
     assert_eq!(err.class, ErrorClass::Permanent);
+}
+
+fn endless_details(server: &EndlessRefs) -> serde_json::Value {
+    json!({"repo": {"url": server.url}, "context_dir": "/", "build_file": "/Dockerfile"})
+}
+
+/// A fetcher that trusts the test CA for git over https.
+fn tls_fetcher(extra_config: &str) -> SourceFetcher {
+    let ca = test_tls().ca.display().to_string();
+    fetcher(&format!("tls_ca_file = \"{ca}\"\n{extra_config}"))
+}
+
+/// Over https, libgit2 reaches the server through the fetch's egress proxy (CONNECT to the
+/// address the egress policy allowed); TLS, the credentials and the revision rules work as
+/// over http.
+#[tokio::test]
+async fn https_clone_through_the_egress_proxy_with_username_and_password() {
+    let root = tempfile::tempdir().unwrap();
+    let fixture = revision_fixture(root.path());
+    let server = GitHttpServer::start_tls(&root.path().join("repos"), USER, PASSWORD);
+    let details = json!({
+        "repo": {"url": server.url("app.git"),
+            "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}}},
+        "context_dir": "/app", "build_file": "/app/Dockerfile"});
+    let (result, _, _ws) = fetch_with(
+        &tls_fetcher(""),
+        &root.path().join("work-root"),
+        details.clone(),
+    )
+    .await;
+    let source = result.unwrap();
+    assert_eq!(source.revision.clone().unwrap().commit, fixture.main_tip());
+    assert!(dockerfile_text(&source).contains("# three"));
+}
+
+/// Issue 14: a git server that never stops advertising refs grew the worker to 5.5 GiB. The
+/// advertisement now passes through the fetch's egress proxy, which cuts it off at
+/// `git.max_ref_advertisement_bytes`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_never_stops_advertising_refs_is_cut_off_at_the_cap() {
+    let root = tempfile::tempdir().unwrap();
+    let server = EndlessRefs::start(root.path(), 0);
+    let started = std::time::Instant::now();
+    let (result, _, _ws) = fetch_with(
+        &tls_fetcher("max_ref_advertisement_bytes = 1048576\n"),
+        root.path(),
+        endless_details(&server),
+    )
+    .await;
+    let Err(err) = result else {
+        panic!("an endless advertisement must fail")
+    };
+    assert_eq!(
+        (err.class, err.code),
+        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
+        "{err}"
+    );
+    assert!(
+        err.message.contains("git.max_ref_advertisement_bytes"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // What the server got out: the cap plus what socket buffers hold, far below its 256 MiB.
+    assert!(server.sent() < 16 << 20, "sent {} bytes", server.sent());
+}
+
+/// The same server, trickling (never silent long enough for `git.io_timeout_secs`): the
+/// job's cancellation (and so its timeout) stops the fetch, though libgit2 never reaches a
+/// callback that could see it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trickling_advertisement_is_stopped_by_cancellation() {
+    let root = tempfile::tempdir().unwrap();
+    let server = EndlessRefs::start(root.path(), 5);
+    let origin = docker_file(endless_details(&server));
+    let workspace = Workspace::create(root.path(), "job-test").unwrap();
+    let cancel = CancellationToken::new();
+    let cx = stage_context(
+        &workspace,
+        &origin,
+        Arc::new(Recorder::default()),
+        cancel.clone(),
+    );
+    let fetcher = tls_fetcher("");
+    tokio::spawn({
+        let cancel = cancel.clone();
+        async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            cancel.cancel();
+        }
+    });
+    let started = std::time::Instant::now();
+    let Err(err) = fetcher.fetch(&origin, &cx).await else {
+        panic!("a cancelled fetch must fail")
+    };
+    assert_eq!(err.code, ErrorCode::Cancelled, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(server.sent() > 0, "the advertisement was flowing");
 }

@@ -6,7 +6,13 @@
 //! * Transports: `https` and `ssh`; `http` only for hosts in `git.insecure_hosts`. The job's
 //!   URL was already limited to those schemes (and scp-like `user@host:path`) at decode time;
 //!   `file://`, local paths and remote helpers never get here. Off-site redirects are not
-//!   followed, and the host is checked against the egress policy before connecting.
+//!   followed, and the host is checked against the egress policy before connecting. Over
+//!   https, libgit2 connects through the fetch's own egress proxy (`proxy.rs`): the proxy
+//!   resolves the host through the policy and connects to the allowed address itself, caps
+//!   the bytes before the pack (`git.max_ref_advertisement_bytes`) and in all, and closes the
+//!   connection when the job is cancelled. Plain http (only `git.insecure_hosts`) and ssh
+//!   connect directly: libgit2 1.9 sends plain-http requests in proxy form but to the server
+//!   itself, and libssh2 has no proxy; for them the policy check before connecting stands.
 //! * Credentials go only to the host the job named (the URL in the credential callback is
 //!   checked), each kind at most once per connection: a refused password or key fails the job
 //!   as `auth_failed` instead of looping. SSH keys stay in memory.
@@ -31,7 +37,7 @@
 //!   other submodule is fetched anonymously. One level: a submodule inside a submodule fails
 //!   as `unsupported`.
 //! * Progress is emitted as `Progress` events; cancellation stops the transfer at the next
-//!   packet, and libgit2's connect and I/O timeouts (`git.connect_timeout_secs`,
+//!   packet (over https at once, through the proxy), and libgit2's connect and I/O timeouts (`git.connect_timeout_secs`,
 //!   `git.io_timeout_secs`) bound a silent server. Bytes received are capped by
 //!   `sources.max_fetch_bytes`.
 //!
@@ -39,6 +45,7 @@
 //! search paths are emptied at start), or put a credential or URL userinfo in an error.
 
 pub mod known_hosts;
+mod proxy;
 mod submodule;
 mod tree;
 
@@ -50,7 +57,7 @@ use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use git2::{
-    AutotagOption, CertificateCheckStatus, Cred, CredentialType, FetchOptions, Oid,
+    AutotagOption, CertificateCheckStatus, Cred, CredentialType, FetchOptions, Oid, ProxyOptions,
     RemoteCallbacks, RemoteRedirect, Repository, RepositoryInitOptions,
 };
 
@@ -99,6 +106,9 @@ impl GitFetcher {
         limits: Limits,
     ) -> GitFetcher {
         init_libgit2(config.connect_timeout, config.io_timeout);
+        if let Some(file) = &config.tls_ca_file {
+            trust_ca_file(file);
+        }
         GitFetcher {
             config,
             policy,
@@ -222,6 +232,31 @@ fn init_libgit2(connect_timeout: Duration, io_timeout: Duration) {
     });
 }
 
+/// Adds the certificates in `file` to those libgit2 trusts for https (process-wide, on top of
+/// the system's), once per file. A file that cannot be read is logged: git over https to a
+/// server behind that CA then fails as `auth_failed` (certificate), naming the host.
+fn trust_ca_file(file: &std::path::Path) {
+    static LOADED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
+    if loaded.iter().any(|f| f == file) {
+        return;
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: stores a path in libgit2's global TLS context (OpenSSL's
+    // SSL_CTX_load_verify_locations, which adds to the certificate store under its own lock).
+    // The mutex keeps two of these calls apart; in the daemon it runs once, at start-up, before
+    // any fetch.
+    let added = unsafe { git2::opts::set_ssl_cert_file(file) };
+    match added {
+        Ok(()) => loaded.push(file.to_owned()),
+        Err(e) => tracing::error!(
+            file = %file.display(),
+            error = %e.message(),
+            "Cannot read git.tls_ca_file; git over https trusts the system's CAs only."
+        ),
+    }
+}
+
 /// Everything the blocking fetch needs, owned.
 struct FetchTask {
     repo: GitRepo,
@@ -250,6 +285,8 @@ struct CallbackState {
     host_key: Option<String>,
     asked: Vec<CredentialType>,
     received_bytes: u64,
+    /// Why the egress proxy cut the connection, if it did.
+    proxy_stop: Option<proxy::Stop>,
 }
 
 impl FetchTask {
@@ -271,10 +308,12 @@ impl FetchTask {
                 .remote_anonymous(&self.repo.url)
                 .map_err(|e| self.local_error(e))?;
             let state = Rc::new(RefCell::new(CallbackState::default()));
-            let mut options = self.fetch_options(&state, None);
+            let proxy = self.start_proxy()?;
+            let mut options = self.fetch_options(&state, None, proxy.as_ref());
             // With no refspec libgit2 would fetch all of HEAD's history; a refspec that matches
             // no remote ref makes the download want nothing, so only the refs are exchanged.
             let result = remote.download(&[PROBE_REFSPEC], Some(&mut options));
+            state.borrow_mut().proxy_stop = proxy.as_ref().and_then(|p| p.meter.stopped());
             total_bytes += state.borrow().received_bytes;
             result.map_err(|e| self.fetch_error(&e, &state.borrow()))?;
             let heads: BTreeMap<String, Oid> = remote
@@ -467,17 +506,53 @@ impl FetchTask {
             .remote_anonymous(&self.repo.url)
             .map_err(|e| self.local_error(e))?;
         let state = Rc::new(RefCell::new(CallbackState::default()));
-        let mut options = self.fetch_options(&state, Some(depth));
+        let proxy = self.start_proxy()?;
+        let mut options = self.fetch_options(&state, Some(depth), proxy.as_ref());
         let result = remote.fetch(specs, Some(&mut options), None);
+        state.borrow_mut().proxy_stop = proxy.as_ref().and_then(|p| p.meter.stopped());
         let received = state.borrow().received_bytes;
         result.map_err(|e| self.fetch_error(&e, &state.borrow()))?;
         Ok(received)
+    }
+
+    /// The egress proxy of one HTTP(S) connection series (see `proxy`); none for SSH, which
+    /// libssh2 connects itself (checked by the egress policy before, not pinned).
+    fn start_proxy(&self) -> Result<Option<proxy::Proxy>, JobError> {
+        if self.repo.remote.transport == GitTransport::Ssh {
+            return Ok(None);
+        }
+        let config = &self.fetcher.config;
+        let caps = proxy::Caps {
+            before_pack: config.max_ref_advertisement_bytes,
+            // A backstop above the pack cap the progress callback applies (TLS and HTTP
+            // framing add a little to what the pack counts).
+            total: self
+                .max_fetch_bytes
+                .saturating_add(self.max_fetch_bytes / 16)
+                .saturating_add(config.max_ref_advertisement_bytes),
+        };
+        proxy::Proxy::start(
+            &tokio::runtime::Handle::current(),
+            self.fetcher.policy,
+            caps,
+            self.cx.cancel.clone(),
+            config.connect_timeout,
+        )
+        .map(Some)
+        .map_err(|e| {
+            JobError::transient(
+                Stage::Fetch,
+                ErrorCode::LocalIo,
+                format!("cannot start the git egress proxy on a loopback port: {e}"),
+            )
+        })
     }
 
     fn fetch_options<'a>(
         &'a self,
         state: &Rc<RefCell<CallbackState>>,
         depth: Option<i32>,
+        proxy: Option<&proxy::Proxy>,
     ) -> FetchOptions<'a> {
         let mut callbacks = RemoteCallbacks::new();
 
@@ -521,7 +596,11 @@ impl FetchTask {
         let events: Arc<dyn EventSink> = Arc::clone(&self.cx.events);
         let cap = self.max_fetch_bytes;
         let mut last_emit: Option<Instant> = None;
+        let meter = proxy.map(|p| Arc::clone(&p.meter));
         callbacks.transfer_progress(move |progress| {
+            if let Some(meter) = &meter {
+                meter.pack_started();
+            }
             let mut state = progress_state.borrow_mut();
             state.received_bytes = progress.received_bytes() as u64;
             if cancel.is_cancelled() {
@@ -563,6 +642,11 @@ impl FetchTask {
             .update_fetchhead(false);
         if let Some(depth) = depth {
             options.depth(depth);
+        }
+        if let Some(proxy) = proxy {
+            let mut proxy_options = ProxyOptions::new();
+            proxy_options.url(&proxy.url());
+            options.proxy_options(proxy_options);
         }
         options
     }
@@ -642,6 +726,35 @@ impl FetchTask {
         let permanent = |code, message: String| JobError::permanent(Stage::Fetch, code, message);
         if state.cancelled || self.cx.cancel.is_cancelled() {
             return JobError::cancelled(Stage::Fetch);
+        }
+        match &state.proxy_stop {
+            Some(proxy::Stop::AdvertisementCap(cap)) => {
+                return permanent(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "{host} sent more than {cap} bytes before its pack (refs advertised and \
+                         negotiation; git.max_ref_advertisement_bytes)"
+                    ),
+                );
+            }
+            Some(proxy::Stop::TotalCap(_)) => {
+                return permanent(
+                    ErrorCode::LimitExceeded,
+                    format!(
+                        "the repository sent more than {} bytes (sources.max_fetch_bytes)",
+                        self.max_fetch_bytes
+                    ),
+                );
+            }
+            Some(proxy::Stop::Refused { message, transient }) => {
+                let message = format!("fetching from {host}: {message}");
+                return if *transient {
+                    JobError::transient(Stage::Fetch, ErrorCode::Unavailable, message)
+                } else {
+                    JobError::permanent(Stage::Fetch, ErrorCode::EgressRefused, message)
+                };
+            }
+            None => {}
         }
         if state.over_cap {
             return permanent(

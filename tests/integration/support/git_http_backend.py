@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """A CGI host for `git http-backend` with HTTP basic auth, for factoryd's integration tests.
 
-Usage: git_http_backend.py PORT PROJECT_ROOT USER PASSWORD LOG_FILE
+Usage: git_http_backend.py PORT PROJECT_ROOT USER PASSWORD LOG_FILE [CERT_FILE KEY_FILE]
+
+With CERT_FILE and KEY_FILE it serves https (TLS) instead of plain http.
 
 Serves every repository under PROJECT_ROOT on 127.0.0.1:PORT. Every request must carry Basic
 credentials USER:PASSWORD (401 otherwise). Each request is logged to LOG_FILE as
@@ -32,6 +34,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def handle(self):
+        # A client that drops an idle keep-alive connection is not an error.
+        try:
+            super().handle()
+        except (ConnectionResetError, BrokenPipeError):
+            pass
+
     def read_body(self):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             parts = []
@@ -48,7 +57,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_any(self):
         body = self.read_body() if self.command == "POST" else b""
-        path, _, query = self.path.partition("?")
+        target = self.path
+        if target.startswith("http://"):
+            # Absolute-form (RFC 9112 3.2.2), as a client sends it through a proxy.
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        path, _, query = target.partition("?")
         auth = "auth=" + (self.headers.get("Authorization") or "-")
         if self.headers.get("Authorization") != EXPECTED:
             log(f"401 {self.command} {path} {auth}")
@@ -109,4 +122,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     do_POST = handle_any
 
 
-http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
+server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), Handler)
+if len(sys.argv) > 7:
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(sys.argv[6], sys.argv[7])
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()

@@ -177,10 +177,25 @@ pub struct GitHttpServer {
     _guard: ChildGuard,
     pub port: u16,
     pub log: PathBuf,
+    scheme: &'static str,
 }
 
 impl GitHttpServer {
     pub fn start(project_root: &Path, user: &str, password: &str) -> GitHttpServer {
+        Self::start_with(project_root, user, password, None)
+    }
+
+    /// The same over https, with a certificate [`test_tls`]'s CA signed.
+    pub fn start_tls(project_root: &Path, user: &str, password: &str) -> GitHttpServer {
+        Self::start_with(project_root, user, password, Some(test_tls()))
+    }
+
+    fn start_with(
+        project_root: &Path,
+        user: &str,
+        password: &str,
+        tls: Option<&TestTls>,
+    ) -> GitHttpServer {
         require_program("python3", "python3");
         let port = free_port();
         let log = project_root.join("..").join(format!("http-{port}.log"));
@@ -188,27 +203,30 @@ impl GitHttpServer {
             env!("CARGO_MANIFEST_DIR"),
             "/tests/integration/support/git_http_backend.py"
         );
-        let guard = ChildGuard::spawn(
-            "git http-backend host",
-            Command::new("python3")
-                .arg(script)
-                .arg(port.to_string())
-                .arg(project_root)
-                .arg(user)
-                .arg(password)
-                .arg(&log),
-        );
+        let mut command = Command::new("python3");
+        command
+            .arg(script)
+            .arg(port.to_string())
+            .arg(project_root)
+            .arg(user)
+            .arg(password)
+            .arg(&log);
+        if let Some(tls) = tls {
+            command.arg(&tls.cert).arg(&tls.key);
+        }
+        let guard = ChildGuard::spawn("git http-backend host", &mut command);
         wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
         GitHttpServer {
             _guard: guard,
             port,
             log,
+            scheme: if tls.is_some() { "https" } else { "http" },
         }
     }
 
-    /// `http://127.0.0.1:PORT/<repo>`.
+    /// `http://127.0.0.1:PORT/<repo>` (`https` for [`start_tls`](Self::start_tls)).
     pub fn url(&self, repo: &str) -> String {
-        format!("http://127.0.0.1:{}/{repo}", self.port)
+        format!("{}://127.0.0.1:{}/{repo}", self.scheme, self.port)
     }
 
     /// Every request line logged so far ("<status> <method> <path> auth=<header or ->").
@@ -393,4 +411,136 @@ pub fn hostile_tree_fixture(repos: &Path, name: &str, dockerignore: &str, shape:
     repo.commit(Some("refs/heads/main"), &sig, &sig, "hostile", &tree, &[])
         .expect("commit");
     repo.set_head("refs/heads/main").expect("HEAD");
+}
+
+/// A CA and a server certificate for `127.0.0.1` it signed, made once per test process with
+/// `openssl` under the target directory's scratch space.
+pub struct TestTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+pub fn test_tls() -> &'static TestTls {
+    static TLS: std::sync::OnceLock<TestTls> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        require_program("openssl", "openssl");
+        let dir =
+            Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("tls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ext = dir.join("server.ext");
+        std::fs::write(
+            &ext,
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+            &["-subj", "/CN=factoryd test CA"],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+            &["-addext", "keyUsage=critical,keyCertSign"],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        TestTls {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    })
+}
+
+/// `endless_refs.py` (see there): an https git server whose ref advertisement never ends.
+pub struct EndlessRefs {
+    _guard: ChildGuard,
+    pub url: String,
+    sent_file: PathBuf,
+}
+
+impl EndlessRefs {
+    /// One more ref every `every_ms` milliseconds (0: as fast as the client reads).
+    pub fn start(dir: &Path, every_ms: u64) -> EndlessRefs {
+        require_program("python3", "python3");
+        let tls = test_tls();
+        let port = free_port();
+        let sent_file = dir.join(format!("endless-{port}.sent"));
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/integration/support/endless_refs.py"
+        );
+        let guard = ChildGuard::spawn(
+            "endless ref advertisement",
+            Command::new("python3")
+                .arg(script)
+                .arg(port.to_string())
+                .arg(&tls.cert)
+                .arg(&tls.key)
+                .arg(every_ms.to_string())
+                .arg(&sent_file),
+        );
+        wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+        EndlessRefs {
+            _guard: guard,
+            url: format!("https://127.0.0.1:{port}/endless.git"),
+            sent_file,
+        }
+    }
+
+    /// Bytes the server has sent so far, over all connections.
+    pub fn sent(&self) -> u64 {
+        std::fs::read_to_string(&self.sent_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    }
 }
