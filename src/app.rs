@@ -102,8 +102,21 @@ pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobErr
     let node_registry_auth = node_registry_auth(config)?;
     let mut node_secrets = nats_secrets(&config.nats.auth);
     node_secrets.extend(node_registry_auth.iter().map(|n| n.auth.password.clone()));
+    let fetcher: Arc<dyn crate::ports::Fetcher> = match config.sources.isolation {
+        config::Isolation::Process => {
+            let program = std::env::current_exe().map_err(|e| {
+                crate::error::JobError::transient(
+                    crate::error::Stage::Fetch,
+                    crate::error::ErrorCode::LocalIo,
+                    format!("cannot find this program to start source processes: {e}"),
+                )
+            })?;
+            Arc::new(crate::sandbox::ConfinedFetcher::new(program, config))
+        }
+        config::Isolation::None => Arc::new(SourceFetcher::new(config)?),
+    };
     Ok(Stages {
-        fetcher: Arc::new(SourceFetcher::new(config)?),
+        fetcher,
         builder: buildkit::from_config(config)?,
         resolver: Arc::new(OriginCredentials::from_config(config)?),
         importer: Arc::new(RegistryImporter::from_config(config)?),

@@ -35,6 +35,21 @@ pub enum Command {
     Validate(ValidateArgs),
     /// Print the version and the job wire format version.
     Version,
+    /// Internal: fetch and seal one docker-file source in a confined process (started by the
+    /// worker, request on stdin).
+    #[command(name = "source-worker", hide = true)]
+    SourceWorker(SourceWorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SourceWorkerArgs {
+    /// Instead of serving a request: confine this process as for a job whose workspace is
+    /// DIR, try what the confinement must stop, print a JSON report, and exit.
+    #[arg(long, value_name = "DIR", requires = "probe_outside")]
+    pub probe_workspace: Option<PathBuf>,
+    /// With --probe-workspace: a file outside DIR the probe tries to create.
+    #[arg(long, value_name = "FILE")]
+    pub probe_outside: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

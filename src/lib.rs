@@ -42,6 +42,7 @@ pub mod pipeline;
 pub mod ports;
 pub mod problems;
 pub mod reference;
+pub mod sandbox;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

@@ -505,7 +505,7 @@ impl fmt::Display for Platform {
 }
 
 /// `[git]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GitConfig {
     pub host_key_checking: bool,
     pub known_hosts_file: PathBuf,
@@ -525,7 +525,7 @@ pub struct GitConfig {
 }
 
 /// `[sources]`: caps and timeouts on what a build job fetches and seals.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SourcesConfig {
     /// Bytes received from a git server or a tarball server, per job.
     pub max_fetch_bytes: u64,
@@ -539,10 +539,36 @@ pub struct SourcesConfig {
     pub download_connect_timeout: Duration,
     /// Longest wait for the next bytes of a tarball download.
     pub download_read_timeout: Duration,
+    /// Where git and tar.gz sources are fetched and sealed.
+    pub isolation: Isolation,
+    /// The resource limits of that child process.
+    pub child: ChildLimits,
+}
+
+/// Where a docker-file job's source is fetched and sealed (`sources.isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Isolation {
+    /// In a confined child process per job (`factoryd source-worker`).
+    Process,
+    /// In the worker process itself (tests, or kernels where the child cannot run).
+    None,
+}
+
+/// Limits of the source child process (`sources.child_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChildLimits {
+    /// Address space (RLIMIT_AS).
+    pub memory_bytes: u64,
+    /// CPU time (RLIMIT_CPU).
+    pub cpu_secs: u64,
+    /// Open file descriptors (RLIMIT_NOFILE).
+    pub open_files: u64,
+    /// Largest file it may write (RLIMIT_FSIZE).
+    pub file_size_bytes: u64,
 }
 
 /// What to do when a job's commit hash is not the head of the branch it names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum UnalignedHash {
     /// Build the branch head and record the hash actually built.
     UseBranchHead,
@@ -551,7 +577,7 @@ pub enum UnalignedHash {
 }
 
 /// `[egress]`: whether job-supplied URLs may point at this host or private networks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EgressConfig {
     pub allow_loopback: bool,
     pub allow_private: bool,
@@ -634,6 +660,10 @@ keyword_enum!(
         ("oci-layout", DestinationKind::OciLayout),
         ("registry", DestinationKind::Registry),
     ]
+);
+keyword_enum!(
+    Isolation,
+    [("process", Isolation::Process), ("none", Isolation::None)]
 );
 keyword_enum!(
     UnalignedHash,
@@ -1002,6 +1032,37 @@ fn validate_sources(raw: &raw::RawSources, p: &mut Problems) -> SourcesConfig {
             1,
             MAX_DELAY_SECS,
         ),
+        isolation: keyword(p, "sources.isolation", &raw.isolation, Isolation::Process),
+        child: ChildLimits {
+            memory_bytes: u64::from(in_range(
+                p,
+                "sources.child_memory_mib",
+                raw.child_memory_mib,
+                256,
+                1 << 20,
+            )) << 20,
+            cpu_secs: u64::from(in_range(
+                p,
+                "sources.child_cpu_secs",
+                raw.child_cpu_secs,
+                1,
+                86_400,
+            )),
+            open_files: u64::from(in_range(
+                p,
+                "sources.child_open_files",
+                raw.child_open_files,
+                64,
+                1 << 20,
+            )),
+            file_size_bytes: u64::from(in_range(
+                p,
+                "sources.child_file_size_mib",
+                raw.child_file_size_mib,
+                1,
+                u32::MAX,
+            )) << 20,
+        },
     }
 }
 

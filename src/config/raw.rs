@@ -248,6 +248,11 @@ pub struct RawSources {
     pub max_path_depth: u32,
     pub download_connect_timeout_secs: u64,
     pub download_read_timeout_secs: u64,
+    pub isolation: String,
+    pub child_memory_mib: u32,
+    pub child_cpu_secs: u32,
+    pub child_open_files: u32,
+    pub child_file_size_mib: u32,
 }
 
 impl Default for RawSources {
@@ -259,6 +264,11 @@ impl Default for RawSources {
             max_path_depth: 64,
             download_connect_timeout_secs: 30,
             download_read_timeout_secs: 120,
+            isolation: "process".to_owned(),
+            child_memory_mib: 4096,
+            child_cpu_secs: 1800,
+            child_open_files: 1024,
+            child_file_size_mib: 16384,
         }
     }
 }

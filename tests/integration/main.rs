@@ -9,6 +9,7 @@ mod import_transfer;
 #[cfg(feature = "test-util")]
 mod ops;
 mod serve_import;
+mod sources_confined;
 mod sources_git;
 mod sources_local;
 mod sources_tarball;

@@ -1,0 +1,172 @@
+//! `factoryd source-worker`: the child side of [`super::ConfinedFetcher`]. Reads its request
+//! from stdin, confines itself, fetches and seals the source with the same adapters the worker
+//! would use in-process, writes the context into the job's workspace, and reports on stdout.
+
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{confine, context_file, Message, Request};
+use crate::adapters::sources::SourceFetcher;
+use crate::error::{ErrorCode, JobError, Stage};
+use crate::job::{JobEvent, Origin, Redactor};
+use crate::ports::{EventSink, Fetcher, StageContext};
+
+/// Largest request read (the source settings and a job; a job is at most 1 MiB).
+const MAX_REQUEST_BYTES: u64 = 8 << 20;
+
+/// Every message goes to stdout as one line, whole.
+#[derive(Clone)]
+struct Out(Arc<Mutex<std::io::Stdout>>);
+
+impl Out {
+    fn send(&self, message: &Message) {
+        let Ok(mut line) = serde_json::to_vec(message) else {
+            return;
+        };
+        line.push(b'\n');
+        let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = out.write_all(&line).and_then(|()| out.flush());
+    }
+}
+
+struct Events(Out);
+
+impl EventSink for Events {
+    fn emit(&self, event: JobEvent) {
+        self.0.send(&Message::Event(event));
+    }
+}
+
+/// The child's `main`. Exit 0 after a `done` or `failed` message; anything else is a crash
+/// the parent classifies.
+pub fn source_worker_main() -> ExitCode {
+    let out = Out(Arc::new(Mutex::new(std::io::stdout())));
+    let mut text = Vec::new();
+    if std::io::stdin()
+        .take(MAX_REQUEST_BYTES)
+        .read_to_end(&mut text)
+        .is_err()
+    {
+        return ExitCode::from(70);
+    }
+    let request: Request = match serde_json::from_slice(&text) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("source-worker: unreadable request: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    drop(text);
+    let confined = confine::confine(&request.sources.child, &request.workspace);
+    out.send(&Message::Confined(confined));
+
+    let result = run(&request, &out);
+    match result {
+        Ok(()) => {}
+        Err(e) => out.send(&Message::Failed {
+            stage: e.stage,
+            class: e.class,
+            code: e.code,
+            message: e.message,
+        }),
+    }
+    ExitCode::SUCCESS
+}
+
+fn run(request: &Request, out: &Out) -> Result<(), JobError> {
+    let internal = |what: String| JobError::transient(Stage::Fetch, ErrorCode::Internal, what);
+    let job = crate::job::decode_value(&request.job)
+        .map_err(|problems| internal(format!("the source request does not decode: {problems}")))?;
+    let Origin::DockerFile(origin) = &job.origin else {
+        return Err(internal(
+            "the source request is not a docker-file job".into(),
+        ));
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| internal(format!("cannot start a runtime: {e}")))?;
+    let config = crate::config::Config {
+        git: request.git.clone(),
+        sources: request.sources.clone(),
+        egress: request.egress.clone(),
+        ..crate::config::Config::defaults()
+    };
+    runtime.block_on(async {
+        let fetcher = SourceFetcher::new(&config)?;
+        let cx = StageContext {
+            job_id: job.id.clone(),
+            attempt: request.attempt,
+            // The parent kills this process to cancel it.
+            cancel: CancellationToken::new(),
+            events: Arc::new(Events(out.clone())),
+            redactor: Arc::new(Redactor::for_job(&job)),
+            workspace: request.workspace.clone(),
+        };
+        let fetched = fetcher.fetch(origin, &cx).await?;
+        let path = context_file(&request.workspace);
+        let context = fetched.context;
+        let written = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::create(&path).map_err(|e| (e, "create"))?;
+            let mut writer = std::io::BufWriter::with_capacity(256 << 10, file);
+            let result = context.write_tar(&mut writer);
+            let file = writer.into_inner().map_err(|e| (e.into_error(), "write"))?;
+            file.sync_data().map_err(|e| (e, "sync"))?;
+            Ok::<_, (std::io::Error, &str)>((result, context))
+        })
+        .await
+        .map_err(|e| internal(format!("the sealing task failed: {e}")))?;
+        let (result, context) = written.map_err(|(e, what)| {
+            let (code, class) = crate::error::classify_io(&e);
+            JobError::new(
+                Stage::Seal,
+                code,
+                format!("cannot {what} the sealed context: {e}"),
+            )
+            .with_class(class)
+        })?;
+        result?;
+        out.send(&Message::Done {
+            dockerfile: context.dockerfile().to_owned(),
+            revision: fetched.revision,
+            fetched_bytes: fetched.fetched_bytes,
+        });
+        Ok(())
+    })
+}
+
+/// What `source-worker --probe-workspace` found.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ProbeReport {
+    pub confinement: confine::Confinement,
+    /// `execve` of `/bin/true` failed.
+    pub exec_refused: bool,
+    /// Creating the file outside the workspace failed.
+    pub outside_write_refused: bool,
+    /// Creating a file inside the workspace worked.
+    pub inside_write_ok: bool,
+}
+
+/// Confines this process with the default limits for `workspace`, then tries to run a
+/// program, to write outside the workspace and inside it; prints a [`ProbeReport`].
+pub fn probe_main(workspace: &std::path::Path, outside: &std::path::Path) -> ExitCode {
+    let limits = crate::config::Config::defaults().sources.child;
+    let confinement = confine::confine(&limits, workspace);
+    let exec_refused = std::process::Command::new("/bin/true")
+        .status()
+        .map(|s| !s.success())
+        .unwrap_or(true);
+    let outside_write_refused = std::fs::write(outside, b"escaped").is_err();
+    let inside_write_ok = std::fs::write(workspace.join("probe"), b"inside").is_ok();
+    let report = ProbeReport {
+        confinement,
+        exec_refused,
+        outside_write_refused,
+        inside_write_ok,
+    };
+    println!("{}", serde_json::to_string(&report).unwrap_or_default());
+    ExitCode::SUCCESS
+}

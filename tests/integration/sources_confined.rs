@@ -1,0 +1,277 @@
+//! Sources fetched and sealed in the confined child process (`sources.isolation =
+//! "process"`): the same context as in-process, and a child that runs away ends its job only.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use factoryd::adapters::sources::SourceFetcher;
+use factoryd::error::{ErrorClass, ErrorCode, JobError};
+use factoryd::job::JobEvent;
+use factoryd::ports::{FetchedSource, Fetcher};
+use factoryd::sandbox::ConfinedFetcher;
+use factoryd::workspace::Workspace;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::git_servers::{revision_fixture, test_tls, EndlessRefs, GitHttpServer};
+use crate::support::http_files::{FileServer, Route};
+use crate::support::sources::{config, docker_file, stage_context, tar_entries, Recorder};
+
+const USER: &str = "builder";
+const PASSWORD: &str = "s3cret-Passw0rd";
+
+fn factoryd() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_factoryd"))
+}
+
+fn test_config(extra: &str) -> factoryd::config::Config {
+    let ca = test_tls().ca.display().to_string();
+    config(&format!("[git]\ntls_ca_file = \"{ca}\"\n{extra}"))
+}
+
+/// Fetches `details` with `fetcher` in a fresh workspace under `root`, cancelling after
+/// `cancel_after` if given.
+async fn fetch(
+    fetcher: &dyn Fetcher,
+    root: &std::path::Path,
+    name: &str,
+    details: serde_json::Value,
+    cancel_after: Option<Duration>,
+) -> (Result<FetchedSource, JobError>, Arc<Recorder>, Workspace) {
+    let origin = docker_file(details);
+    let workspace = Workspace::create(root, name).unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let cancel = CancellationToken::new();
+    if let Some(after) = cancel_after {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            cancel.cancel();
+        });
+    }
+    let cx = stage_context(&workspace, &origin, Arc::clone(&recorder), cancel);
+    let result = fetcher.fetch(&origin, &cx).await;
+    (result, recorder, workspace)
+}
+
+fn stream(source: &FetchedSource) -> Vec<u8> {
+    let mut out = Vec::new();
+    source.context.write_tar(&mut out).unwrap();
+    out
+}
+
+fn targz(files: &[(&str, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, text) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(text.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(1_700_000_000);
+        header.set_cksum();
+        builder
+            .append_data(&mut header, name, text.as_bytes())
+            .unwrap();
+    }
+    let tar = builder.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    gz.finish().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tarball_sealed_in_the_child_streams_exactly_what_the_worker_would_seal() {
+    let server = FileServer::start();
+    let url = server.route(
+        "/src.tar.gz",
+        Route::Body(Arc::new(targz(&[
+            ("Dockerfile", "FROM scratch\nCOPY . /\n"),
+            (".dockerignore", "secret.txt\n"),
+            ("app/main.rs", "fn main() {}\n"),
+            ("secret.txt", "left out\n"),
+        ]))),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let config = test_config("");
+    let details = json!({"targz_url": url});
+    let confined = ConfinedFetcher::new(factoryd(), &config);
+    let (result, recorder, _ws) =
+        fetch(&confined, root.path(), "job-child", details.clone(), None).await;
+    let child = result.expect("the child seals the tarball");
+    let confinement = confined
+        .confinement()
+        .expect("the child reported its confinement");
+    eprintln!("confinement: {confinement:?}");
+    assert!(
+        confinement.rlimits && confinement.no_new_privs && confinement.seccomp,
+        "{confinement:?}"
+    );
+    let in_process = SourceFetcher::new(&config).unwrap();
+    let (result, _, _ws2) = fetch(&in_process, root.path(), "job-here", details, None).await;
+    let here = result.unwrap();
+    assert_eq!(child.context.dockerfile(), here.context.dockerfile());
+    assert_eq!(
+        stream(&child),
+        stream(&here),
+        "the same context stream, byte for byte"
+    );
+    assert_eq!(child.fetched_bytes, here.fetched_bytes);
+    let names: Vec<String> = tar_entries(&stream(&child))
+        .into_iter()
+        .map(|e| e.0)
+        .collect();
+    assert!(!names.iter().any(|n| n == "secret.txt"), "{names:?}");
+    assert!(
+        recorder
+            .events
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, JobEvent::Progress { .. })),
+        "the child's progress events reach the job"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn git_over_https_in_the_child_gives_the_same_revision_and_context() {
+    let root = tempfile::tempdir().unwrap();
+    let fixture = revision_fixture(root.path());
+    let server = GitHttpServer::start_tls(&root.path().join("repos"), USER, PASSWORD);
+    let details = json!({
+        "repo": {"url": server.url("app.git"),
+            "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}}},
+        "context_dir": "/app", "build_file": "/app/Dockerfile"});
+    let config = test_config("");
+    let work = root.path().join("work");
+    let confined = ConfinedFetcher::new(factoryd(), &config);
+    let (result, _, _ws) = fetch(&confined, &work, "job-child", details.clone(), None).await;
+    let child = result.expect("the child fetches over https with the job's password");
+    assert_eq!(child.revision.clone().unwrap().commit, fixture.main_tip());
+    let in_process = SourceFetcher::new(&config).unwrap();
+    let (result, _, _ws2) = fetch(&in_process, &work, "job-here", details, None).await;
+    let here = result.unwrap();
+    assert_eq!(child.revision, here.revision);
+    assert_eq!(stream(&child), stream(&here));
+
+    // A wrong password: the child's classified error comes back as it is.
+    let wrong = json!({
+        "repo": {"url": server.url("app.git"),
+            "auth": {"type": "http", "credentials": {"username": USER, "password": "not-it-4471"}}},
+        "context_dir": "/app", "build_file": "/app/Dockerfile"});
+    let (result, _, _ws3) = fetch(&confined, &work, "job-wrong", wrong, None).await;
+    let Err(err) = result else {
+        panic!("a wrong password must fail")
+    };
+    assert_eq!(
+        (err.class, err.code),
+        (ErrorClass::Permanent, ErrorCode::AuthFailed),
+        "{err}"
+    );
+    assert!(!err.message.contains("not-it-4471"), "{err}");
+}
+
+/// Issue 14: a source that makes its handler burn CPU (here a server that never stops
+/// advertising refs, with the advertisement cap raised out of the way) ends in the child's CPU
+/// limit: the job fails permanently naming the limit, and the same fetcher goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_that_uses_up_its_cpu_time_fails_its_job_and_the_next_job_runs() {
+    let root = tempfile::tempdir().unwrap();
+    let server = EndlessRefs::start(root.path(), 0);
+    let config =
+        test_config("max_ref_advertisement_bytes = 4294967296\n[sources]\nchild_cpu_secs = 1\n");
+    let confined = ConfinedFetcher::new(factoryd(), &config);
+    let started = Instant::now();
+    let details = json!({"repo": {"url": server.url}});
+    let (result, _, _ws) = fetch(&confined, root.path(), "job-cpu", details, None).await;
+    let Err(err) = result else {
+        panic!("the endless advertisement must fail")
+    };
+    assert_eq!(
+        (err.class, err.code),
+        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
+        "{err}"
+    );
+    assert!(err.message.contains("sources.child_cpu_secs"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let files = FileServer::start();
+    let url = files.route(
+        "/ok.tar.gz",
+        Route::Body(Arc::new(targz(&[("Dockerfile", "FROM scratch\n")]))),
+    );
+    let (result, _, _ws2) = fetch(
+        &confined,
+        root.path(),
+        "job-next",
+        json!({"targz_url": url}),
+        None,
+    )
+    .await;
+    assert!(result.is_ok(), "the next job runs");
+}
+
+/// Cancellation (and so the job timeout) kills the child at once, wherever it is.
+#[tokio::test(flavor = "multi_thread")]
+async fn cancellation_kills_the_child() {
+    let root = tempfile::tempdir().unwrap();
+    let server = EndlessRefs::start(root.path(), 5);
+    let confined = ConfinedFetcher::new(factoryd(), &test_config(""));
+    let started = Instant::now();
+    let details = json!({"repo": {"url": server.url}});
+    let (result, _, _ws) = fetch(
+        &confined,
+        root.path(),
+        "job-cancel",
+        details,
+        Some(Duration::from_secs(1)),
+    )
+    .await;
+    let Err(err) = result else {
+        panic!("a cancelled fetch must fail")
+    };
+    assert_eq!(err.code, ErrorCode::Cancelled, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// The confinement does what it says on this machine: after it, the process cannot run a
+/// program (seccomp refuses execve) or create a file outside the job's workspace (Landlock),
+/// and can still write inside the workspace.
+#[test]
+fn a_confined_process_cannot_exec_or_write_outside_its_workspace() {
+    let root = tempfile::tempdir().unwrap();
+    let workspace = root.path().join("workspace");
+    std::fs::create_dir(&workspace).unwrap();
+    let outside = root.path().join("outside.txt");
+    let out = std::process::Command::new(factoryd())
+        .args(["source-worker", "--probe-workspace"])
+        .arg(&workspace)
+        .arg("--probe-outside")
+        .arg(&outside)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!("{report}");
+    let confinement = &report["confinement"];
+    assert_eq!(confinement["seccomp"], true, "{report}");
+    assert_eq!(report["exec_refused"], true, "{report}");
+    assert_eq!(report["inside_write_ok"], true, "{report}");
+    if confinement["landlock"] == true {
+        assert_eq!(report["outside_write_refused"], true, "{report}");
+        assert!(!outside.exists());
+    } else {
+        eprintln!("this kernel has no Landlock: writes outside the workspace are not refused");
+    }
+}
