@@ -3,7 +3,11 @@
 //! and prints one line of figures (wall time, bytes, peak RSS).
 //!
 //! Usage: fetch_seal (--git URL [--user U --password P] | --targz URL) [--context DIR]
-//!        [--build-file PATH] [--insecure-host HOST]
+//!        [--build-file PATH] [--insecure-host HOST] [--child FACTORYD]
+//!
+//! With `--child FACTORYD` the fetch and seal run as the daemon runs them by default: in a
+//! confined `FACTORYD source-worker` child (`sources.isolation = "process"`); the peak RSS
+//! printed is then this process's only.
 //!
 //! Loopback is allowed (benchmarks serve from 127.0.0.1). Not a factoryd subcommand.
 
@@ -85,7 +89,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         redactor: Arc::new(Redactor::for_job(&job)),
         workspace: workspace.path().to_path_buf(),
     };
-    let fetcher = SourceFetcher::new(&config)?;
+    let fetcher: Box<dyn Fetcher> = match arg(&args, "--child") {
+        Some(program) => Box::new(factoryd::sandbox::ConfinedFetcher::new(
+            program.into(),
+            &config,
+        )),
+        None => Box::new(SourceFetcher::new(&config)?),
+    };
 
     let started = Instant::now();
     let fetched = fetcher.fetch(origin, &cx).await?;

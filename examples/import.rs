@@ -128,6 +128,7 @@ async fn copy(source: &str, dest: &str, parallel: usize) {
             mirrors: Default::default(),
             max_parallel_blobs: parallel,
             max_manifest_bytes: 4 << 20,
+            max_blob_bytes: 16 << 30,
             retry: RetryPolicy::default(),
         },
         EgressPolicy {

@@ -5,7 +5,9 @@
 #             (tests/integration/support/git_http_backend.py), branch tip, vs `git clone --depth 1`;
 #   * tar.gz: a generated 10,000-file archive served by `python3 -m http.server`,
 #             vs `curl | tar xz`.
-# Prints wall times, ratios (targets: <= 0.5x and <= 0.3x) and peak RSS of every side.
+# Prints wall times, ratios (targets: <= 0.5x and <= 0.3x) and peak RSS of every side; then
+# factoryd as the daemon runs it by default, the fetch and seal in a confined child process
+# (`sources.isolation = "process"`), against factoryd in-process (target <= 1.05x).
 # Usage: [BENCH_DIR=DIR] [RUNS=N] scripts/bench-sources.sh [FILES] [TAR_FILES]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +18,10 @@ for tool in git curl tar python3 /usr/bin/time; do
   command -v "$tool" >/dev/null || { echo "bench-sources: $tool is required"; exit 1; }
 done
 
-echo "== building the fetch_seal example (release)"
-cargo build --release --quiet --example fetch_seal
+echo "== building the fetch_seal example and factoryd (release)"
+cargo build --release --quiet --example fetch_seal --bin factoryd
 bench_bin=target/release/examples/fetch_seal
+factoryd_bin=$(pwd)/target/release/factoryd
 
 # Everything the runs write (checkouts, extractions, factoryd's workspace) goes to one file
 # system, tmpfs by default: on a disk, the cost of creating files swings by several times with
@@ -98,7 +101,7 @@ tar_url="http://127.0.0.1:$www_port/src.tar.gz"
 runs=${RUNS:-5}
 best() { sort -n | head -1; }
 echo "== git: $runs runs each, best wall time"
-: > "$work/git_clone.txt"; : > "$work/git_factoryd.txt"; : > "$work/git_nocheckout.txt"
+: > "$work/git_clone.txt"; : > "$work/git_factoryd.txt"; : > "$work/git_nocheckout.txt"; : > "$work/git_child.txt"
 for r in $(seq $runs); do
   rm -rf "$work/clone"
   measure git -c credential.helper= clone -q --depth 1 --no-tags "http://bench:benchpw@127.0.0.1:$git_port/bench.git" "$work/clone" >> "$work/git_clone.txt"
@@ -106,13 +109,15 @@ for r in $(seq $runs); do
   rm -rf "$work/clone"
   measure git -c credential.helper= clone -q --depth 1 --no-tags --no-checkout "http://bench:benchpw@127.0.0.1:$git_port/bench.git" "$work/clone" >> "$work/git_nocheckout.txt"
   measure "$bench_bin" --git "$git_url" --user bench --password benchpw >> "$work/git_factoryd.txt"
+  measure "$bench_bin" --git "$git_url" --user bench --password benchpw --child "$factoryd_bin" >> "$work/git_child.txt"
 done
 echo "== tar.gz: $runs runs each, best wall time"
-: > "$work/tar_curl.txt"; : > "$work/tar_factoryd.txt"
+: > "$work/tar_curl.txt"; : > "$work/tar_factoryd.txt"; : > "$work/tar_child.txt"
 for r in $(seq $runs); do
   rm -rf "$work/x"; mkdir -p "$work/x"
   measure bash -c "curl -s '$tar_url' | tar xz -C '$work/x'" >> "$work/tar_curl.txt"
   measure "$bench_bin" --targz "$tar_url" >> "$work/tar_factoryd.txt"
+  measure "$bench_bin" --targz "$tar_url" --child "$factoryd_bin" >> "$work/tar_child.txt"
 done
 
 report() { # label baseline-file factoryd-file target
@@ -127,6 +132,10 @@ echo "== results (best of $runs; RSS is the worst run)"
 report "git" "$work/git_clone.txt" "$work/git_factoryd.txt" 0.5
 report "tar.gz" "$work/tar_curl.txt" "$work/tar_factoryd.txt" 0.3
 echo "reference: git clone --depth 1 --no-checkout (fetch and index only) $(cut -d' ' -f1 "$work/git_nocheckout.txt" | best)s"
+echo
+echo "== the confined child (the default) against factoryd in-process (RSS: the parent only)"
+report "git" "$work/git_factoryd.txt" "$work/git_child.txt" 1.05
+report "tar.gz" "$work/tar_factoryd.txt" "$work/tar_child.txt" 1.05
 echo
 echo "== factoryd's own figures, every run (git first)"
 grep '^fetch+seal' "$work/stdout.txt"

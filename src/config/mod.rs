@@ -449,6 +449,9 @@ pub struct RegistriesConfig {
     pub max_parallel_blobs: u32,
     /// Largest manifest or index read from a registry.
     pub max_manifest_bytes: usize,
+    /// Largest blob a manifest may declare; an image with a larger one is refused before any
+    /// of it is downloaded.
+    pub max_blob_bytes: u64,
     /// AWS ECR API endpoint override, for private endpoints and tests.
     pub ecr_endpoint: Option<Url>,
     /// How long a credentials webhook may take.
@@ -1313,8 +1316,18 @@ fn validate_registries(raw: &raw::RawRegistries, p: &mut Problems) -> Registries
         mirror_url(p, "registries.ecr_endpoint", &raw.ecr_endpoint)
     };
 
+    if raw.max_blob_bytes < 1024 {
+        p.push(
+            "registries.max_blob_bytes",
+            format!(
+                "expected a number of bytes of at least 1024, got {}",
+                raw.max_blob_bytes
+            ),
+        );
+    }
     RegistriesConfig {
         max_manifest_bytes: raw.max_manifest_bytes.clamp(1024, 64 * 1024 * 1024) as usize,
+        max_blob_bytes: raw.max_blob_bytes.max(1024),
         ecr_endpoint,
         webhook_timeout: seconds(
             p,

@@ -169,6 +169,8 @@ pub struct RawRegistries {
     pub max_parallel_blobs: u32,
     /// Largest manifest or index read from a registry, in bytes.
     pub max_manifest_bytes: u64,
+    /// Largest blob (layer or config) a manifest may declare, in bytes.
+    pub max_blob_bytes: u64,
     /// AWS ECR API endpoint override (`""`: the SDK's regional endpoint).
     pub ecr_endpoint: String,
     /// Seconds a credentials webhook may take to answer.
@@ -200,6 +202,7 @@ impl Default for RawRegistries {
             mirrors: BTreeMap::from([("docker.io".to_owned(), Vec::new())]),
             max_parallel_blobs: 4,
             max_manifest_bytes: 4 * 1024 * 1024,
+            max_blob_bytes: 16 << 30,
             ecr_endpoint: String::new(),
             webhook_timeout_secs: 10,
             webhook_max_bytes: 4096,

@@ -895,3 +895,69 @@ fn node_registry_credentials_can_be_limited_to_sources() {
         ]
     );
 }
+
+#[test]
+fn sources_run_in_a_confined_child_by_default_with_limits_from_the_file() {
+    let defaults = Config::defaults().sources;
+    assert_eq!(defaults.isolation, Isolation::Process);
+    assert_eq!(defaults.child.memory_bytes, 4096 << 20);
+    assert_eq!(defaults.child.cpu_secs, 1800);
+    let config = parse(
+        "[sources]\nisolation = \"none\"\nchild_memory_mib = 512\nchild_cpu_secs = 5\nchild_open_files = 128\nchild_file_size_mib = 64\n",
+    );
+    assert_eq!(config.sources.isolation, Isolation::None);
+    assert_eq!(
+        config.sources.child,
+        ChildLimits {
+            memory_bytes: 512 << 20,
+            cpu_secs: 5,
+            open_files: 128,
+            file_size_bytes: 64 << 20,
+        }
+    );
+    let found = problems(
+        "[sources]\nisolation = \"thread\"\nchild_memory_mib = 1\nchild_cpu_secs = 0\nchild_open_files = 2\n",
+    );
+    assert_eq!(
+        paths(&found),
+        [
+            "sources.isolation",
+            "sources.child_memory_mib",
+            "sources.child_cpu_secs",
+            "sources.child_open_files",
+        ]
+    );
+}
+
+#[test]
+fn git_advertisement_cap_and_ca_file_are_checked() {
+    let config =
+        parse("[git]\nmax_ref_advertisement_bytes = 1048576\ntls_ca_file = \"/etc/ssl/ca.pem\"\n");
+    assert_eq!(config.git.max_ref_advertisement_bytes, 1 << 20);
+    assert_eq!(
+        config.git.tls_ca_file,
+        Some(PathBuf::from("/etc/ssl/ca.pem"))
+    );
+    assert_eq!(Config::defaults().git.max_ref_advertisement_bytes, 64 << 20);
+    let found =
+        problems("[git]\nmax_ref_advertisement_bytes = 10\ntls_ca_file = \"relative.pem\"\n");
+    assert_eq!(
+        paths(&found),
+        ["git.max_ref_advertisement_bytes", "git.tls_ca_file"]
+    );
+}
+
+#[test]
+fn max_lost_attempts_defaults_to_two_and_stays_below_max_deliver() {
+    assert_eq!(Config::defaults().worker.max_lost_attempts, 2);
+    assert_eq!(
+        parse("[worker]\nmax_lost_attempts = 0\n")
+            .worker
+            .max_lost_attempts,
+        0
+    );
+    assert_eq!(
+        paths(&problems("[worker]\nmax_lost_attempts = 5\n")),
+        ["worker.max_lost_attempts"]
+    );
+}

@@ -22,13 +22,17 @@ const MAX_REQUEST_BYTES: u64 = 8 << 20;
 struct Out(Arc<Mutex<std::io::Stdout>>);
 
 impl Out {
+    /// Sends `message`; when the parent is gone (the pipe is closed), this process has no one
+    /// to work for and exits at once.
     fn send(&self, message: &Message) {
         let Ok(mut line) = serde_json::to_vec(message) else {
             return;
         };
         line.push(b'\n');
         let mut out = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = out.write_all(&line).and_then(|()| out.flush());
+        if out.write_all(&line).and_then(|()| out.flush()).is_err() {
+            std::process::exit(75);
+        }
     }
 }
 
@@ -113,8 +117,9 @@ fn run(request: &Request, out: &Out) -> Result<(), JobError> {
             let file = std::fs::File::create(&path).map_err(|e| (e, "create"))?;
             let mut writer = std::io::BufWriter::with_capacity(256 << 10, file);
             let result = context.write_tar(&mut writer);
-            let file = writer.into_inner().map_err(|e| (e.into_error(), "write"))?;
-            file.sync_data().map_err(|e| (e, "sync"))?;
+            // Not synced: the file lives as long as the job's workspace, and a crash of the
+            // node ends the job anyway.
+            writer.into_inner().map_err(|e| (e.into_error(), "write"))?;
             Ok::<_, (std::io::Error, &str)>((result, context))
         })
         .await

@@ -502,3 +502,46 @@ async fn configured_mirror_serves_the_image_before_the_registry() {
     .expect("import through the mirror");
     assert_eq!(info.digest, image.manifest_digest);
 }
+
+/// Issue 14: a blob size a registry declares is capped (`registries.max_blob_bytes`): an image
+/// declaring a larger blob is refused before any blob is fetched, and nothing is tagged.
+#[tokio::test]
+async fn a_blob_declared_over_the_cap_refuses_the_image_before_any_blob_moves() {
+    use factoryd::adapters::oci::RegistryImporter;
+    let registry = Registry::start(Auth::None);
+    seed_single(&registry.host, "big/app:1", &[200_000, 10_000], &[]);
+    let proxy = FaultProxy::start(&registry.host, Vec::new());
+    let store = tempfile::tempdir().unwrap();
+    let job = job(registry_origin(&proxy.host(), "big/app:1", None));
+    let capped = RegistryImporter::new(
+        factoryd::adapters::oci::ImporterSettings {
+            max_blob_bytes: 100_000,
+            ..crate::support::import::settings(&["linux/amd64"])
+        },
+        crate::support::import::LOOPBACK,
+    )
+    .unwrap();
+    let err = run(
+        &capped,
+        &credentials(None),
+        &job,
+        layout(store.path(), "big"),
+        Arc::new(Recorder::default()),
+    )
+    .await
+    .expect_err("a blob over the cap must refuse the image");
+    assert_eq!(
+        (err.class, err.code),
+        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
+        "{err}"
+    );
+    assert!(err.message.contains("registries.max_blob_bytes"), "{err}");
+    assert!(
+        err.message
+            .contains("bytes, over registries.max_blob_bytes (100000)"),
+        "{err}"
+    );
+    assert_eq!(proxy.blob_gets_forwarded.load(Ordering::SeqCst), 0);
+    let index = std::fs::read_to_string(store.path().join("index.json")).unwrap_or_default();
+    assert!(!index.contains("\"big\""), "{index}");
+}

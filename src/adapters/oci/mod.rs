@@ -89,6 +89,8 @@ pub struct ImporterSettings {
     pub mirrors: BTreeMap<String, Vec<Url>>,
     pub max_parallel_blobs: usize,
     pub max_manifest_bytes: usize,
+    /// `registries.max_blob_bytes`.
+    pub max_blob_bytes: u64,
     pub retry: RetryPolicy,
 }
 
@@ -99,6 +101,7 @@ impl ImporterSettings {
             mirrors: config.mirrors.clone(),
             max_parallel_blobs: config.max_parallel_blobs.max(1) as usize,
             max_manifest_bytes: config.max_manifest_bytes,
+            max_blob_bytes: config.max_blob_bytes,
             retry: RetryPolicy::default(),
         }
     }
@@ -255,6 +258,19 @@ impl RegistryImporter {
                     blobs.push((descriptor.clone(), is_config));
                 }
             }
+        }
+        // A declared size over the cap refuses the image before any blob moves (the transfer
+        // itself stops at the declared size and checks the digest).
+        let cap = self.settings.max_blob_bytes;
+        if let Some((big, _)) = blobs.iter().find(|(d, _)| d.size > cap) {
+            return Err(JobError::permanent(
+                STAGE,
+                ErrorCode::LimitExceeded,
+                format!(
+                    "{} declares a blob {} of {} bytes, over registries.max_blob_bytes ({cap})",
+                    run.source.repository, big.digest, big.size
+                ),
+            ));
         }
         let blob_bytes: u64 = blobs.iter().map(|(d, _)| d.size).sum();
         let copied: Result<HashMap<String, Bytes>, JobError> = futures_util::stream::iter(blobs)

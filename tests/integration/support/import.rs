@@ -96,6 +96,7 @@ pub fn settings(platforms: &[&str]) -> ImporterSettings {
         mirrors: Default::default(),
         max_parallel_blobs: 4,
         max_manifest_bytes: 4 * 1024 * 1024,
+        max_blob_bytes: 16 << 30,
         retry: RetryPolicy {
             attempts: 4,
             base_delay: Duration::from_millis(50),
