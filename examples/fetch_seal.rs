@@ -7,7 +7,9 @@
 //!
 //! With `--child FACTORYD` the fetch and seal run as the daemon runs them by default: in a
 //! confined `FACTORYD source-worker` child (`sources.isolation = "process"`); the peak RSS
-//! printed is then this process's only.
+//! printed is then this process's only. With `--warm`, one untimed fetch runs first (in its
+//! own workspace), as a worker that has run a job before: for the child, the next child is
+//! then started ahead, as in the daemon.
 //!
 //! Loopback is allowed (benchmarks serve from 127.0.0.1). Not a factoryd subcommand.
 
@@ -96,6 +98,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )),
         None => Box::new(SourceFetcher::new(&config)?),
     };
+    if args.iter().any(|a| a == "--warm") {
+        let warm_space = Workspace::create(&work_root, "bench-warm")?;
+        let warm_cx = StageContext {
+            workspace: warm_space.path().to_path_buf(),
+            ..cx.clone()
+        };
+        let warmed = fetcher.fetch(origin, &warm_cx).await?;
+        drop(warmed);
+        // Time for the child started ahead to be ready, as between a worker's jobs.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
 
     let started = Instant::now();
     let fetched = fetcher.fetch(origin, &cx).await?;

@@ -43,6 +43,9 @@ wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/nul
 # Runs a command under GNU time after `sync` (so no run pays for the writeback of the one
 # before); prints "<seconds> <peak RSS KiB>".
 measure() { sync; /usr/bin/time -f "%e %M" -o "$work/time.out" "$@" >>"$work/stdout.txt" 2>"$work/err.out" || { cat "$work/err.out"; exit 1; }; cat "$work/time.out"; }
+# Runs fetch_seal and prints its own figures of the timed job, "<seconds> <peak RSS KiB>" (for
+# --warm runs, whose process time includes the warm-up job).
+measure_self() { sync; "$@" >"$work/self.out" 2>"$work/err.out" || { cat "$work/err.out"; exit 1; }; awk '{sub(/s$/, "", $2); print $2, $(NF-1)}' "$work/self.out"; }
 
 echo "== generating a $files-file git repository (~10 KiB per file)"
 src="$work/src"; mkdir -p "$src"
@@ -101,7 +104,7 @@ tar_url="http://127.0.0.1:$www_port/src.tar.gz"
 runs=${RUNS:-5}
 best() { sort -n | head -1; }
 echo "== git: $runs runs each, best wall time"
-: > "$work/git_clone.txt"; : > "$work/git_factoryd.txt"; : > "$work/git_nocheckout.txt"; : > "$work/git_child.txt"
+: > "$work/git_clone.txt"; : > "$work/git_factoryd.txt"; : > "$work/git_nocheckout.txt"; : > "$work/git_child.txt"; : > "$work/git_warm.txt"
 for r in $(seq $runs); do
   rm -rf "$work/clone"
   measure git -c credential.helper= clone -q --depth 1 --no-tags "http://bench:benchpw@127.0.0.1:$git_port/bench.git" "$work/clone" >> "$work/git_clone.txt"
@@ -109,15 +112,17 @@ for r in $(seq $runs); do
   rm -rf "$work/clone"
   measure git -c credential.helper= clone -q --depth 1 --no-tags --no-checkout "http://bench:benchpw@127.0.0.1:$git_port/bench.git" "$work/clone" >> "$work/git_nocheckout.txt"
   measure "$bench_bin" --git "$git_url" --user bench --password benchpw >> "$work/git_factoryd.txt"
-  measure "$bench_bin" --git "$git_url" --user bench --password benchpw --child "$factoryd_bin" >> "$work/git_child.txt"
+  measure_self "$bench_bin" --git "$git_url" --user bench --password benchpw --warm >> "$work/git_warm.txt"
+  measure_self "$bench_bin" --git "$git_url" --user bench --password benchpw --warm --child "$factoryd_bin" >> "$work/git_child.txt"
 done
 echo "== tar.gz: $runs runs each, best wall time"
-: > "$work/tar_curl.txt"; : > "$work/tar_factoryd.txt"; : > "$work/tar_child.txt"
+: > "$work/tar_curl.txt"; : > "$work/tar_factoryd.txt"; : > "$work/tar_child.txt"; : > "$work/tar_warm.txt"
 for r in $(seq $runs); do
   rm -rf "$work/x"; mkdir -p "$work/x"
   measure bash -c "curl -s '$tar_url' | tar xz -C '$work/x'" >> "$work/tar_curl.txt"
   measure "$bench_bin" --targz "$tar_url" >> "$work/tar_factoryd.txt"
-  measure "$bench_bin" --targz "$tar_url" --child "$factoryd_bin" >> "$work/tar_child.txt"
+  measure_self "$bench_bin" --targz "$tar_url" --warm >> "$work/tar_warm.txt"
+  measure_self "$bench_bin" --targz "$tar_url" --warm --child "$factoryd_bin" >> "$work/tar_child.txt"
 done
 
 report() { # label baseline-file factoryd-file target
@@ -133,9 +138,10 @@ report "git" "$work/git_clone.txt" "$work/git_factoryd.txt" 0.5
 report "tar.gz" "$work/tar_curl.txt" "$work/tar_factoryd.txt" 0.3
 echo "reference: git clone --depth 1 --no-checkout (fetch and index only) $(cut -d' ' -f1 "$work/git_nocheckout.txt" | best)s"
 echo
-echo "== the confined child (the default) against factoryd in-process (RSS: the parent only)"
-report "git" "$work/git_factoryd.txt" "$work/git_child.txt" 1.05
-report "tar.gz" "$work/tar_factoryd.txt" "$work/tar_child.txt" 1.05
+echo "== the confined child (the default) against factoryd in-process, both after one warm-up job"
+echo "   (wall time of the second job; RSS: the parent process only)"
+report "git" "$work/git_warm.txt" "$work/git_child.txt" 1.05
+report "tar.gz" "$work/tar_warm.txt" "$work/tar_child.txt" 1.05
 echo
 echo "== factoryd's own figures, every run (git first)"
 grep '^fetch+seal' "$work/stdout.txt"

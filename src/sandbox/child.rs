@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{confine, context_file, Message, Request};
+use super::{confine, context_file, Message, Request, Settings};
 use crate::adapters::sources::SourceFetcher;
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::job::{JobEvent, Origin, Redactor};
@@ -44,43 +44,67 @@ impl EventSink for Events {
     }
 }
 
-/// The child's `main`. Exit 0 after a `done` or `failed` message; anything else is a crash
-/// the parent classifies.
+/// The child's `main`: settings (line 1), then the job (line 2). Exit 0 after a `done` or
+/// `failed` message; anything else is a crash the parent classifies.
 pub fn source_worker_main() -> ExitCode {
     let out = Out(Arc::new(Mutex::new(std::io::stdout())));
-    let mut text = Vec::new();
-    if std::io::stdin()
-        .take(MAX_REQUEST_BYTES)
-        .read_to_end(&mut text)
-        .is_err()
-    {
-        return ExitCode::from(70);
-    }
-    let request: Request = match serde_json::from_slice(&text) {
+    let mut input = std::io::BufReader::new(std::io::stdin().take(MAX_REQUEST_BYTES));
+    let mut read_line = |what: &str| {
+        let mut line = Vec::new();
+        match std::io::BufRead::read_until(&mut input, b'\n', &mut line) {
+            Ok(n) if n > 0 => Some(line),
+            Ok(_) => None, // the parent went away (a child started ahead, at shutdown)
+            Err(e) => {
+                eprintln!("source-worker: cannot read the {what}: {e}");
+                None
+            }
+        }
+    };
+    let Some(line) = read_line("settings") else {
+        return ExitCode::SUCCESS;
+    };
+    let settings: Settings = match serde_json::from_slice(&line) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("source-worker: unreadable settings: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let config = crate::config::Config {
+        git: settings.git,
+        sources: settings.sources,
+        egress: settings.egress,
+        ..crate::config::Config::defaults()
+    };
+    // Built before the job arrives (no thread is started and no job byte is read here).
+    let fetcher = SourceFetcher::new(&config);
+    let Some(line) = read_line("request") else {
+        return ExitCode::SUCCESS;
+    };
+    let request: Request = match serde_json::from_slice(&line) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("source-worker: unreadable request: {e}");
             return ExitCode::from(70);
         }
     };
-    drop(text);
-    let confined = confine::confine(&request.sources.child, &request.workspace);
+    let confined = confine::confine(&config.sources.child, &request.workspace);
     out.send(&Message::Confined(confined));
 
-    let result = run(&request, &out);
-    match result {
-        Ok(()) => {}
-        Err(e) => out.send(&Message::Failed {
+    let result = fetcher.and_then(|fetcher| run(&fetcher, &request, &out));
+    if let Err(e) = result {
+        out.send(&Message::Failed {
             stage: e.stage,
             class: e.class,
             code: e.code,
             message: e.message,
-        }),
+        });
     }
     ExitCode::SUCCESS
 }
 
-fn run(request: &Request, out: &Out) -> Result<(), JobError> {
+/// Fetches and seals on a runtime started after the confinement, so every thread is under it.
+fn run(fetcher: &SourceFetcher, request: &Request, out: &Out) -> Result<(), JobError> {
     let internal = |what: String| JobError::transient(Stage::Fetch, ErrorCode::Internal, what);
     let job = crate::job::decode_value(&request.job)
         .map_err(|problems| internal(format!("the source request does not decode: {problems}")))?;
@@ -89,18 +113,14 @@ fn run(request: &Request, out: &Out) -> Result<(), JobError> {
             "the source request is not a docker-file job".into(),
         ));
     };
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers, as the worker's own runtime has on a small node: the download and the
+    // checks of a tarball overlap.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| internal(format!("cannot start a runtime: {e}")))?;
-    let config = crate::config::Config {
-        git: request.git.clone(),
-        sources: request.sources.clone(),
-        egress: request.egress.clone(),
-        ..crate::config::Config::defaults()
-    };
     runtime.block_on(async {
-        let fetcher = SourceFetcher::new(&config)?;
         let cx = StageContext {
             job_id: job.id.clone(),
             attempt: request.attempt,

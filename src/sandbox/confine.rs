@@ -39,6 +39,14 @@ pub struct Confinement {
 /// domain apply to threads created later).
 pub fn confine(limits: &ChildLimits, workspace: &Path) -> Confinement {
     let mut c = Confinement::default();
+    // seccomp and Landlock bind the calling thread and the threads it starts later: a thread
+    // that already runs would stay outside. Say so if there is one (there should be none).
+    let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
+    if threads > 1 {
+        c.notes.push(format!(
+            "{threads} threads ran before the confinement; all but this one are outside it"
+        ));
+    }
     match set_rlimits(limits) {
         Ok(()) => c.rlimits = true,
         Err(e) => c.notes.push(format!("resource limits: {e}")),

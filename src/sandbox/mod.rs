@@ -47,16 +47,31 @@ const STDERR_TAIL_BYTES: usize = 8 * 1024;
 /// Environment variables the child keeps (TLS trust settings); everything else is dropped.
 const KEPT_ENV: &[&str] = &["SSL_CERT_FILE", "SSL_CERT_DIR"];
 
-/// What the parent sends the child on stdin.
+/// The first line the parent sends a child, when it starts it: the node's source settings.
+/// The child builds its fetcher from them (loading TLS roots and libgit2 costs tens of
+/// milliseconds) and then waits for a job, so a started child is kept ready for the next one.
+#[derive(Debug, Serialize, Deserialize)]
+struct Settings {
+    git: GitConfig,
+    sources: SourcesConfig,
+    egress: EgressConfig,
+}
+
+/// The second line: the job's source.
 #[derive(Debug, Serialize, Deserialize)]
 struct Request {
     /// A v1 job whose origin is the docker-file source, secrets in the clear.
     job: serde_json::Value,
     workspace: PathBuf,
     attempt: u32,
-    git: GitConfig,
-    sources: SourcesConfig,
-    egress: EgressConfig,
+}
+
+/// A started child, its settings sent.
+struct Spawned {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::process::ChildStdout,
+    stderr_tail: tokio::task::JoinHandle<String>,
 }
 
 /// What the child sends back, one JSON object per line.
@@ -88,6 +103,16 @@ pub struct ConfinedFetcher {
     egress: EgressConfig,
     /// The confinement the last child reported (logged when it first arrives or changes).
     confinement: Arc<std::sync::Mutex<Option<confine::Confinement>>>,
+    /// A child started ahead, ready for the next job.
+    ready: Arc<std::sync::Mutex<Option<Spawned>>>,
+}
+
+impl std::fmt::Debug for Spawned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spawned")
+            .field("pid", &self.child.id())
+            .finish()
+    }
 }
 
 impl ConfinedFetcher {
@@ -99,6 +124,7 @@ impl ConfinedFetcher {
             sources: config.sources.clone(),
             egress: config.egress.clone(),
             confinement: Arc::default(),
+            ready: Arc::default(),
         }
     }
 
@@ -129,9 +155,6 @@ impl Fetcher for ConfinedFetcher {
             job: wire_job(origin, &cx.job_id),
             workspace: cx.workspace.clone(),
             attempt: cx.attempt,
-            git: self.git.clone(),
-            sources: self.sources.clone(),
-            egress: self.egress.clone(),
         };
         let result = self.run_child(&request, cx).await;
         if let Ok(fetched) = &result {
@@ -152,18 +175,8 @@ impl Fetcher for ConfinedFetcher {
 }
 
 impl ConfinedFetcher {
-    async fn run_child(
-        &self,
-        request: &Request,
-        cx: &StageContext,
-    ) -> Result<FetchedSource, JobError> {
-        let local = |what: &str, e: std::io::Error| {
-            JobError::transient(
-                Stage::Fetch,
-                ErrorCode::Internal,
-                format!("{what} the source process: {e}"),
-            )
-        };
+    /// Starts a child and sends it the settings; its stderr's tail is kept for a crash.
+    async fn spawn(&self) -> std::io::Result<Spawned> {
         let mut command = tokio::process::Command::new(&self.program);
         command
             .arg(SUBCOMMAND)
@@ -177,8 +190,7 @@ impl ConfinedFetcher {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = command.spawn().map_err(|e| local("cannot start", e))?;
-        let payload = serde_json::to_vec(request).map_err(|e| local("cannot encode", e.into()))?;
+        let mut child = command.spawn()?;
         let mut stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
         let mut stderr = child.stderr.take().expect("piped stderr");
@@ -196,6 +208,67 @@ impl ConfinedFetcher {
             }
             String::from_utf8_lossy(&tail).into_owned()
         });
+        let settings = Settings {
+            git: self.git.clone(),
+            sources: self.sources.clone(),
+            egress: self.egress.clone(),
+        };
+        let mut line = serde_json::to_vec(&settings).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        stdin.write_all(&line).await?;
+        Ok(Spawned {
+            child,
+            stdin,
+            stdout,
+            stderr_tail,
+        })
+    }
+
+    /// The child started ahead if it is still alive, else a new one; another is started
+    /// ahead for the next job.
+    async fn take_child(&self) -> std::io::Result<Spawned> {
+        let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let alive = ready.and_then(|mut s| matches!(s.child.try_wait(), Ok(None)).then_some(s));
+        let spawned = match alive {
+            Some(s) => s,
+            None => self.spawn().await?,
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            if let Ok(next) = me.spawn().await {
+                let mut slot = me.ready.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.is_none() {
+                    *slot = Some(next);
+                }
+            }
+        });
+        Ok(spawned)
+    }
+
+    async fn run_child(
+        &self,
+        request: &Request,
+        cx: &StageContext,
+    ) -> Result<FetchedSource, JobError> {
+        let local = |what: &str, e: std::io::Error| {
+            JobError::transient(
+                Stage::Fetch,
+                ErrorCode::Internal,
+                format!("{what} the source process: {e}"),
+            )
+        };
+        let Spawned {
+            mut child,
+            mut stdin,
+            stdout,
+            stderr_tail,
+        } = self
+            .take_child()
+            .await
+            .map_err(|e| local("cannot start", e))?;
+        let mut payload =
+            serde_json::to_vec(request).map_err(|e| local("cannot encode", e.into()))?;
+        payload.push(b'\n');
 
         let talk = async {
             // The request, then EOF; a child that died before reading it is seen below.

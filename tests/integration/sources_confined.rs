@@ -275,3 +275,33 @@ fn a_confined_process_cannot_exec_or_write_outside_its_workspace() {
         eprintln!("this kernel has no Landlock: writes outside the workspace are not refused");
     }
 }
+
+/// A source that makes its handler allocate without end (refs advertised forever, the
+/// advertisement cap raised out of the way) ends at the child's address-space limit: the job
+/// fails permanently naming `sources.child_memory_mib`, whichever allocation fails first.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_that_runs_out_of_memory_fails_its_job_naming_the_limit() {
+    let root = tempfile::tempdir().unwrap();
+    let server = EndlessRefs::start(root.path(), 0);
+    let config = test_config(
+        "max_ref_advertisement_bytes = 4294967296\n[sources]\nchild_memory_mib = 512\nchild_cpu_secs = 120\n",
+    );
+    let confined = ConfinedFetcher::new(factoryd(), &config);
+    let started = Instant::now();
+    let details = json!({"repo": {"url": server.url}});
+    let (result, _, _ws) = fetch(&confined, root.path(), "job-mem", details, None).await;
+    let Err(err) = result else {
+        panic!("the endless advertisement must fail")
+    };
+    eprintln!(
+        "{err} after {:?}, server sent {} B",
+        started.elapsed(),
+        server.sent()
+    );
+    assert_eq!(
+        (err.class, err.code),
+        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
+        "{err}"
+    );
+    assert!(err.message.contains("sources.child_memory_mib"), "{err}");
+}

@@ -791,6 +791,16 @@ impl FetchTask {
         }
         let detail = self.scrub(e.message());
         let lower = detail.to_ascii_lowercase();
+        // An allocation libgit2 could not make: in the source child that is its address-space
+        // limit, and the same source hits it again.
+        if e.class() == git2::ErrorClass::NoMemory {
+            return permanent(
+                ErrorCode::LimitExceeded,
+                format!(
+                    "fetching from {host} ran out of memory (sources.child_memory_mib): {detail}"
+                ),
+            );
+        }
         // libssh2 could not use the job's key: the same key fails the same way every time.
         if lower.contains("passphrase")
             || lower.contains("unable to extract public key")
