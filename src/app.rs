@@ -104,13 +104,20 @@ pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobErr
     node_secrets.extend(node_registry_auth.iter().map(|n| n.auth.password.clone()));
     let fetcher: Arc<dyn crate::ports::Fetcher> = match config.sources.isolation {
         config::Isolation::Process => {
-            let program = std::env::current_exe().map_err(|e| {
-                crate::error::JobError::transient(
-                    crate::error::Stage::Fetch,
-                    crate::error::ErrorCode::LocalIo,
-                    format!("cannot find this program to start source processes: {e}"),
-                )
-            })?;
+            // The running binary itself, even after a package upgrade replaced the file: a
+            // child of another version could speak another protocol.
+            let this = std::path::PathBuf::from("/proc/self/exe");
+            let program = if this.exists() {
+                this
+            } else {
+                std::env::current_exe().map_err(|e| {
+                    crate::error::JobError::transient(
+                        crate::error::Stage::Fetch,
+                        crate::error::ErrorCode::LocalIo,
+                        format!("cannot find this program to start source processes: {e}"),
+                    )
+                })?
+            };
             Arc::new(crate::sandbox::ConfinedFetcher::new(program, config))
         }
         config::Isolation::None => Arc::new(SourceFetcher::new(config)?),

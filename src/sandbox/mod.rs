@@ -325,7 +325,7 @@ impl ConfinedFetcher {
             }) if status.success() => Ok(FetchedSource {
                 context: SealedContext::new(
                     dockerfile,
-                    Box::new(FileContext(cx.workspace.join(CONTEXT_FILE))),
+                    Box::new(FileContext(context_file(&cx.workspace))),
                 ),
                 revision,
                 fetched_bytes,
