@@ -305,3 +305,73 @@ async fn a_child_that_runs_out_of_memory_fails_its_job_naming_the_limit() {
     );
     assert!(err.message.contains("sources.child_memory_mib"), "{err}");
 }
+
+/// Issue 14, item 7: a redirect from https to plain http is refused, here for a tar.gz source
+/// fetched by `factoryd run` (in its confined child, which trusts the test CA through
+/// `SSL_CERT_FILE`): permanent `egress_refused`, and nothing is built.
+#[test]
+fn factoryd_run_refuses_a_tarball_redirected_from_https_to_http() {
+    use crate::support::{free_port, wait_for_port, ChildGuard};
+    let tls = test_tls();
+    let files = FileServer::start();
+    let plain = files.route(
+        "/src.tar.gz",
+        Route::Body(Arc::new(targz(&[("Dockerfile", "FROM scratch\n")]))),
+    );
+    let port = free_port();
+    let _redirect = ChildGuard::spawn(
+        "https redirect",
+        std::process::Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/integration/support/tls_redirect.py"
+            ))
+            .arg(port.to_string())
+            .arg(&tls.cert)
+            .arg(&tls.key)
+            .arg(&plain),
+    );
+    wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
+    let root = tempfile::tempdir().unwrap();
+    let config = root.path().join("factoryd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
+             [egress]\nallow_loopback = true\n",
+            root.path().join("work").display(),
+            root.path().join("store").display()
+        ),
+    )
+    .unwrap();
+    let job = root.path().join("job.json");
+    let https = format!("https://127.0.0.1:{port}/src.tar.gz");
+    std::fs::write(
+        &job,
+        json!({"v": 1, "id": "job-downgrade", "source_id": "src",
+            "origin": {"type": "docker-file", "details": {"targz_url": https}}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = std::process::Command::new(factoryd())
+        .arg("run")
+        .arg(&job)
+        .arg("--config")
+        .arg(&config)
+        .env("SSL_CERT_FILE", &tls.ca)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let error = &result["error"];
+    assert_eq!(error["code"], "egress_refused", "{result}");
+    assert_eq!(error["class"], "permanent", "{result}");
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("https:// to plain http://"),
+        "{result}"
+    );
+}
