@@ -159,7 +159,9 @@ fn run(fetcher: &SourceFetcher, request: &Request, out: &Out) -> Result<(), JobE
             revision: fetched.revision,
             fetched_bytes: fetched.fetched_bytes,
         });
-        Ok(())
+        // The context file is complete and the parent has the answer: end here, without
+        // tearing the runtime down (the parent reaps the process).
+        std::process::exit(0)
     })
 }
 

@@ -297,8 +297,10 @@ impl ConfinedFetcher {
                 match serde_json::from_slice::<Message>(&line) {
                     Ok(Message::Confined(c)) => self.log_confinement(&c),
                     Ok(Message::Event(event)) => cx.events.emit(event),
+                    // The last message: the child ends after it.
                     Ok(done @ (Message::Done { .. } | Message::Failed { .. })) => {
-                        outcome = Some(done)
+                        outcome = Some(done);
+                        break;
                     }
                     Err(_) => {}
                 }
@@ -312,24 +314,31 @@ impl ConfinedFetcher {
                 return Err(JobError::cancelled(Stage::Fetch));
             }
         };
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| local("cannot wait for", e))?;
-        let stderr = stderr_tail.await.unwrap_or_default();
-        match outcome {
-            Some(Message::Done {
-                dockerfile,
-                revision,
-                fetched_bytes,
-            }) if status.success() => Ok(FetchedSource {
+        // Done: the context file is complete; the child exits on its own, reaped meanwhile.
+        if let Some(Message::Done {
+            dockerfile,
+            revision,
+            fetched_bytes,
+        }) = outcome
+        {
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+            });
+            return Ok(FetchedSource {
                 context: SealedContext::new(
                     dockerfile,
                     Box::new(FileContext(context_file(&cx.workspace))),
                 ),
                 revision,
                 fetched_bytes,
-            }),
+            });
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| local("cannot wait for", e))?;
+        let stderr = stderr_tail.await.unwrap_or_default();
+        match outcome {
             Some(Message::Failed {
                 stage,
                 class,
