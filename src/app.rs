@@ -770,9 +770,15 @@ pub fn validate(args: &ValidateArgs, env: &HashMap<String, String>) -> ExitCode 
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
 
+    let mut loaded = None;
     if args.config.is_some() || args.job.is_empty() {
         match config::load(args.config.as_deref(), env) {
-            Ok(_) => {
+            Ok(c) => {
+                // With --config, each job is also checked against this node's destination.
+                loaded = args
+                    .config
+                    .is_some()
+                    .then(|| crate::pipeline::DestinationSettings::new(c.destination.clone()));
                 let shown = args
                     .config
                     .as_deref()
@@ -804,6 +810,12 @@ pub fn validate(args: &ValidateArgs, env: &HashMap<String, String>) -> ExitCode 
         };
         match job::decode(&bytes) {
             Ok(job) => {
+                if let Some(refused) = loaded.as_ref().and_then(|d| d.check_override(&job).err()) {
+                    eprintln!("{}: 1 problem(s):", path.display());
+                    eprintln!("  {}", refused.message);
+                    worst = worst.max(EXIT_INVALID);
+                    continue;
+                }
                 let text = serde_json::to_string_pretty(&job)
                     .unwrap_or_else(|e| format!("(cannot print job: {e})"));
                 let _ = writeln!(out, "{text}");

@@ -20,12 +20,11 @@ impl DestinationSettings {
         DestinationSettings { config }
     }
 
-    /// Renders the destination of `job`. A job asking for a registry on a worker without a
-    /// configured registry is a permanent error.
-    pub fn resolve(&self, job: &Job) -> Result<Destination, JobError> {
+    /// The repository and tag `job` gets: its own templates where it has them, the node's
+    /// otherwise, rendered for the job.
+    fn render(&self, job: &Job) -> (String, String) {
         let c = &self.config;
         let wanted = job.destination.as_ref();
-        let kind = wanted.map_or(c.kind, |d| d.kind);
         let values = TemplateValues {
             source_id: &job.source_id,
             job_id: &job.id,
@@ -36,8 +35,25 @@ impl DestinationSettings {
             Some(template) => render_job_template(template, &values),
             None => configured.render(&values),
         };
-        let repository = render(wanted.and_then(|d| d.repository.as_ref()), &c.repository);
-        let tag = render(wanted.and_then(|d| d.tag.as_ref()), &c.tag);
+        (
+            render(wanted.and_then(|d| d.repository.as_ref()), &c.repository),
+            render(wanted.and_then(|d| d.tag.as_ref()), &c.tag),
+        )
+    }
+
+    /// Whether this node accepts `job`'s destination override (`factoryd validate --config
+    /// --job` asks this without resolving anything else).
+    pub fn check_override(&self, job: &Job) -> Result<(), JobError> {
+        let (repository, _) = self.render(job);
+        self.check_namespace(job, &repository)
+    }
+
+    /// Renders the destination of `job`. A job asking for a registry on a worker without a
+    /// configured registry is a permanent error.
+    pub fn resolve(&self, job: &Job) -> Result<Destination, JobError> {
+        let c = &self.config;
+        let kind = job.destination.as_ref().map_or(c.kind, |d| d.kind);
+        let (repository, tag) = self.render(job);
         self.check_namespace(job, &repository)?;
         // Templates take ids from the job: check the rendered name is a valid reference.
         let host = c

@@ -151,3 +151,48 @@ fn version_names_the_wire_format() {
     assert!(stdout.starts_with("factoryd "), "{stdout}");
     assert!(stdout.contains("wire format v1"), "{stdout}");
 }
+
+/// With `--config`, `validate` also checks a job's destination override against that node's
+/// namespace rule (issue 14): another source's repository is refused, naming the field; a
+/// repository below the job's own passes.
+#[test]
+fn validate_with_a_config_refuses_a_destination_outside_the_sources_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        "[destination]\nkind = \"oci-layout\"\npath = \"/var/lib/factoryd/store\"\nrepository = \"tenants/{source_id}\"\n",
+    )
+    .unwrap();
+    let job = |name: &str, repository: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(
+            &path,
+            serde_json::json!({"v": 1, "id": "j1", "source_id": "web",
+                "origin": {"type": "docker-hub", "details": {"target": "alpine:3"}},
+                "destination": {"kind": "oci-layout", "repository": repository}})
+            .to_string(),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let config = config.display().to_string();
+    let theirs = job("theirs.json", "tenants/db");
+    let out = factoryd(&["validate", "--config", &config, "--job", &theirs]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("destination.repository: "), "{stderr}");
+    assert!(stderr.contains("\"tenants/web\""), "{stderr}");
+
+    let ours = job("ours.json", "tenants/web/tools");
+    let out = factoryd(&["validate", "--config", &config, "--job", &ours]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Without --config there is no node to ask: the job itself is valid.
+    let out = factoryd(&["validate", "--job", &theirs]);
+    assert_eq!(out.status.code(), Some(0));
+}
