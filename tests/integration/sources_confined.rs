@@ -375,3 +375,77 @@ fn factoryd_run_refuses_a_tarball_redirected_from_https_to_http() {
         "{result}"
     );
 }
+
+/// Peak resident memory of process `pid` so far (VmHWM), in KiB; `None` once it is gone.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Issue 14: the worker's memory does not grow with a hostile source. `factoryd run` (the
+/// worker process) fetches from a server that advertises refs without end (advertisement cap
+/// raised out of the way); its source child runs into its 512 MiB address-space limit while
+/// the worker's own peak RSS stays under 64 MiB (debug build), and the job fails as
+/// `limit_exceeded`. Before the child, the worker itself held the advertisement (5.5 GiB in
+/// the issue's report).
+#[test]
+fn the_workers_memory_stays_flat_while_a_source_child_runs_out_of_memory() {
+    let root = tempfile::tempdir().unwrap();
+    let server = EndlessRefs::start(root.path(), 0);
+    let config = root.path().join("factoryd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
+             [egress]\nallow_loopback = true\n[git]\ntls_ca_file = \"{}\"\n\
+             max_ref_advertisement_bytes = 4294967296\n[sources]\nchild_memory_mib = 512\n",
+            root.path().join("work").display(),
+            root.path().join("store").display(),
+            test_tls().ca.display()
+        ),
+    )
+    .unwrap();
+    let job = root.path().join("job.json");
+    std::fs::write(
+        &job,
+        json!({"v": 1, "id": "job-mem", "source_id": "src",
+            "origin": {"type": "docker-file", "details": {"repo": {"url": server.url}}}})
+        .to_string(),
+    )
+    .unwrap();
+    let mut run = std::process::Command::new(factoryd())
+        .arg("run")
+        .arg(&job)
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = run.id();
+    let mut peak = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while run.try_wait().unwrap().is_none() {
+        if let Some(kib) = peak_rss_kib(pid) {
+            peak = peak.max(kib);
+        }
+        assert!(Instant::now() < deadline, "factoryd run did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = run.wait_with_output().unwrap();
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    eprintln!(
+        "worker peak RSS {peak} KiB; server sent {} B; {result}",
+        server.sent()
+    );
+    assert_eq!(result["error"]["code"], "limit_exceeded", "{result}");
+    assert!(
+        server.sent() > 100 << 20,
+        "the source really grew: {}",
+        server.sent()
+    );
+    assert!(peak > 0 && peak < 64 << 10, "worker peak RSS {peak} KiB");
+}
