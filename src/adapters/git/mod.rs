@@ -515,10 +515,11 @@ impl FetchTask {
         Ok(received)
     }
 
-    /// The egress proxy of one HTTP(S) connection series (see `proxy`); none for SSH, which
-    /// libssh2 connects itself (checked by the egress policy before, not pinned).
+    /// The egress proxy of one https connection series (see `proxy`); none for ssh, which
+    /// libssh2 connects itself, nor for plain http, which libgit2 1.9 would send in proxy form
+    /// to the server itself (both checked by the egress policy before, not pinned).
     fn start_proxy(&self) -> Result<Option<proxy::Proxy>, JobError> {
-        if self.repo.remote.transport == GitTransport::Ssh {
+        if self.repo.remote.transport != GitTransport::Https {
             return Ok(None);
         }
         let config = &self.fetcher.config;

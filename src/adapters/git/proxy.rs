@@ -2,11 +2,10 @@
 //! loopback port that factoryd serves itself, so that for git, too, the address the egress
 //! policy checked is the address connected to, and every byte a server sends is counted.
 //!
-//! libgit2 asks the proxy for `CONNECT host:port` (https; TLS stays end to end between libgit2
-//! and the server, certificates checked by libgit2 as before) or sends an absolute-form request
-//! (`GET http://host:port/...`, plain http for `git.insecure_hosts`). The proxy resolves the
-//! host through the egress policy, connects to an allowed address itself (libgit2 never looks
-//! the name up), and copies bytes both ways while it:
+//! libgit2 asks the proxy for `CONNECT host:port` (TLS stays end to end between libgit2 and the
+//! server, certificates checked by libgit2 as before). The proxy resolves the host through the
+//! egress policy, connects to an allowed address itself (libgit2 never looks the name up), and
+//! copies bytes both ways while it:
 //!
 //! * counts what the server sends: before the pack starts (the ref advertisement and the
 //!   negotiation) at most `git.max_ref_advertisement_bytes`, in all at most the fetch cap; a
@@ -171,18 +170,17 @@ async fn serve(mut client: TcpStream, shared: Shared) {
         },
         _ = shared.cancel.cancelled() => return,
     };
-    let Some((target, connect)) = parse_target(&head) else {
+    let Some((host, port)) = parse_connect(&head) else {
         let _ = client
             .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
             .await;
         return;
     };
-    let (host, port) = target;
     let upstream = tokio::select! {
         upstream = connect_allowed(&shared, &host, port) => upstream,
         _ = shared.cancel.cancelled() => return,
     };
-    let mut upstream = match upstream {
+    let upstream = match upstream {
         Ok(s) => s,
         Err(status) => {
             let response = format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\n\r\n");
@@ -190,14 +188,9 @@ async fn serve(mut client: TcpStream, shared: Shared) {
             return;
         }
     };
-    let ready = if connect {
-        client
-            .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
-            .await
-    } else {
-        // Absolute-form requests go on as they are: HTTP/1.1 servers must accept them.
-        upstream.write_all(&head).await
-    };
+    let ready = client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await;
     if ready.is_err() {
         return;
     }
@@ -208,7 +201,7 @@ async fn serve(mut client: TcpStream, shared: Shared) {
 }
 
 /// Reads up to the end of the request head; `None` on EOF, an error or a head too large.
-/// Bytes after the head (none: libgit2 waits for the proxy's answer) are kept with it.
+/// (libgit2 sends nothing after it until the proxy answers.)
 async fn read_head(client: &mut TcpStream) -> Option<Vec<u8>> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 2048];
@@ -227,26 +220,18 @@ async fn read_head(client: &mut TcpStream) -> Option<Vec<u8>> {
     }
 }
 
-/// The host and port a request names, and whether it is a `CONNECT`.
-fn parse_target(head: &[u8]) -> Option<((String, u16), bool)> {
+/// The host and port of a `CONNECT` request; `None` for anything else.
+fn parse_connect(head: &[u8]) -> Option<(String, u16)> {
     let line = head.split(|&b| b == b'\r').next()?;
     let line = std::str::from_utf8(line).ok()?;
     let mut parts = line.split(' ');
     let (method, target) = (parts.next()?, parts.next()?);
-    if method == "CONNECT" {
-        let (host, port) = target.rsplit_once(':')?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        return Some(((host.to_owned(), port.parse().ok()?), true));
-    }
-    let url = url::Url::parse(target).ok()?;
-    if url.scheme() != "http" {
+    if method != "CONNECT" {
         return None;
     }
-    let host = url
-        .host_str()?
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    Some(((host.to_owned(), url.port_or_known_default()?), false))
+    let (host, port) = target.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_owned(), port.parse().ok()?))
 }
 
 /// Connects to an address of `host` the egress policy allows; on failure, the status line
@@ -315,27 +300,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn targets_of_connect_and_absolute_form_requests() {
-        let target = |head: &str| parse_target(head.as_bytes());
+    fn only_connect_requests_name_a_target() {
+        let target = |head: &str| parse_connect(head.as_bytes());
         assert_eq!(
             target("CONNECT git.example:443 HTTP/1.1\r\nHost: git.example:443\r\n\r\n"),
-            Some((("git.example".into(), 443), true))
+            Some(("git.example".into(), 443))
         );
         assert_eq!(
             target("CONNECT [::1]:8443 HTTP/1.1\r\n\r\n"),
-            Some((("::1".into(), 8443), true))
-        );
-        assert_eq!(
-            target("GET http://127.0.0.1:9418/r.git/info/refs?service=git-upload-pack HTTP/1.1\r\n\r\n"),
-            Some((("127.0.0.1".into(), 9418), false))
-        );
-        assert_eq!(
-            target("POST http://git.example/r.git/git-upload-pack HTTP/1.1\r\n\r\n"),
-            Some((("git.example".into(), 80), false))
+            Some(("::1".into(), 8443))
         );
         for bad in [
             "GET /r.git/info/refs HTTP/1.1\r\n\r\n",
-            "GET https://git.example/ HTTP/1.1\r\n\r\n",
+            "GET http://git.example/r.git/info/refs HTTP/1.1\r\n\r\n",
             "CONNECT git.example HTTP/1.1\r\n\r\n",
             "CONNECT git.example:x HTTP/1.1\r\n\r\n",
         ] {

@@ -57,11 +57,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def handle_any(self):
         body = self.read_body() if self.command == "POST" else b""
-        target = self.path
-        if target.startswith("http://"):
-            # Absolute-form (RFC 9112 3.2.2), as a client sends it through a proxy.
-            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
-        path, _, query = target.partition("?")
+        path, _, query = self.path.partition("?")
         auth = "auth=" + (self.headers.get("Authorization") or "-")
         if self.headers.get("Authorization") != EXPECTED:
             log(f"401 {self.command} {path} {auth}")
