@@ -191,10 +191,11 @@ pub(crate) async fn wait_results(
     ids: &[String],
     timeout: Duration,
 ) -> HashMap<String, JobResult> {
-    // Right after a leader change the server may not answer a consumer request at once: an
-    // ephemeral consumer is placed by the meta leader, which can pick the node just killed until
-    // it notices the node is gone; on two loaded cores that took over 30 s once (the worker
-    // meanwhile finished every job). The give-up bounds a wait for the cluster, not factoryd.
+    // Right after a leader change the server may not answer a consumer request at once (most
+    // likely the meta leader placing the ephemeral consumer on the node just killed until it
+    // notices the node is gone; not confirmed). On two loaded cores creating it failed for
+    // over 30 s once while the worker kept finishing every job: this bounds a wait for the
+    // cluster, not for factoryd.
     let give_up = Instant::now() + Duration::from_secs(90);
     let mut stream = loop {
         match nats
