@@ -11,7 +11,7 @@
 
 use std::sync::{PoisonError, RwLock};
 
-use base64::engine::general_purpose::{STANDARD, URL_SAFE, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
 
 use super::Job;
@@ -90,7 +90,11 @@ fn needles(secrets: &[Secret], usernames: &[String]) -> Vec<String> {
                 .map(str::to_owned),
         );
         for user in usernames {
-            needles.push(STANDARD.encode(format!("{user}:{value}")));
+            // Padded as in a Basic header, and without the padding (a credentials webhook may
+            // answer so, and some servers strip it when they echo a header).
+            let pair = format!("{user}:{value}");
+            needles.push(STANDARD.encode(&pair));
+            needles.push(STANDARD_NO_PAD.encode(&pair));
         }
     }
     needles.retain(|n| n.len() >= MIN_SECRET_LEN);
@@ -232,6 +236,19 @@ mod tests {
         r.add(&Secret::new("ecr-password"), None);
         let header = STANDARD.encode("AWS:ecr-password");
         assert_eq!(r.redact(&format!("Basic {header}")), "Basic ***");
+    }
+
+    #[test]
+    fn the_user_password_pair_is_masked_with_and_without_base64_padding() {
+        // "AWS:ecr-password1" is 17 bytes: its base64 ends in "=" padding.
+        let r = Redactor::new([&Secret::new("ecr-password1")], ["AWS"]);
+        let padded = STANDARD.encode("AWS:ecr-password1");
+        assert!(padded.ends_with('='), "{padded}");
+        let unpadded = padded.trim_end_matches('=');
+        assert_eq!(
+            r.redact(&format!("a {padded} b {unpadded} c")),
+            "a *** b *** c"
+        );
     }
 
     #[test]
