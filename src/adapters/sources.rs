@@ -52,40 +52,50 @@ impl Fetcher for SourceFetcher {
             return Err(JobError::cancelled(Stage::Fetch));
         }
         // The pipeline announced the fetch stage; this adapter reports progress within it.
-        let (source_kind, result) = match &origin.source {
-            BuildSource::Repo(repo) => (
-                "git",
-                self.git
-                    .fetch(repo, &origin.context_dir, &origin.build_file, cx)
-                    .await
-                    .map(|s| FetchedSource {
-                        context: s.context,
-                        revision: Some(s.revision),
-                        fetched_bytes: s.fetched_bytes,
-                    }),
-            ),
-            BuildSource::TargzUrl(url) => (
-                "tarball",
-                self.tarball
-                    .fetch(url, &origin.context_dir, &origin.build_file, cx)
-                    .await
-                    .map(|s| FetchedSource {
-                        context: s.context,
-                        revision: None,
-                        fetched_bytes: s.fetched_bytes,
-                    }),
-            ),
+        let result = match &origin.source {
+            BuildSource::Repo(repo) => self
+                .git
+                .fetch(repo, &origin.context_dir, &origin.build_file, cx)
+                .await
+                .map(|s| FetchedSource {
+                    context: s.context,
+                    revision: Some(s.revision),
+                    fetched_bytes: s.fetched_bytes,
+                }),
+            BuildSource::TargzUrl(url) => self
+                .tarball
+                .fetch(url, &origin.context_dir, &origin.build_file, cx)
+                .await
+                .map(|s| FetchedSource {
+                    context: s.context,
+                    revision: None,
+                    fetched_bytes: s.fetched_bytes,
+                }),
         };
-        if let Ok(fetched) = &result {
-            metrics()
-                .fetched_bytes
-                .with_label_values(&[source_kind])
-                .inc_by(fetched.fetched_bytes);
-        }
-        // Second line of defence: no credential in any message that leaves the process.
-        result.map_err(|mut e| {
-            e.message = cx.redactor.redact(&e.message);
-            e
-        })
+        account(origin, result, cx)
     }
+}
+
+/// What every docker-file fetcher does with its outcome (in-process or in the source child):
+/// counts the bytes received by source kind, and masks the job's credentials in an error's
+/// message, a second line of defence for a message that leaves the process.
+pub(crate) fn account(
+    origin: &DockerFile,
+    result: Result<FetchedSource, JobError>,
+    cx: &StageContext,
+) -> Result<FetchedSource, JobError> {
+    if let Ok(fetched) = &result {
+        let kind = match origin.source {
+            BuildSource::Repo(_) => "git",
+            BuildSource::TargzUrl(_) => "tarball",
+        };
+        metrics()
+            .fetched_bytes
+            .with_label_values(&[kind])
+            .inc_by(fetched.fetched_bytes);
+    }
+    result.map_err(|mut e| {
+        e.message = cx.redactor.redact(&e.message);
+        e
+    })
 }

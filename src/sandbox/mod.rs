@@ -32,7 +32,6 @@ use crate::config::{ChildLimits, EgressConfig, GitConfig, SourcesConfig};
 use crate::error::{ErrorClass, ErrorCode, JobError, Stage};
 use crate::job::{BuildSource, DockerFile, GitAuth, JobEvent, Revision};
 use crate::ports::{ContextWriter, FetchedSource, Fetcher, SealedContext, StageContext};
-use crate::telemetry::metrics;
 
 pub use child::{probe_main, source_worker_main};
 
@@ -157,20 +156,7 @@ impl Fetcher for ConfinedFetcher {
             attempt: cx.attempt,
         };
         let result = self.run_child(&request, cx).await;
-        if let Ok(fetched) = &result {
-            let kind = match origin.source {
-                BuildSource::Repo(_) => "git",
-                BuildSource::TargzUrl(_) => "tarball",
-            };
-            metrics()
-                .fetched_bytes
-                .with_label_values(&[kind])
-                .inc_by(fetched.fetched_bytes);
-        }
-        result.map_err(|mut e| {
-            e.message = cx.redactor.redact(&e.message);
-            e
-        })
+        crate::adapters::sources::account(origin, result, cx)
     }
 }
 

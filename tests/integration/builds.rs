@@ -3,7 +3,6 @@
 //! options, the context's rules, failures, secrets in logs, cancellation, export to an OCI
 //! layout and to a registry. Base images are made here from busybox-static; no internet.
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -30,7 +29,7 @@ use crate::support::git_servers::{git, GitHttpServer};
 use crate::support::http::FaultProxy;
 use crate::support::http_files::{FileServer, Route};
 use crate::support::registry::{Auth, Registry};
-use crate::support::sources::Recorder;
+use crate::support::sources::{targz, Recorder};
 
 const USER: &str = "builder";
 const PASSWORD: &str = "base-pass-7f3c19";
@@ -125,24 +124,6 @@ fn log_lines(recorder: &Recorder) -> Vec<String> {
         })
         .flatten()
         .collect()
-}
-
-fn targz(files: &[(&str, &str)]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, body) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(body.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(1_700_000_000);
-        header.set_cksum();
-        builder
-            .append_data(&mut header, name, body.as_bytes())
-            .unwrap();
-    }
-    let tar = builder.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    gz.finish().unwrap()
 }
 
 fn app_one_dockerfile(base_host: &str) -> String {

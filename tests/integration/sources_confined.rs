@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::git_servers::{revision_fixture, test_tls, EndlessRefs, GitHttpServer};
 use crate::support::http_files::{FileServer, Route};
-use crate::support::sources::{config, docker_file, stage_context, tar_entries, Recorder};
+use crate::support::sources::{config, docker_file, stage_context, tar_entries, targz, Recorder};
 
 const USER: &str = "builder";
 const PASSWORD: &str = "s3cret-Passw0rd";
@@ -59,24 +59,6 @@ fn stream(source: &FetchedSource) -> Vec<u8> {
     let mut out = Vec::new();
     source.context.write_tar(&mut out).unwrap();
     out
-}
-
-fn targz(files: &[(&str, &str)]) -> Vec<u8> {
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, text) in files {
-        let mut header = tar::Header::new_gnu();
-        header.set_size(text.len() as u64);
-        header.set_mode(0o644);
-        header.set_mtime(1_700_000_000);
-        header.set_cksum();
-        builder
-            .append_data(&mut header, name, text.as_bytes())
-            .unwrap();
-    }
-    let tar = builder.into_inner().unwrap();
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &tar).unwrap();
-    gz.finish().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread")]
