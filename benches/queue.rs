@@ -142,7 +142,16 @@ fn start_worker(nats: &Nats, config: &factoryd::config::Config, slots: u32) -> C
         cancels: nats,
     };
     let stages = ScriptedStages::new().stages(config.destination.path.clone());
-    let worker = Worker::new(settings, ports, stages);
+    let readiness = Arc::new(factoryd::readiness::Readiness::new(
+        settings.work_root.clone(),
+    ));
+    let worker = Worker::new(
+        settings,
+        ports,
+        stages,
+        readiness,
+        factoryd::clock::system(),
+    );
     let stop = CancellationToken::new();
     tokio::spawn(worker.run(stop.clone()));
     stop

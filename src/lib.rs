@@ -32,6 +32,7 @@
 pub mod adapters;
 pub mod app;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod context;
 pub mod egress;
@@ -41,6 +42,7 @@ pub mod manifest;
 pub mod pipeline;
 pub mod ports;
 pub mod problems;
+pub mod readiness;
 pub mod reference;
 pub mod sandbox;
 pub mod secret;

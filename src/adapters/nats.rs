@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{NatsAuth, NatsConfig};
 use crate::job::{DeadLetter, EventEnvelope, JobEvent, JobResult, Kind, WIRE_VERSION};
-use crate::pipeline::disposition::Settle;
+use crate::ports::Settle;
 use crate::ports::{
     CancelRequests, Conflict, Delivery, DeliveryHandle, EventBus, EventSink, JobQueue, JobStates,
     QueueError, ResultSink,
@@ -562,7 +562,7 @@ impl Nats {
     /// Sends a cancel request: the mark in the job's record (wins even before the job starts)
     /// and the core message (reaches a running job at once). `Ok(false)` if the job had ended.
     pub async fn cancel(&self, job_id: &str) -> Result<bool, QueueError> {
-        let marked = crate::pipeline::claim::mark_cancelled(self, job_id).await?;
+        let marked = crate::worker::claim::mark_cancelled(self, job_id).await?;
         self.client
             .publish(self.names.cancel_subject(job_id), Bytes::new())
             .await

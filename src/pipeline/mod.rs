@@ -14,9 +14,8 @@
 //! Node credentials a job uses (the destination registry's password, `registries.credentials`
 //! handed to a build) join the job's masking set here, before a stage sends them anywhere.
 
-pub mod claim;
+pub mod attempt;
 pub mod destination;
-pub mod disposition;
 
 use std::sync::Arc;
 

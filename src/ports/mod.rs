@@ -22,7 +22,7 @@ pub use builder::{BuildRequest, Builder};
 pub use importer::{CredentialResolver, ImportRequest, Importer};
 pub use queue::{
     CancelRequests, Conflict, Delivery, DeliveryHandle, EventBus, JobQueue, JobStates, QueueError,
-    ResultSink,
+    ResultSink, Settle,
 };
 pub use source::{ContextWriter, FetchedSource, Fetcher, SealedContext};
 

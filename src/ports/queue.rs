@@ -11,7 +11,6 @@ use tokio::sync::mpsc;
 
 use super::EventSink;
 use crate::job::{DeadLetter, JobResult, Kind};
-use crate::pipeline::disposition::Settle;
 
 /// A failure talking to the message system. All are worth retrying: the worker logs them,
 /// and the queue's redelivery covers what was not settled.
@@ -29,6 +28,18 @@ impl QueueError {
             message: message.to_string(),
         }
     }
+}
+
+/// How a queue message is settled: the queue's own vocabulary, spoken by the worker's
+/// disposition and by the queue adapters only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// Done; the message leaves the queue (a double ack, awaited).
+    Ack,
+    /// Redeliver after `delay` (zero: at once, to another worker).
+    Nak { delay: Duration },
+    /// Never redeliver.
+    Term,
 }
 
 /// One delivery of one job message.

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
 use crate::job::{DeadLetter, JobEvent, JobResult, Kind};
-use crate::pipeline::disposition::Settle;
+use crate::ports::Settle;
 use crate::ports::{
     CancelRequests, Conflict, Delivery, DeliveryHandle, EventBus, EventSink, JobQueue, JobStates,
     QueueError, ResultSink,

@@ -26,13 +26,16 @@ pub enum Behaviour {
     /// Works until the token fires.
     WaitForCancel,
     Panic,
+    /// Works forever and never looks at the token: a stage that does not stop when told.
+    Hang,
     /// Ends the whole process at once (SIGABRT), as a stack overflow or the OOM killer would:
     /// only for a worker process a test starts.
     Abort,
 }
 
 impl Behaviour {
-    /// `succeed`, `permanent`, `transient`, `sleep:<ms>`, `wait-cancel`, `panic`, `abort`.
+    /// `succeed`, `permanent`, `transient`, `sleep:<ms>`, `wait-cancel`, `panic`, `hang`,
+    /// `abort`.
     pub fn parse(word: &str) -> Option<Behaviour> {
         Some(match word.trim() {
             "succeed" => Behaviour::Succeed,
@@ -40,6 +43,7 @@ impl Behaviour {
             "transient" => Behaviour::Transient,
             "wait-cancel" => Behaviour::WaitForCancel,
             "panic" => Behaviour::Panic,
+            "hang" => Behaviour::Hang,
             "abort" => Behaviour::Abort,
             other => {
                 let ms = other.strip_prefix("sleep:")?.parse().ok()?;
@@ -162,6 +166,7 @@ impl ScriptedStages {
                 Err(JobError::cancelled(stage))
             }
             Behaviour::Panic => panic!("scripted panic in {stage}"),
+            Behaviour::Hang => std::future::pending().await,
             Behaviour::Abort => std::process::abort(),
         }
     }

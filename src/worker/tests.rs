@@ -5,8 +5,13 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::task::JoinHandle;
 
+use super::claim::{mark_cancelled, ClaimOutcome};
 use super::*;
-use crate::pipeline::claim::mark_cancelled;
+use crate::clock::TokioClock;
+use crate::error::{ErrorClass, ErrorCode, JobError, Stage};
+use crate::job::{self, JobEvent, Status};
+use crate::ports::{Settle, StageContext};
+use crate::readiness::HoldCause;
 use crate::testing::{
     Behaviour, MemCancels, MemEvents, MemQueue, MemResults, MemStates, ScriptedStages, Settled,
 };
@@ -35,7 +40,7 @@ fn settings(work_root: &std::path::Path) -> WorkerSettings {
         grace_period: Duration::from_secs(10),
         default_job_timeout: Duration::from_secs(3600),
         max_job_timeout: Duration::from_secs(7200),
-        retry: RetryPolicy::default(),
+        retry: JobRetryPolicy::default(),
         heartbeat: ACK_WAIT / 3,
         lease: ACK_WAIT,
         pull_wait: Duration::from_secs(30),
@@ -60,7 +65,7 @@ fn rig_with(tweak: impl FnOnce(&mut WorkerSettings)) -> Rig {
         events: Arc::new(events.clone()),
         cancels: Arc::new(cancels.clone()),
     };
-    let worker = Worker::new(s, ports, stages.stages(work_root.path().join("store")));
+    let worker = new_worker(s, ports, stages.stages(work_root.path().join("store")));
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(Arc::clone(&worker).run(shutdown.clone()));
     Rig {
@@ -75,6 +80,18 @@ fn rig_with(tweak: impl FnOnce(&mut WorkerSettings)) -> Rig {
         worker,
         work_root,
     }
+}
+
+/// A worker whose wall clock moves with tokio's paused time.
+fn new_worker(settings: WorkerSettings, ports: QueuePorts, stages: Stages) -> Arc<Worker> {
+    let readiness = Arc::new(Readiness::new(settings.work_root.clone()));
+    Worker::new(
+        settings,
+        ports,
+        stages,
+        readiness,
+        Arc::new(TokioClock::new()),
+    )
 }
 
 fn rig() -> Rig {
@@ -385,7 +402,7 @@ async fn a_delivery_of_a_job_running_elsewhere_is_put_back() {
         states: &r.states,
         worker: "node-b",
         lease: ACK_WAIT,
-        now_ms: r.worker.now_ms(),
+        now_ms: r.worker.clock.now_ms(),
         attempt: 1,
         lost_attempts: 0,
     };
@@ -433,13 +450,16 @@ async fn a_pull_loop_that_stops_going_round_is_not_alive() {
         cancels: Arc::new(MemCancels::new()),
     };
     let stages = ScriptedStages::new().stages(work_root.path().join("store"));
-    let worker = Worker::new(settings(work_root.path()), ports, stages);
+    let worker = new_worker(settings(work_root.path()), ports, stages);
     let stop = CancellationToken::new();
     let handle = tokio::spawn(Arc::clone(&worker).run(stop.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(worker.alive());
+    assert!(worker.readiness().alive());
     tokio::time::sleep(Duration::from_secs(61)).await;
-    assert!(!worker.alive(), "stuck for longer than pull_wait + 30 s");
+    assert!(
+        !worker.readiness().alive(),
+        "stuck for longer than pull_wait + 30 s"
+    );
     stop.cancel();
     handle.await.unwrap();
 }
@@ -456,7 +476,7 @@ async fn a_worker_whose_slots_are_all_busy_stays_alive() {
     tokio::time::sleep(Duration::from_secs(300)).await;
     assert_eq!(r.stages.runs("long"), 1);
     assert!(
-        r.worker.alive(),
+        r.worker.readiness().alive(),
         "waiting for a job to finish is not being stuck"
     );
     r.results.wait_for(1).await;
@@ -466,7 +486,7 @@ async fn a_worker_whose_slots_are_all_busy_stays_alive() {
 #[tokio::test(start_paused = true)]
 async fn a_held_kind_takes_no_jobs_until_the_hold_clears_and_its_loop_stays_alive() {
     let mut r = rig();
-    r.worker.hold(
+    r.worker.readiness().hold(
         Kind::Import,
         HoldCause::BuilderUnreachable,
         Some("build backend unreachable: test".into()),
@@ -475,9 +495,13 @@ async fn a_held_kind_takes_no_jobs_until_the_hold_clears_and_its_loop_stays_aliv
     tokio::time::sleep(Duration::from_secs(300)).await;
     assert_eq!(r.stages.runs("waits"), 0, "taken while held");
     assert!(r.settles("waits").is_empty(), "delivered while held");
-    assert!(r.worker.alive(), "a held loop is not a stuck loop");
+    assert!(
+        r.worker.readiness().alive(),
+        "a held loop is not a stuck loop"
+    );
 
     r.worker
+        .readiness()
         .hold(Kind::Import, HoldCause::BuilderUnreachable, None);
     r.results.wait_for(1).await;
     r.stop().await;
@@ -494,6 +518,7 @@ async fn a_hold_lets_running_jobs_finish() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(r.stages.runs("running"), 1);
     r.worker
+        .readiness()
         .hold(Kind::Import, HoldCause::LowDisk, Some("low on disk".into()));
     r.publish("queued");
     let results = r.results.wait_for(1).await;
@@ -509,19 +534,23 @@ async fn a_hold_lets_running_jobs_finish() {
 #[tokio::test(start_paused = true)]
 async fn a_kind_held_for_two_causes_waits_until_both_clear() {
     let mut r = rig();
-    r.worker.hold(
+    r.worker.readiness().hold(
         Kind::Import,
         HoldCause::BuilderUnreachable,
         Some("one".into()),
     );
     r.worker
+        .readiness()
         .hold(Kind::Import, HoldCause::LowDisk, Some("two".into()));
     r.publish("waits");
     r.worker
+        .readiness()
         .hold(Kind::Import, HoldCause::BuilderUnreachable, None);
     tokio::time::sleep(Duration::from_secs(120)).await;
     assert_eq!(r.stages.runs("waits"), 0, "one cause still holds");
-    r.worker.hold(Kind::Import, HoldCause::LowDisk, None);
+    r.worker
+        .readiness()
+        .hold(Kind::Import, HoldCause::LowDisk, None);
     r.results.wait_for(1).await;
     r.stop().await;
     assert_eq!(r.stages.runs("waits"), 1);
@@ -569,7 +598,7 @@ async fn a_credential_a_stage_learns_is_masked_in_the_result_and_events() {
     };
     let mut stages = ScriptedStages::new().stages(work_root.path().join("store"));
     stages.importer = Arc::new(EchoingImporter);
-    let worker = Worker::new(settings(work_root.path()), ports, stages);
+    let worker = new_worker(settings(work_root.path()), ports, stages);
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(Arc::clone(&worker).run(shutdown.clone()));
     assert!(queue.publish(Kind::Import, "j1", import_job("j1")));
@@ -588,7 +617,7 @@ async fn a_credential_a_stage_learns_is_masked_in_the_result_and_events() {
 /// attempt is lost, counted by the claim that takes over from it (the worker under test takes
 /// over from the last, once its lease, live when this returns, lapses).
 async fn lose_attempts(r: &Rig, job_id: &str, names: &[&str]) {
-    let start = r.worker.now_ms();
+    let start = r.worker.clock.now_ms();
     for (i, name) in names.iter().enumerate() {
         let claims = Claims {
             states: &r.states,
