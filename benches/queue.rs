@@ -5,6 +5,9 @@
 //! Run: `cargo bench --features test-util --bench queue` (or scripts/bench-queue.sh).
 //! Bounded: a fixed number of jobs per phase, on 127.0.0.1 only.
 
+// Benchmarks time real work in real time; the clock port's lint is for the daemon's code.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 #[path = "../tests/integration/support/mod.rs"]
 mod support;
 

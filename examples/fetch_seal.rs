@@ -13,6 +13,9 @@
 //!
 //! Loopback is allowed (benchmarks serve from 127.0.0.1). Not a factoryd subcommand.
 
+// Benchmarks time real work in real time; the clock port's lint is for the daemon's code.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::sync::Arc;

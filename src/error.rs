@@ -54,12 +54,10 @@ pub enum Stage {
     Build,
     Import,
     Export,
-    Report,
-    Settle,
 }
 
 impl Stage {
-    pub const ALL: [Stage; 9] = [
+    pub const ALL: [Stage; 7] = [
         Stage::Receive,
         Stage::Resolve,
         Stage::Fetch,
@@ -67,8 +65,6 @@ impl Stage {
         Stage::Build,
         Stage::Import,
         Stage::Export,
-        Stage::Report,
-        Stage::Settle,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,8 +76,6 @@ impl Stage {
             Stage::Build => "build",
             Stage::Import => "import",
             Stage::Export => "export",
-            Stage::Report => "report",
-            Stage::Settle => "settle",
         }
     }
 }

@@ -142,11 +142,8 @@ pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     if getrandom::getrandom(&mut buf).is_err() {
         // Uniqueness, not secrecy, is what callers need: fall back to the clock and pid.
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0)
-            ^ u128::from(std::process::id());
+        use crate::clock::Clock;
+        let seed = u128::from(crate::clock::SystemClock.now_ms()) ^ u128::from(std::process::id());
         for (i, b) in buf.iter_mut().enumerate() {
             *b = (seed >> ((i % 16) * 8)) as u8;
         }

@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 use tokio::time::Instant;
 use url::Url;
 
+use crate::clock::{Clock, SystemClock};
 use crate::error::{error_chain, ErrorCode, JobError, Stage};
 use crate::job::{EcrCredentials, Redactor};
 use crate::manifest::Digest;
@@ -65,7 +66,8 @@ impl EcrTokens {
         let (auth, expires_at) = self.fetch(aws, redactor).await?;
         let mut cache = self.cache.lock().await;
         cache.remove(&key);
-        let left = expires_at.and_then(|at| at.duration_since(SystemTime::now()).ok());
+        let now = std::time::UNIX_EPOCH + Duration::from_millis(SystemClock.now_ms());
+        let left = expires_at.and_then(|at| at.duration_since(now).ok());
         if let Some(keep) = left.and_then(|l| l.checked_sub(EXPIRY_MARGIN)) {
             cache.insert(key, (auth.clone(), Instant::now() + keep));
         }

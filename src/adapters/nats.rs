@@ -19,7 +19,6 @@ use async_nats::{Client, HeaderMap, ServerAddr};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -788,7 +787,7 @@ impl EventSink for NatsEventSink {
             job_id: self.job_id.clone(),
             seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
             attempt: self.attempt,
-            at: OffsetDateTime::now_utc(),
+            at: crate::clock::Clock::now(&crate::clock::SystemClock),
             event,
         };
         let Ok(payload) = serde_json::to_vec(&envelope) else {

@@ -9,7 +9,9 @@
 //!
 //! Must not: extract the archive, or read it into memory.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use url::Url;

@@ -663,7 +663,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     }
     let at =
         time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc2822).ok()?;
-    let left = at - time::OffsetDateTime::now_utc();
+    let left = at - crate::clock::Clock::now(&crate::clock::SystemClock);
     Some(Duration::from_secs(left.whole_seconds().max(0) as u64))
 }
 
