@@ -337,6 +337,50 @@ async fn a_panicking_stage_fails_the_attempt_not_the_worker() {
     r.stop().await;
     assert_eq!(results[0].status, Status::Succeeded);
     assert_eq!(results[0].attempt, 2);
+    // The failed attempt is reported at the stage it panicked in.
+    let retrying: Vec<_> = r
+        .events
+        .for_job("j1")
+        .into_iter()
+        .filter_map(|e| match e {
+            JobEvent::Retrying { error, .. } => Some((error.stage, error.code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(retrying, [(Stage::Import, ErrorCode::Internal)]);
+}
+
+/// A stage that ignores its timeout is aborted a bounded time later; the job fails at the
+/// stage it was in, and the slot is free for the next job.
+#[tokio::test(start_paused = true)]
+async fn a_stage_that_ignores_the_timeout_is_aborted_and_reported_at_its_stage() {
+    let mut r = rig_with(|s| {
+        s.import_slots = 1;
+        s.build_slots = 0;
+    });
+    r.stages.script("hangs", vec![Behaviour::Hang]);
+    let job = json!({"v": 1, "id": "hangs", "source_id": "s", "timeout_secs": 5,
+        "origin": {"type": "docker-hub", "details": {"target": "busybox"}}});
+    r.queue
+        .publish(Kind::Import, "hangs", serde_json::to_vec(&job).unwrap());
+    r.publish("next");
+    let results = r.results.wait_for(2).await;
+    r.stop().await;
+    let hung = r.results.for_job("hangs");
+    let error = hung[0].error.as_ref().unwrap();
+    assert_eq!(
+        (error.class, error.code, error.stage),
+        (ErrorClass::Permanent, ErrorCode::Timeout, Stage::Import)
+    );
+    assert_eq!(
+        hung[0].timings_ms.total, 65_000,
+        "timeout + the abort bound"
+    );
+    assert_eq!(r.settles("hangs"), [Settle::Term]);
+    assert!(results
+        .iter()
+        .any(|x| x.job_id == "next" && x.status == Status::Succeeded));
+    assert_eq!(r.workspaces_left(), 0);
 }
 
 #[tokio::test(start_paused = true)]
