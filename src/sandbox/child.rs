@@ -175,6 +175,10 @@ pub struct ProbeReport {
     pub outside_write_refused: bool,
     /// Creating a file inside the workspace worked.
     pub inside_write_ok: bool,
+    /// Signalling the parent (`kill(parent, 0)`, which only checks that it may) failed.
+    pub signal_parent_refused: bool,
+    /// Starting a process without `execve` (`fork`) failed.
+    pub fork_refused: bool,
 }
 
 /// Confines this process with the default limits for `workspace`, then tries to run a
@@ -188,11 +192,29 @@ pub fn probe_main(workspace: &std::path::Path, outside: &std::path::Path) -> Exi
         .unwrap_or(true);
     let outside_write_refused = std::fs::write(outside, b"escaped").is_err();
     let inside_write_ok = std::fs::write(workspace.join("probe"), b"inside").is_ok();
+    #[allow(unsafe_code)]
+    // SAFETY: getppid and kill take and return integers; signal 0 delivers nothing.
+    let signal_parent_refused = unsafe { libc::kill(libc::getppid(), 0) } != 0;
+    #[allow(unsafe_code)]
+    // SAFETY: a raw fork with SIGCHLD; if it succeeds, the new process exits at once without
+    // running any of this process's code (no destructors, no allocations).
+    let fork_refused = unsafe {
+        match libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) {
+            0 => libc::_exit(0),
+            pid if pid > 0 => {
+                libc::waitpid(pid as libc::pid_t, std::ptr::null_mut(), 0);
+                false
+            }
+            _ => true,
+        }
+    };
     let report = ProbeReport {
         confinement,
         exec_refused,
         outside_write_refused,
         inside_write_ok,
+        signal_parent_refused,
+        fork_refused,
     };
     println!("{}", serde_json::to_string(&report).unwrap_or_default());
     ExitCode::SUCCESS
