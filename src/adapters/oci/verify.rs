@@ -116,3 +116,95 @@ impl Stream for Verified {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::ports::NoEvents;
+
+    /// Streams `chunks` through a [`Verified`] expecting `digest` and `size`; returns what came
+    /// out and the verdict left behind.
+    async fn pass(
+        chunks: &[&'static [u8]],
+        digest: &Digest,
+        size: u64,
+    ) -> (Vec<Result<Bytes, String>>, Verdict) {
+        let verdict = Arc::new(StdMutex::new(Verdict::Pending));
+        let source = futures_util::stream::iter(
+            chunks
+                .iter()
+                .map(|c| Ok::<_, reqwest::Error>(Bytes::from_static(c)))
+                .collect::<Vec<_>>(),
+        );
+        let stream = Verified {
+            inner: Box::pin(source),
+            hasher: Some(Hasher::new(digest.algorithm())),
+            seen: 0,
+            size,
+            digest: digest.clone(),
+            progress: Progress::new(Arc::new(NoEvents), digest, size),
+            verdict: verdict.clone(),
+            kept: None,
+            transferred: Arc::new(AtomicU64::new(0)),
+        };
+        let out = stream
+            .map(|item| item.map_err(|e| e.to_string()))
+            .collect()
+            .await;
+        let verdict = verdict
+            .lock()
+            .map(|v| v.clone())
+            .unwrap_or(Verdict::Pending);
+        (out, verdict)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_matching_digest_and_size_pass_unchanged() {
+        let digest = Digest::sha256_of(b"hello world");
+        let (out, verdict) = pass(&[b"hello ", b"world"], &digest, 11).await;
+        assert_eq!(
+            out,
+            [
+                Ok(Bytes::from_static(b"hello ")),
+                Ok(Bytes::from_static(b"world"))
+            ]
+        );
+        assert!(matches!(verdict, Verdict::Verified), "{verdict:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_content_of_the_same_size_is_an_error_naming_the_digest() {
+        let digest = Digest::sha256_of(b"hello world");
+        let (out, verdict) = pass(&[b"hello ", b"WORLD"], &digest, 11).await;
+        let last = out.last().cloned().expect("the stream yields something");
+        let message = last.expect_err("the last item is the mismatch");
+        assert!(message.contains(&digest.to_string()), "{message}");
+        assert!(matches!(verdict, Verdict::Mismatch(_)), "{verdict:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn more_bytes_than_declared_is_an_error_naming_the_digest() {
+        let digest = Digest::sha256_of(b"hello");
+        let (out, verdict) = pass(&[b"hello", b" world"], &digest, 5).await;
+        assert_eq!(out.first(), Some(&Ok(Bytes::from_static(b"hello"))));
+        let message = out[1].clone().expect_err("the extra bytes are refused");
+        assert!(message.contains("more than the 5 bytes"), "{message}");
+        assert!(message.contains(&digest.to_string()), "{message}");
+        assert!(matches!(verdict, Verdict::Mismatch(_)), "{verdict:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_source_ending_early_is_an_error_naming_the_digest() {
+        let digest = Digest::sha256_of(b"hello world");
+        let (out, verdict) = pass(&[b"hello"], &digest, 11).await;
+        let message = out
+            .last()
+            .cloned()
+            .expect("an item")
+            .expect_err("short content is refused");
+        assert!(message.contains(&digest.to_string()), "{message}");
+        assert!(matches!(verdict, Verdict::Mismatch(_)), "{verdict:?}");
+    }
+}
