@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::client::{self, request_error, RegistryClient, UploadStart};
+use super::client::{self, registry_request_error, RegistryClient, UploadStart};
 use super::plan::Plan;
 use super::retry::retrying;
 use super::session::Sink;
@@ -111,7 +111,7 @@ impl Run<'_> {
         let mut kept = keep.then(Vec::new);
         let mut body = response.bytes_stream();
         while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| request_error(self.source.client.host(), e))?;
+            let chunk = chunk.map_err(|e| registry_request_error(self.source.client.host(), e))?;
             if let Some(k) = &mut kept {
                 k.extend_from_slice(&chunk);
             }
