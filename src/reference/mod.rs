@@ -35,10 +35,17 @@
 //!   well-formed algorithm is refused as unsupported.
 //! * IPv6 hosts must be real IPv6 addresses (`[1:2:3:4:5:6:7:8:9]` is refused), which is
 //!   stricter than distribution's "hex digits and colons in brackets".
+//!
+//! The grammar of git repository URLs, the other kind of source a job names, is in `git_url`
+//! ([`parse_git_url`]).
+
+mod git_url;
 
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::str::FromStr;
+
+pub(crate) use self::git_url::parse_git_url;
 
 /// The registry docker uses for names without a registry.
 pub const DOCKER_HUB: &str = "docker.io";
