@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::error::{ErrorClass, JobError};
 
-/// How often and how long a transient failure is retried inside one import, before it is
-/// handed to the queue's retry (which waits minutes).
+/// How often and how long a transient failure of one registry request is retried inside one
+/// import, before it is handed to the queue's retry (which waits minutes).
 #[derive(Debug, Clone, Copy)]
 pub struct RequestRetry {
     /// Tries per operation, the first included.
