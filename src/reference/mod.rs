@@ -37,7 +37,7 @@
 //!   stricter than distribution's "hex digits and colons in brackets".
 //!
 //! The grammar of git repository URLs, the other kind of source a job names, is in `git_url`
-//! ([`parse_git_url`]).
+//! (`parse_git_url`).
 
 mod git_url;
 

@@ -23,7 +23,7 @@
 //!
 //! # Layout
 //!
-//! * this file — the importer and [`RegistryImporter::run`], the journey of one import;
+//! * this file — the importer and `RegistryImporter::run`, the journey of one import;
 //! * `session` — the source and destination registries of an import, credentials refreshed
 //!   once mid-import, manifest fetches;
 //! * `plan` — which manifests and images to copy;
