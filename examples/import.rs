@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use factoryd::adapters::oci::{ImporterSettings, RegistryImporter, RetryPolicy};
+use factoryd::adapters::oci::{ImporterSettings, RegistryImporter, RequestRetry};
 use factoryd::config::Platform;
 use factoryd::egress::EgressPolicy;
 use factoryd::error::JobError;
@@ -132,7 +132,7 @@ async fn copy(source: &str, dest: &str, parallel: usize) {
             max_parallel_blobs: parallel,
             max_manifest_bytes: 4 << 20,
             max_blob_bytes: 16 << 30,
-            retry: RetryPolicy::default(),
+            retry: RequestRetry::default(),
         },
         EgressPolicy {
             allow_loopback: true,

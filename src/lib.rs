@@ -14,7 +14,8 @@
 //! * [`cli`] — the command line; [`app`] — the composition root behind each command.
 //! * [`config`] — raw TOML mirror → validated [`config::Config`], reporting every problem.
 //! * [`job`] — the wire format: [`job::Job`] with Cycle-compatible origins, and the result.
-//! * [`reference`] — the image reference grammar (docker.io, `library/`, `:latest`, digests).
+//! * [`reference`] — the image reference grammar (docker.io, `library/`, `:latest`, digests),
+//!   and the grammar of the git repository URLs a job may name.
 //! * [`error`] — [`error::JobError`] and the classes that drive the queue.
 //! * [`pipeline`] — the stages; today the pure disposition (ack / nak / term) decision.
 //! * [`ports`] — the traits stages call; [`adapters`] — their implementations (git, tar.gz).
@@ -28,6 +29,13 @@
 //!   Docker → OCI conversion (pure).
 //! * [`adapters`] — technologies behind the ports: [`adapters::oci_layout`] (the local OCI image
 //!   store), …
+//!
+//! # Where unit tests live
+//!
+//! A small module keeps its unit tests inline, in a `#[cfg(test)] mod tests` at the bottom of
+//! its file. When a module's tests are large (more than about 250 lines), the module is a
+//! directory and its tests are a sibling file: `foo/mod.rs` with `foo/tests.rs`, declared in
+//! `foo/mod.rs` as `#[cfg(test)] mod tests;`. Tests against real servers are in `tests/`.
 
 pub mod adapters;
 pub mod app;

@@ -122,7 +122,7 @@ impl TarballFetcher {
             .get(url)
             .send()
             .await
-            .map_err(|e| request_error(&e, shown))?;
+            .map_err(|e| tarball_request_error(&e, shown))?;
         let status = response.status().as_u16();
         if let Some((code, class)) = classify_http_status(status) {
             let mut err = JobError::new(
@@ -162,7 +162,7 @@ impl TarballFetcher {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| request_error(&e, shown))?
+            .map_err(|e| tarball_request_error(&e, shown))?
         {
             done += chunk.len() as u64;
             if done > self.max_fetch_bytes {
@@ -200,7 +200,8 @@ pub fn display_url(url: &Url) -> String {
     shown
 }
 
-fn request_error(e: &reqwest::Error, shown: &str) -> JobError {
+/// Classifies a reqwest failure (no response) of the tarball download shown as `shown`.
+fn tarball_request_error(e: &reqwest::Error, shown: &str) -> JobError {
     if let Some(refused) = refusal_in(e) {
         return refused.clone().into_job_error(Stage::Fetch);
     }

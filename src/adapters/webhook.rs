@@ -66,7 +66,7 @@ impl WebhookCredentials {
             .get(url)
             .send()
             .await
-            .map_err(|e| request_error(&host, e))?;
+            .map_err(|e| webhook_request_error(&host, e))?;
         let status = response.status().as_u16();
         if let Some((code, class)) = classify_http_status(status) {
             return Err(JobError::new(
@@ -79,7 +79,7 @@ impl WebhookCredentials {
         let mut body = Vec::new();
         let mut stream = response.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| request_error(&host, e))?;
+            let chunk = chunk.map_err(|e| webhook_request_error(&host, e))?;
             if body.len() + chunk.len() > self.max_bytes {
                 return Err(JobError::permanent(
                     STAGE,
@@ -106,7 +106,8 @@ impl WebhookCredentials {
     }
 }
 
-fn request_error(host: &str, err: reqwest::Error) -> JobError {
+/// Classifies a reqwest failure (no response) of a call to the credentials webhook on `host`.
+fn webhook_request_error(host: &str, err: reqwest::Error) -> JobError {
     if let Some(refused) = refusal_in(&err) {
         return refused.clone().into_job_error(STAGE);
     }

@@ -1,4 +1,4 @@
-//! The checks behind [`super::validate`], one per kind of value.
+//! The checks behind [`super::validate()`], one per kind of value.
 //!
 //! Each takes the problem list and the dotted path of the key it checks, pushes at most one
 //! problem, and returns a value even on failure (a stand-in), so that validation can carry on and
@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use url::Url;
 
-use super::{DaemonAddr, Keyword, Platform, RegistryTarget, Template, TEMPLATE_PLACEHOLDERS};
+use super::types::{
+    DaemonAddr, Keyword, Platform, RegistryTarget, Template, TEMPLATE_PLACEHOLDERS,
+};
 use crate::problems::Problems;
 
 pub(super) fn in_range(p: &mut Problems, path: &str, value: u32, min: u32, max: u32) -> u32 {

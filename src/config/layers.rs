@@ -156,7 +156,7 @@ fn env_key(name: &str) -> Option<String> {
 }
 
 /// Types the merged tree. Returns the configuration built from every key that could be typed
-/// (the rest keep their defaults, so that [`super::validate`] can still report on everything
+/// (the rest keep their defaults, so that [`super::validate()`] can still report on everything
 /// else) and a problem for each key that could not.
 pub(super) fn decode(merged: Merged) -> (RawConfig, Problems) {
     let Merged {

@@ -3,7 +3,7 @@
 //!
 //! These types mirror `factoryd.toml` key for key and hold plain values (strings, integers,
 //! lists, maps) so that a value of the wrong *type* is the only thing that can fail here; whether a
-//! value makes sense is decided by [`super::validate`], which sees the whole file at once.
+//! value makes sense is decided by [`super::validate()`], which sees the whole file at once.
 //! Every struct denies unknown fields so a misspelt key can never be silently ignored, and every
 //! struct takes `default` so that a key left out keeps its built-in value.
 //!
@@ -72,7 +72,7 @@ impl Default for RawNats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RawWorker {
-    /// Empty means "use the host name", resolved by [`super::load`].
+    /// Empty means "use the host name", resolved by [`super::load()`].
     pub name: String,
     pub build_slots: u32,
     pub import_slots: u32,

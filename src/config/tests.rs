@@ -3,9 +3,13 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use url::Url;
+
+use super::load::load_with;
 use super::*;
 use crate::problems::Problem;
 

@@ -9,7 +9,7 @@
 //! with each secret shown as `<redacted>`. The serialised form is the wire form, normalised.
 
 mod decode;
-pub(crate) use decode::parse_git_url;
+pub(crate) use crate::reference::parse_git_url;
 mod event;
 mod redact;
 mod result;

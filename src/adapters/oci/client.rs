@@ -214,7 +214,10 @@ impl RegistryClient {
                 );
             }
         }
-        let response = request.send().await.map_err(|e| self.request_error(e))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| registry_request_error(&self.host, e))?;
         let status = response.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(JobError::permanent(
@@ -300,7 +303,7 @@ impl RegistryClient {
         let response = with_auth(build(), authorization.clone())
             .send()
             .await
-            .map_err(|e| self.request_error(e))?;
+            .map_err(|e| registry_request_error(&self.host, e))?;
         if response.status() != StatusCode::UNAUTHORIZED {
             return Ok(response);
         }
@@ -327,7 +330,7 @@ impl RegistryClient {
         let response = with_auth(build(), authorization)
             .send()
             .await
-            .map_err(|e| self.request_error(e))?;
+            .map_err(|e| registry_request_error(&self.host, e))?;
         if response.status() == StatusCode::UNAUTHORIZED {
             return Err(self.auth_refused(response.status()));
         }
@@ -345,7 +348,7 @@ impl RegistryClient {
         let response = with_auth(request, authorization)
             .send()
             .await
-            .map_err(|e| self.request_error(e))?;
+            .map_err(|e| registry_request_error(&self.host, e))?;
         if response.status() == StatusCode::UNAUTHORIZED {
             return Err(self.auth_refused(response.status()));
         }
@@ -544,11 +547,6 @@ impl RegistryClient {
             .await)
     }
 
-    /// A classified error for a reqwest failure (no response).
-    pub fn request_error(&self, err: reqwest::Error) -> JobError {
-        request_error(&self.host, err)
-    }
-
     /// A classified error for an unexpected status, quoting the registry's own words (redacted).
     pub async fn status_error(&self, response: Response, what: &str) -> JobError {
         let status = response.status().as_u16();
@@ -595,9 +593,9 @@ fn bearer_header(token: &Secret) -> HeaderValue {
     value
 }
 
-/// Classifies a reqwest failure: egress refusals are permanent, timeouts and connection
+/// Classifies a reqwest failure (no response) of a request to registry `host`: egress refusals are permanent, timeouts and connection
 /// failures transient.
-pub fn request_error(host: &str, err: reqwest::Error) -> JobError {
+pub(super) fn registry_request_error(host: &str, err: reqwest::Error) -> JobError {
     if let Some(refused) = refusal_in(&err) {
         return refused.clone().into_job_error(STAGE);
     }
@@ -632,7 +630,7 @@ pub async fn read_capped(response: Response, cap: usize, host: &str) -> Result<V
     let mut out = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| request_error(host, e))?;
+        let chunk = chunk.map_err(|e| registry_request_error(host, e))?;
         if out.len() + chunk.len() > cap {
             return Err(limit_error(host, (out.len() + chunk.len()) as u64, cap));
         }

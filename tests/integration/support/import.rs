@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use factoryd::adapters::credentials::OriginCredentials;
 use factoryd::adapters::ecr::EcrTokens;
-use factoryd::adapters::oci::{ImporterSettings, RegistryImporter, RetryPolicy};
+use factoryd::adapters::oci::{ImporterSettings, RegistryImporter, RequestRetry};
 use factoryd::adapters::webhook::WebhookCredentials;
 use factoryd::config::Platform;
 use factoryd::egress::EgressPolicy;
@@ -97,7 +97,7 @@ pub fn settings(platforms: &[&str]) -> ImporterSettings {
         max_parallel_blobs: 4,
         max_manifest_bytes: 4 * 1024 * 1024,
         max_blob_bytes: 16 << 30,
-        retry: RetryPolicy {
+        retry: RequestRetry {
             attempts: 4,
             base_delay: Duration::from_millis(50),
             max_wait: Duration::from_secs(5),
