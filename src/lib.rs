@@ -11,20 +11,26 @@
 //!
 //! # Layout
 //!
-//! * [`cli`] — the command line; [`app`] — the composition root behind each command.
+//! * [`cli`] — the command line; [`app`] — the composition root, one module per command.
+//! * [`worker`] — slots and pull loops; `worker/delivery.rs` reads one delivery's journey
+//!   (receive → claim → attempt → report → settle); [`worker::claim`] the claim protocol,
+//!   [`worker::disposition`] the pure settle decision.
+//! * [`readiness`] — holds, the builder and disk probes, pull-loop liveness, `/readyz`.
+//! * [`clock`] — the wall-clock port (the only place the wall clock is read).
 //! * [`config`] — raw TOML mirror → validated [`config::Config`], reporting every problem.
 //! * [`job`] — the wire format: [`job::Job`] with Cycle-compatible origins, and the result.
-//! * [`reference`] — the image reference grammar (docker.io, `library/`, `:latest`, digests),
+//! * [`reference`](mod@reference) — the image reference grammar (docker.io, `library/`, `:latest`, digests),
 //!   and the grammar of the git repository URLs a job may name.
 //! * [`error`] — [`error::JobError`] and the classes that drive the queue.
-//! * [`pipeline`] — the stages; today the pure disposition (ack / nak / term) decision.
+//! * [`pipeline`] — [`pipeline::run_job`], the stages in order, and
+//!   [`pipeline::attempt`], the one attempt runner `serve` and `run` share.
 //! * [`ports`] — the traits stages call; [`adapters`] — their implementations (git, tar.gz).
 //! * [`workspace`] — one private directory per job attempt, removed when the job ends.
 //! * [`context`] — build-context rules: `.dockerignore`, path resolution, the tar stream.
 //! * [`egress`] — which addresses a job may make the worker connect to.
 //! * [`secret`] — a credential type that prints and serialises as `<redacted>`.
 //! * [`problems`] — validation reports with the path of each field at fault.
-//! * [`telemetry`] — logging set-up.
+//! * [`telemetry`] — logging set-up, the metrics and their HTTP endpoint, systemd.
 //! * [`manifest`] — digests, descriptors, manifest media types; platform selection and the
 //!   Docker → OCI conversion (pure).
 //! * [`adapters`] — technologies behind the ports: [`adapters::oci_layout`] (the local OCI image
