@@ -107,6 +107,7 @@ async fn copy(source: &str, dest: &str, parallel: usize) {
         Destination::OciLayout {
             path: path.into(),
             tag: tag.into(),
+            source_id: "bench".into(),
         }
     } else if let Some(rest) = dest.strip_prefix("docker://") {
         let (registry, path) = rest.split_once('/').unwrap_or_else(|| usage());

@@ -61,6 +61,7 @@ pub mod reference;
 pub mod sandbox;
 pub mod secret;
 pub mod shutdown;
+pub mod store;
 pub mod telemetry;
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;

@@ -5,7 +5,8 @@
 //! DIR/oci-layout          {"imageLayoutVersion":"1.0.0"}
 //! DIR/index.json          tagged manifests (annotation org.opencontainers.image.ref.name)
 //! DIR/blobs/sha256/<hex>  content-addressed blobs: layers, configs, manifests
-//! DIR/.ingest/            blobs being written (same file system, so the final rename is atomic)
+//! DIR/.ingest/            blobs being written (same file system, so the final rename is atomic),
+//!                         the index and collection locks, and `leases/` of running writers
 //! ```
 //!
 //! What it guarantees: a blob appears under its digest only after its bytes were hashed and
@@ -23,7 +24,11 @@
 //! are fsynced before a tag is written, and `index.json` is fsynced with its directory, so a tag
 //! that survives a power loss finds its blobs.
 //!
-//! Not done: garbage collection of untagged blobs.
+//! Collection (`crate::store`) runs beside writers: each job that writes holds a
+//! [`StoreLease`] from before its first blob check until after its tag, and a blob a job finds
+//! already stored ([`OciLayoutStore::has_blob`]) has its modification time refreshed, under a
+//! shared lock the collector takes exclusively. So a collection sweeps only blobs that nothing
+//! reaches and that no running writer has touched (older than the oldest lease).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -172,12 +177,41 @@ impl OciLayoutStore {
 
     /// Whether the blob is stored with `size` bytes. A blob of another size (which verification
     /// makes impossible, unless the file was changed behind the store's back) counts as absent,
-    /// so that it is written again.
+    /// so that it is written again. A blob found is touched (its modification time set to now)
+    /// under the collection lock, shared: a collection running now has either swept it already
+    /// (absent, so the job writes it) or sees it as in use.
     pub async fn has_blob(&self, digest: &Digest, size: u64) -> bool {
-        match tokio::fs::metadata(self.blob_path(digest)).await {
-            Ok(meta) => meta.is_file() && meta.len() == size,
-            Err(_) => false,
-        }
+        let (root, path) = (self.root.clone(), self.blob_path(digest));
+        tokio::task::spawn_blocking(move || {
+            let Ok(_shared) = gc_lock(&root, false) else {
+                return false;
+            };
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() && meta.len() == size => std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::UNIX_EPOCH + now()))
+                    .is_ok(),
+                _ => false,
+            }
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// Registers a writer (one job) until the lease is dropped: a collection keeps every blob
+    /// touched since the oldest live lease began. Take it before the first [`has_blob`]
+    /// and keep it until the image is tagged.
+    ///
+    /// [`has_blob`]: OciLayoutStore::has_blob
+    pub fn lease(&self) -> Result<StoreLease, StoreError> {
+        let dir = self.root.join(".ingest").join("leases");
+        std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        let n = INGEST_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let path = dir.join(format!("{}-{n}", std::process::id()));
+        let since_ms = now().as_millis() as u64;
+        std::fs::write(&path, since_ms.to_string()).map_err(io_err("write", &path))?;
+        Ok(StoreLease { path })
     }
 
     /// Starts writing the blob `digest` of `size` bytes. Feed it with [`BlobWriter::write`] and
@@ -282,18 +316,27 @@ impl OciLayoutStore {
         }
     }
 
-    /// Points `tag` at `descriptor` in `index.json`, replacing what it pointed at. The manifest
-    /// must already be stored.
-    pub async fn tag(&self, descriptor: &Descriptor, tag: &str) -> Result<(), StoreError> {
+    /// Points `tag` at `descriptor` in `index.json`, replacing what it pointed at, and records
+    /// which source it is of and when it was stored (for retention). The manifest must already
+    /// be stored.
+    pub async fn tag(
+        &self,
+        descriptor: &Descriptor,
+        tag: &str,
+        source_id: &str,
+    ) -> Result<(), StoreError> {
         if !is_tag(tag) {
             return Err(StoreError::InvalidTag(tag.chars().take(140).collect()));
         }
         let mut entry = descriptor.clone();
         entry.platform = None;
-        entry
-            .annotations
-            .get_or_insert_with(Default::default)
-            .insert(REF_NAME_ANNOTATION.to_owned(), tag.to_owned());
+        let stored_at = crate::clock::Clock::now(&crate::clock::SystemClock)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let annotations = entry.annotations.get_or_insert_with(Default::default);
+        annotations.insert(REF_NAME_ANNOTATION.to_owned(), tag.to_owned());
+        annotations.insert(SOURCE_ID_ANNOTATION.to_owned(), source_id.to_owned());
+        annotations.insert(STORED_AT_ANNOTATION.to_owned(), stored_at);
         let tag = tag.to_owned();
         let root = self.root.clone();
         let _guard = self.index_lock.lock().await;
@@ -479,6 +522,58 @@ fn init_layout(root: &Path) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A running writer's registration with the store ([`OciLayoutStore::lease`]); removed when
+/// dropped. One left by a process that died is recognised by its process id and ignored.
+#[derive(Debug)]
+pub struct StoreLease {
+    path: PathBuf,
+}
+
+impl Drop for StoreLease {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Which source an image in the store is of (`index.json` annotation).
+pub const SOURCE_ID_ANNOTATION: &str = "io.factoryd.source-id";
+/// When an image was stored (RFC 3339; `index.json` annotation).
+pub const STORED_AT_ANNOTATION: &str = "io.factoryd.stored-at";
+
+/// The wall clock, as a duration since the Unix epoch.
+fn now() -> std::time::Duration {
+    std::time::Duration::from_millis(crate::clock::Clock::now_ms(&crate::clock::SystemClock))
+}
+
+/// The collection lock: shared by writers for a moment (checking and touching a blob),
+/// exclusive for a collection. Released when the file is dropped.
+pub(crate) fn gc_lock(root: &Path, exclusive: bool) -> Result<std::fs::File, StoreError> {
+    let path = root.join(".ingest").join("gc.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("open", &path))?;
+    if exclusive {
+        file.lock().map_err(io_err("lock", &path))?;
+    } else {
+        file.lock_shared().map_err(io_err("lock", &path))?;
+    }
+    Ok(file)
+}
+
+/// The tagged manifests of the store at `root`, as `index.json` lists them now.
+pub(crate) fn read_index(root: &Path) -> Result<Vec<Descriptor>, StoreError> {
+    let path = root.join("index.json");
+    let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
+    let index: IndexFile = serde_json::from_slice(&bytes).map_err(|e| StoreError::BadIndex {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(index.manifests)
+}
+
 /// Cross-process exclusion for `index.json` updates, released when the file is dropped.
 fn lock_file(root: &Path) -> Result<std::fs::File, StoreError> {
     let path = root.join(".ingest").join("index.lock");
@@ -492,7 +587,10 @@ fn lock_file(root: &Path) -> Result<std::fs::File, StoreError> {
     Ok(file)
 }
 
-fn update_index(root: &Path, change: impl FnOnce(&mut Vec<Descriptor>)) -> Result<(), StoreError> {
+pub(crate) fn update_index(
+    root: &Path,
+    change: impl FnOnce(&mut Vec<Descriptor>),
+) -> Result<(), StoreError> {
     let _lock = lock_file(root)?;
     let path = root.join("index.json");
     let bytes = std::fs::read(&path).map_err(io_err("read", &path))?;
@@ -742,9 +840,9 @@ mod tests {
             .put_manifest(OCI_MANIFEST, b"{\"b\":1}")
             .await
             .unwrap();
-        store.tag(&a, "one").await.unwrap();
-        store.tag(&a, "two").await.unwrap();
-        store.tag(&b, "one").await.unwrap();
+        store.tag(&a, "one", "src").await.unwrap();
+        store.tag(&a, "two", "src").await.unwrap();
+        store.tag(&b, "one", "src").await.unwrap();
         assert_eq!(
             store.resolve("one").await.unwrap().unwrap().digest,
             b.digest
@@ -757,7 +855,7 @@ mod tests {
             serde_json::from_slice(&std::fs::read(store.root().join("index.json")).unwrap())
                 .unwrap();
         assert_eq!(index["manifests"].as_array().unwrap().len(), 2);
-        assert!(store.tag(&a, "../x").await.is_err());
+        assert!(store.tag(&a, "../x", "src").await.is_err());
     }
 
     #[tokio::test]
@@ -769,7 +867,7 @@ mod tests {
         for i in 0..16 {
             let (store, d) = (store.clone(), d.clone());
             tasks.push(tokio::spawn(async move {
-                store.tag(&d, &format!("t{i}")).await.unwrap()
+                store.tag(&d, &format!("t{i}"), "src").await.unwrap()
             }));
         }
         for t in tasks {

@@ -71,6 +71,7 @@ impl DestinationSettings {
             DestinationKind::OciLayout => Ok(Destination::OciLayout {
                 path: c.path.clone(),
                 tag: format!("{repository}:{tag}"),
+                source_id: job.source_id.clone(),
             }),
             DestinationKind::Registry => {
                 let Some(registry) = &c.registry else {

@@ -77,7 +77,12 @@ pub struct BasicAuth {
 pub enum Destination {
     /// A local OCI image layout directory shared by all jobs; the image is tagged `tag` in
     /// its `index.json` (`org.opencontainers.image.ref.name`).
-    OciLayout { path: PathBuf, tag: String },
+    OciLayout {
+        path: PathBuf,
+        tag: String,
+        /// The job's `source_id`, recorded with the image for retention.
+        source_id: String,
+    },
     /// A registry push to `registry/repository:tag`.
     Registry {
         /// `host[:port]`.
@@ -93,7 +98,7 @@ impl Destination {
     /// How the result names the stored image.
     pub fn reference(&self) -> String {
         match self {
-            Destination::OciLayout { path, tag } => format!("oci:{}:{tag}", path.display()),
+            Destination::OciLayout { path, tag, .. } => format!("oci:{}:{tag}", path.display()),
             Destination::Registry {
                 registry,
                 repository,

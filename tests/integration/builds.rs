@@ -363,6 +363,7 @@ async fn build_dir(
         destination: Destination::OciLayout {
             path: layout.path().to_path_buf(),
             tag: tag.clone(),
+            source_id: "src".into(),
         },
     };
     let result = builder_at(backend, DaemonAddr::Unix(engine.socket.clone()))
@@ -989,6 +990,7 @@ async fn unreachable_engine_is_transient(backend: Backend) {
         destination: Destination::OciLayout {
             path: missing.path().join("store"),
             tag: "x:1".into(),
+            source_id: "src".into(),
         },
     };
     let e = builder.build(request, &cx).await.expect_err("no engine");

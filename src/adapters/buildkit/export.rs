@@ -74,12 +74,19 @@ pub async fn export(
                 platforms,
             })
         }
-        Destination::OciLayout { path, tag } => {
+        Destination::OciLayout {
+            path,
+            tag,
+            source_id,
+        } => {
             let store = stores
                 .get(path)
                 .await
                 .map_err(|e| e.into_job_error(Stage::Export))?;
-            let (digest, size_bytes) = save_to_layout(docker, &store, image, tag, cx).await?;
+            // Held until the tag is written: a collection keeps what this export touches.
+            let _lease = store.lease().map_err(|e| e.into_job_error(Stage::Export))?;
+            let (digest, size_bytes) =
+                save_to_layout(docker, &store, image, (tag, source_id), cx).await?;
             Ok(ImageInfo {
                 reference: destination.reference(),
                 digest,
@@ -238,7 +245,7 @@ async fn save_to_layout(
     docker: &Docker,
     store: &OciLayoutStore,
     image: &str,
-    tag: &str,
+    (tag, source_id): (&str, &str),
     cx: &StageContext,
 ) -> Result<(String, u64), JobError> {
     let prefix = store.root().join(".ingest").join(format!(
@@ -246,7 +253,7 @@ async fn save_to_layout(
         std::process::id(),
         random_hex(6)
     ));
-    let result = save_and_store(docker, store, image, tag, &prefix, cx).await;
+    let result = save_and_store(docker, store, image, (tag, source_id), &prefix, cx).await;
     remove_leftovers(&prefix).await;
     result
 }
@@ -271,7 +278,7 @@ async fn save_and_store(
     docker: &Docker,
     store: &OciLayoutStore,
     image: &str,
-    tag: &str,
+    (tag, source_id): (&str, &str),
     prefix: &Path,
     cx: &StageContext,
 ) -> Result<(String, u64), JobError> {
@@ -371,7 +378,7 @@ async fn save_and_store(
         .await
         .map_err(|e| e.into_job_error(Stage::Export))?;
     store
-        .tag(&descriptor, tag)
+        .tag(&descriptor, tag, source_id)
         .await
         .map_err(|e| e.into_job_error(Stage::Export))?;
     Ok((descriptor.digest, total + descriptor.size))

@@ -128,7 +128,11 @@ async fn build_to_destination(
                 platforms,
             })
         }
-        Destination::OciLayout { path, tag } => {
+        Destination::OciLayout {
+            path,
+            tag,
+            source_id,
+        } => {
             let archive = cx
                 .workspace
                 .join(format!("export-{}.oci.tar", random_hex(8)));
@@ -153,11 +157,13 @@ async fn build_to_destination(
                 .get(path)
                 .await
                 .map_err(|e| e.into_job_error(Stage::Export))?;
+            // Held until the tag is written: a collection keeps what this export touches.
+            let _lease = store.lease().map_err(|e| e.into_job_error(Stage::Export))?;
             let stored = ingest_oci_archive(&store, &archive, &cx.workspace).await;
             let _ = tokio::fs::remove_file(&archive).await;
             let (descriptor, size_bytes) = stored?;
             store
-                .tag(&descriptor, tag)
+                .tag(&descriptor, tag, source_id)
                 .await
                 .map_err(|e| e.into_job_error(Stage::Export))?;
             Ok(ImageInfo {

@@ -230,7 +230,12 @@ impl Run<'_> {
     pub(super) async fn write_manifests(&self, plan: &Plan) -> Result<(Digest, u64), JobError> {
         let policy = self.importer.settings.retry;
         match &self.sink {
-            Sink::Layout { store, tag } => {
+            Sink::Layout {
+                store,
+                tag,
+                source_id,
+                ..
+            } => {
                 let store_err = |e: StoreError| e.into_job_error(STAGE);
                 let convert = |e: ManifestError| {
                     JobError::permanent(STAGE, ErrorCode::Unsupported, e.to_string())
@@ -272,7 +277,7 @@ impl Run<'_> {
                             JobError::permanent(STAGE, ErrorCode::NotFound, "no image to store")
                         })?,
                 };
-                store.tag(&top, tag).await.map_err(store_err)?;
+                store.tag(&top, tag, source_id).await.map_err(store_err)?;
                 let digest = top.checked_digest().map_err(convert)?;
                 Ok((digest, written))
             }

@@ -12,7 +12,7 @@ use url::Url;
 use super::client::RegistryClient;
 use super::retry::retrying;
 use super::{manifest_error, RegistryImporter, Run, STAGE};
-use crate::adapters::oci_layout::OciLayoutStore;
+use crate::adapters::oci_layout::{OciLayoutStore, StoreLease};
 use crate::error::{ErrorCode, JobError};
 use crate::job::Origin;
 use crate::manifest::{Algorithm, Digest, Manifest};
@@ -39,6 +39,9 @@ pub(super) enum Sink {
     Layout {
         store: Arc<OciLayoutStore>,
         tag: String,
+        source_id: String,
+        /// Held for the whole import: a collection keeps what this import touches.
+        _lease: StoreLease,
     },
     Registry {
         client: Box<RegistryClient>,
@@ -199,10 +202,20 @@ impl RegistryImporter {
         cx: &StageContext,
     ) -> Result<Sink, JobError> {
         match destination {
-            Destination::OciLayout { path, tag } => Ok(Sink::Layout {
-                store: self.layout_store(path).await?,
-                tag: tag.clone(),
-            }),
+            Destination::OciLayout {
+                path,
+                tag,
+                source_id,
+            } => {
+                let store = self.layout_store(path).await?;
+                let lease = store.lease().map_err(|e| e.into_job_error(STAGE))?;
+                Ok(Sink::Layout {
+                    store,
+                    tag: tag.clone(),
+                    source_id: source_id.clone(),
+                    _lease: lease,
+                })
+            }
             Destination::Registry {
                 registry,
                 plain_http,

@@ -138,6 +138,7 @@ pub fn layout(path: &Path, tag: &str) -> Destination {
     Destination::OciLayout {
         path: path.to_path_buf(),
         tag: tag.to_owned(),
+        source_id: "src".into(),
     }
 }
 
