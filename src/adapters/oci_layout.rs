@@ -730,7 +730,9 @@ mod tests {
         std::fs::read_dir(store.root().join(".ingest"))
             .unwrap()
             .filter_map(Result::ok)
-            .all(|e| e.file_name() == "index.lock")
+            .all(|e| {
+                ["index.lock", "gc.lock", "leases"].contains(&&*e.file_name().to_string_lossy())
+            })
     }
 
     #[tokio::test]
