@@ -45,7 +45,7 @@ pub use types::{
     source_scope_matches, BuilderBackend, BuilderConfig, BuildkitdAddr, ChildLimits, Config,
     DaemonAddr, DestinationConfig, DestinationKind, EgressConfig, GitConfig, Isolation, LogConfig,
     LogFormat, MetricsConfig, NatsAuth, NatsConfig, NodeLogin, Platform, RegistriesConfig,
-    RegistryCredentials, RegistryTarget, SourcesConfig, Template, TemplateValues, UnalignedHash,
-    WorkerConfig, TEMPLATE_PLACEHOLDERS,
+    RegistryCredentials, RegistryTarget, SourcesConfig, StoreConfig, Template, TemplateValues,
+    UnalignedHash, WorkerConfig, TEMPLATE_PLACEHOLDERS,
 };
 pub use validate::validate;

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub git: RawGit,
     pub sources: RawSources,
     pub egress: RawEgress,
+    pub store: RawStore,
     pub metrics: RawMetrics,
     pub log: RawLog,
 }
@@ -285,6 +286,29 @@ impl Default for RawSources {
 pub struct RawEgress {
     pub allow_loopback: bool,
     pub allow_private: bool,
+}
+
+/// `[store]`: retention and collection of the `oci-layout` store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStore {
+    pub keep_per_source: u32,
+    pub max_age_days: u32,
+    pub max_bytes: u64,
+    pub min_age_secs: u64,
+    pub gc_interval_secs: u64,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            keep_per_source: 3,
+            max_age_days: 0,
+            max_bytes: 0,
+            min_age_secs: 600,
+            gc_interval_secs: 3600,
+        }
+    }
 }
 
 /// `[metrics]`: the Prometheus endpoint.

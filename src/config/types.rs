@@ -31,6 +31,7 @@ pub struct Config {
     pub git: GitConfig,
     pub sources: SourcesConfig,
     pub egress: EgressConfig,
+    pub store: StoreConfig,
     pub metrics: MetricsConfig,
     pub log: LogConfig,
 }
@@ -401,6 +402,14 @@ pub enum UnalignedHash {
 pub struct EgressConfig {
     pub allow_loopback: bool,
     pub allow_private: bool,
+}
+
+/// `[store]`: what the `oci-layout` store keeps, and how often it is collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub retention: crate::store::Policy,
+    /// Collect this often (besides after jobs and before the disk hold); `None`: only then.
+    pub gc_interval: Option<Duration>,
 }
 
 /// `[metrics]`.

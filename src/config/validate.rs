@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::checks::{
     absolute_path, bare_authority, daemon_addr, in_range, is_repository_text, is_subject_token,
@@ -18,7 +19,7 @@ use super::types::{
     BuilderBackend, BuilderConfig, BuildkitdAddr, ChildLimits, Config, DestinationConfig,
     DestinationKind, EgressConfig, GitConfig, Isolation, LogConfig, LogFormat, MetricsConfig,
     NatsAuth, NatsConfig, NodeLogin, RegistriesConfig, RegistryCredentials, SourcesConfig,
-    UnalignedHash, WorkerConfig, BUILDKITD_DOCKER_ENGINE,
+    StoreConfig, UnalignedHash, WorkerConfig, BUILDKITD_DOCKER_ENGINE,
 };
 use crate::problems::Problems;
 
@@ -107,6 +108,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Problems> {
             allow_loopback: raw.egress.allow_loopback,
             allow_private: raw.egress.allow_private,
         },
+        store: validate_store(&raw.store, &mut p),
         metrics: MetricsConfig {
             listen: raw.metrics.listen.parse().unwrap_or_else(|_| {
                 p.push(
@@ -349,6 +351,36 @@ fn validate_worker(raw: &raw::RawWorker, p: &mut Problems) -> WorkerConfig {
             0,
             MAX_MIN_FREE_MIB,
         )) << 20,
+    }
+}
+
+fn validate_store(raw: &raw::RawStore, p: &mut Problems) -> StoreConfig {
+    const DAY: u64 = 24 * 3600;
+    let keep_per_source = in_range(p, "store.keep_per_source", raw.keep_per_source, 0, 100_000);
+    let max_age_days = in_range(p, "store.max_age_days", raw.max_age_days, 0, 36_500);
+    let min_age = if raw.min_age_secs == 0 {
+        Duration::ZERO
+    } else {
+        seconds(p, "store.min_age_secs", raw.min_age_secs, 1, 30 * DAY)
+    };
+    let gc_interval = (raw.gc_interval_secs != 0).then(|| {
+        seconds(
+            p,
+            "store.gc_interval_secs",
+            raw.gc_interval_secs,
+            10,
+            7 * DAY,
+        )
+    });
+    StoreConfig {
+        retention: crate::store::Policy {
+            keep_per_source,
+            max_age: (max_age_days != 0)
+                .then(|| Duration::from_secs(u64::from(max_age_days) * DAY)),
+            max_bytes: raw.max_bytes,
+            min_age,
+        },
+        gc_interval,
     }
 }
 
