@@ -33,6 +33,11 @@ pub enum Command {
     /// Check a config file and/or job files without starting anything. Exits 0 when all are
     /// valid, 64 when any is invalid (every problem is listed), 66 when a file cannot be read.
     Validate(ValidateArgs),
+    /// Look after the oci-layout store of a config (`destination.path`): list its images,
+    /// remove some, or apply the `[store]` retention policy and collect what nothing reaches.
+    /// Safe while `serve` runs on the same store. Exits 0, 1 when an image named to `rm` is not
+    /// there, 64 invalid config, 66 store unreadable.
+    Store(StoreArgs),
     /// Print the version and the job wire format version.
     Version,
     /// Internal: fetch and seal one docker-file source in a confined process (started by the
@@ -93,6 +98,37 @@ pub struct SubmitArgs {
     /// Request the cancellation of a job instead of publishing one.
     #[arg(long, value_name = "JOB_ID", conflicts_with_all = ["job", "wait", "follow"])]
     pub cancel: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// Config file (default /etc/factoryd/factoryd.toml when it exists).
+    #[arg(long, value_name = "FILE", global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: StoreCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCommand {
+    /// List the images: reference, source, digest, size, when stored.
+    Ls {
+        /// One JSON object per line per image (reference, source_id, digest, size_bytes,
+        /// stored_at).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images by reference (`repository:tag`), then collect what only they reached.
+    Rm {
+        #[arg(value_name = "REF", required = true)]
+        references: Vec<String>,
+    },
+    /// Apply the retention policy, then collect: print what went (or, with --dry-run, what
+    /// would go) and the bytes freed.
+    Gc {
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Run(args) => app::run(&args, &env),
         Command::Submit(args) => app::submit(&args, &env),
         Command::Validate(args) => app::validate(&args, &env),
+        Command::Store(args) => app::store(&args, &env),
         Command::SourceWorker(args) => match (args.probe_workspace, args.probe_outside) {
             (Some(workspace), Some(outside)) => factoryd::sandbox::probe_main(&workspace, &outside),
             _ => factoryd::sandbox::source_worker_main(),

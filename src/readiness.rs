@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use crate::adapters::nats::ConnectionState;
 use crate::job::Kind;
 use crate::ports::Builder;
+use crate::store::StoreKeeper;
 use crate::telemetry::metrics;
 
 /// How often the build backend and the free disk space are probed.
@@ -53,6 +54,10 @@ pub struct Readiness {
     store: Option<PathBuf>,
     /// `worker.min_free_mib` in bytes; 0: no limit.
     min_free_bytes: u64,
+    /// `worker.min_free_inodes`; 0: no limit.
+    min_free_inodes: u64,
+    /// Collects the layout store when space runs short, before intake is held.
+    keeper: Option<Arc<StoreKeeper>>,
     /// Why the build backend is not reachable, from the last probe; `None` when it is (or
     /// this worker does not build).
     builder_down: Mutex<Option<String>>,
@@ -70,6 +75,8 @@ impl Readiness {
             work_root,
             store: None,
             min_free_bytes: 0,
+            min_free_inodes: 0,
+            keeper: None,
             builder_down: Mutex::new(None),
             holds: Kind::ALL
                 .into_iter()
@@ -94,6 +101,19 @@ impl Readiness {
     /// With `worker.min_free_mib`, in bytes.
     pub fn with_min_free(mut self, bytes: u64) -> Self {
         self.min_free_bytes = bytes;
+        self
+    }
+
+    /// With `worker.min_free_inodes`.
+    pub fn with_min_free_inodes(mut self, inodes: u64) -> Self {
+        self.min_free_inodes = inodes;
+        self
+    }
+
+    /// With the layout store's keeper: collected before intake is held for low disk space, and
+    /// its warnings shown by `/readyz`.
+    pub fn with_keeper(mut self, keeper: Arc<StoreKeeper>) -> Self {
+        self.keeper = Some(keeper);
         self
     }
 
@@ -181,9 +201,14 @@ impl Readiness {
         self.hold(Kind::Build, HoldCause::BuilderUnreachable, why);
     }
 
-    /// Checks free space now: holds every kind while the work root or the store is too full.
-    pub fn probe_disk(&self) {
-        let low = self.low_on_disk();
+    /// Checks free space now: when the work root or the store is too full, collects the store
+    /// first, and holds every kind only while that did not free enough.
+    pub async fn probe_disk(&self) {
+        let mut low = self.low_on_disk();
+        if let (false, Some(keeper)) = (low.is_empty(), &self.keeper) {
+            keeper.collect("low disk space").await;
+            low = self.low_on_disk();
+        }
         let low = (!low.is_empty()).then(|| low.join("; "));
         for kind in Kind::ALL {
             self.hold(kind, HoldCause::LowDisk, low.clone());
@@ -193,21 +218,22 @@ impl Readiness {
     /// Runs the probes until `stop`: the disk at once and then every 10 s (when a minimum is
     /// set), the build backend in the background every 10 s (when this worker builds), so that
     /// `/readyz` answers at once.
-    pub fn start_probes(
+    pub async fn start_probes(
         self: &Arc<Self>,
         builder: Option<Arc<dyn Builder>>,
         stop: CancellationToken,
     ) {
-        if self.min_free_bytes > 0 {
-            self.probe_disk();
+        if self.min_free_bytes > 0 || self.min_free_inodes > 0 {
+            self.probe_disk().await;
             let me = Arc::clone(self);
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut ticks = tokio::time::interval(PROBE_EVERY);
+                ticks.tick().await;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => break,
-                        _ = ticks.tick() => me.probe_disk(),
+                        _ = ticks.tick() => me.probe_disk().await,
                     }
                 }
             });
@@ -230,13 +256,18 @@ impl Readiness {
 
     /// Free bytes on the work root's file system, when it can be read.
     pub fn work_root_free(&self) -> Option<u64> {
-        free_space(&self.work_root).map(|(free, _)| free)
+        free_space(&self.work_root).map(|s| s.bytes)
+    }
+
+    /// What `/readyz` mentions without being unready: the store over its size budget.
+    pub fn warnings(&self) -> Vec<String> {
+        self.keeper.iter().filter_map(|k| k.warning()).collect()
     }
 
     /// Why the work root, or the layout store on a file system of its own, is too full to take
     /// jobs; empty when neither is.
     pub fn low_on_disk(&self) -> Vec<String> {
-        if self.min_free_bytes == 0 {
+        if self.min_free_bytes == 0 && self.min_free_inodes == 0 {
             return Vec::new();
         }
         let mut seen = Vec::new();
@@ -247,19 +278,28 @@ impl Readiness {
         let mut reasons = Vec::new();
         for (what, path) in watched {
             let Some(path) = path else { continue };
-            let Some((free, fs)) = free_space(path) else {
+            let Some(space) = free_space(path) else {
                 continue;
             };
-            if seen.contains(&fs) {
+            if seen.contains(&space.fs) {
                 continue;
             }
-            seen.push(fs);
-            if free < self.min_free_bytes {
+            seen.push(space.fs);
+            if space.bytes < self.min_free_bytes {
                 reasons.push(format!(
                     "{what} {} has {} MiB free, below worker.min_free_mib ({} MiB)",
                     path.display(),
-                    free >> 20,
+                    space.bytes >> 20,
                     self.min_free_bytes >> 20
+                ));
+            }
+            // A file system that keeps no inode count (f_files 0, e.g. btrfs) is not judged.
+            if space.inodes_total > 0 && space.inodes < self.min_free_inodes {
+                reasons.push(format!(
+                    "{what} {} has {} free inodes, below worker.min_free_inodes ({})",
+                    path.display(),
+                    space.inodes,
+                    self.min_free_inodes
                 ));
             }
         }
@@ -311,12 +351,25 @@ impl Readiness {
     }
 }
 
-/// Free bytes and the file system's id for `path`, or for its nearest existing ancestor (the
-/// store directory is made by the first job that writes to it).
-fn free_space(path: &std::path::Path) -> Option<(u64, u64)> {
+/// Free space on a file system.
+struct FreeSpace {
+    bytes: u64,
+    inodes: u64,
+    inodes_total: u64,
+    fs: u64,
+}
+
+/// Free bytes and inodes and the file system's id for `path`, or for its nearest existing
+/// ancestor (the store directory is made by the first job that writes to it).
+fn free_space(path: &std::path::Path) -> Option<FreeSpace> {
     let existing = path.ancestors().find(|p| p.exists())?;
     let stat = rustix::fs::statvfs(existing).ok()?;
-    Some((stat.f_bavail.saturating_mul(stat.f_frsize), stat.f_fsid))
+    Some(FreeSpace {
+        bytes: stat.f_bavail.saturating_mul(stat.f_frsize),
+        inodes: stat.f_favail,
+        inodes_total: stat.f_files,
+        fs: stat.f_fsid,
+    })
 }
 
 fn probe_writable(dir: &std::path::Path) -> std::io::Result<()> {
@@ -382,7 +435,7 @@ mod tests {
                 && reasons[0].contains(" MiB free, below worker.min_free_mib ("),
             "{reasons:?}"
         );
-        full.probe_disk();
+        full.probe_disk().await;
         assert!(full.is_held(Kind::Build) && full.is_held(Kind::Import));
     }
 

@@ -4,6 +4,7 @@
 
 mod run;
 mod serve;
+mod store;
 mod submit;
 mod validate;
 
@@ -23,6 +24,7 @@ use crate::telemetry::{self, LogStyle};
 
 pub use run::run;
 pub use serve::{run_serve, serve};
+pub use store::store;
 pub use submit::submit;
 pub use validate::validate;
 

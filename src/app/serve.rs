@@ -17,6 +17,7 @@ use crate::cli::ServeArgs;
 use crate::config::{Config, DestinationKind};
 use crate::pipeline::Stages;
 use crate::readiness::Readiness;
+use crate::store::StoreKeeper;
 use crate::telemetry;
 use crate::telemetry::systemd::Notifier;
 use crate::worker::{QueuePorts, Worker, WorkerSettings};
@@ -62,14 +63,25 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     if let Ok(addr) = listener.local_addr() {
         info!(listen = %addr, "Serving metrics and health.");
     }
+    let background = CancellationToken::new();
     let mut readiness = Readiness::new(config.worker.work_root.clone())
         .with_nats(Arc::clone(&state))
-        .with_min_free(config.worker.min_free_bytes);
+        .with_min_free(config.worker.min_free_bytes)
+        .with_min_free_inodes(config.worker.min_free_inodes);
     if config.destination.kind == DestinationKind::OciLayout {
-        readiness = readiness.with_store(config.destination.path.clone());
+        // The store looks after itself: after jobs, every store.gc_interval_secs, and before
+        // the disk hold.
+        let keeper = StoreKeeper::new(
+            config.destination.path.clone(),
+            config.store,
+            crate::clock::system(),
+        );
+        keeper.start(background.clone());
+        readiness = readiness
+            .with_store(config.destination.path.clone())
+            .with_keeper(keeper);
     }
     let readiness = Arc::new(readiness);
-    let background = CancellationToken::new();
     tokio::spawn(telemetry::http::serve(
         listener,
         Arc::clone(&readiness),
@@ -77,7 +89,7 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
     ));
     // The disk is checked now, before the first pull; the builder in the background.
     let builder = (config.worker.build_slots > 0).then(|| Arc::clone(&stages.builder));
-    readiness.start_probes(builder, background.clone());
+    readiness.start_probes(builder, background.clone()).await;
     if let Some(every) = systemd.watchdog_interval() {
         let (pinger, readiness, stop) =
             (systemd.clone(), Arc::clone(&readiness), background.clone());

@@ -86,6 +86,7 @@ pub struct RawWorker {
     pub retry_base_delay_secs: u64,
     pub retry_max_delay_secs: u64,
     pub min_free_mib: u32,
+    pub min_free_inodes: u64,
 }
 
 impl Default for RawWorker {
@@ -103,6 +104,7 @@ impl Default for RawWorker {
             retry_base_delay_secs: 30,
             retry_max_delay_secs: 600,
             min_free_mib: 1024,
+            min_free_inodes: 10_000,
         }
     }
 }

@@ -108,6 +108,8 @@ pub struct WorkerConfig {
     /// Below this many free bytes on the work root's file system (or the layout store's) the
     /// worker takes no jobs (0: no limit).
     pub min_free_bytes: u64,
+    /// `worker.min_free_inodes`; 0: no limit.
+    pub min_free_inodes: u64,
 }
 
 /// `[builder]`.

@@ -351,6 +351,15 @@ fn validate_worker(raw: &raw::RawWorker, p: &mut Problems) -> WorkerConfig {
             0,
             MAX_MIN_FREE_MIB,
         )) << 20,
+        min_free_inodes: {
+            if raw.min_free_inodes > 1 << 32 {
+                p.push(
+                    "worker.min_free_inodes",
+                    format!("expected 0 to 4294967296, got {}", raw.min_free_inodes),
+                );
+            }
+            raw.min_free_inodes
+        },
     }
 }
 

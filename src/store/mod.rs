@@ -18,6 +18,7 @@
 //! since only unreachable blobs are removed; the next collection finishes the sweep.
 
 pub mod gc;
+pub mod keeper;
 pub mod retention;
 
 use std::collections::HashSet;
@@ -32,6 +33,7 @@ use crate::adapters::oci_layout::{
 use crate::manifest::{Descriptor, Digest, REF_NAME_ANNOTATION};
 
 pub use gc::{collect, Collection, CollectionReport};
+pub use keeper::{store_metrics, StoreKeeper};
 pub use retention::{Policy, Rule};
 
 /// Manifests larger than this are not read while marking (an index or a manifest is a few KiB;
@@ -66,6 +68,38 @@ pub fn list(root: &Path) -> Result<Vec<StoredImage>, StoreError> {
         .iter()
         .map(|d| describe(root, d))
         .collect()
+}
+
+/// Removes the images tagged `references` from `index.json` (their blobs go at the next
+/// collection); returns the references that were not there. Blocking.
+pub fn remove(root: &Path, references: &[String]) -> Result<Vec<String>, StoreError> {
+    let mut found = HashSet::new();
+    crate::adapters::oci_layout::update_index(root, |manifests| {
+        manifests.retain(|d| {
+            let name = d
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REF_NAME_ANNOTATION));
+            match name {
+                Some(name) if references.contains(name) => {
+                    found.insert(name.clone());
+                    false
+                }
+                _ => true,
+            }
+        })
+    })?;
+    Ok(references
+        .iter()
+        .filter(|r| !found.contains(*r))
+        .cloned()
+        .collect())
+}
+
+/// Whether a collection holds the store's collection lock now.
+pub fn collection_running(root: &Path) -> bool {
+    let path = root.join(".ingest").join("gc.lock");
+    std::fs::File::open(&path).is_ok_and(|f| f.try_lock().is_err())
 }
 
 fn describe(root: &Path, tagged: &Descriptor) -> Result<StoredImage, StoreError> {

@@ -93,7 +93,12 @@ fn respond(method: &str, path: &str, health: &Readiness) -> (&'static str, &'sta
         "/readyz" => {
             let reasons = health.not_ready();
             if reasons.is_empty() {
-                ("200 OK", TEXT, "ready\n".to_owned())
+                let notes: String = health
+                    .warnings()
+                    .iter()
+                    .map(|w| format!("warning: {w}\n"))
+                    .collect();
+                ("200 OK", TEXT, format!("ready\n{notes}"))
             } else {
                 (
                     "503 Service Unavailable",
