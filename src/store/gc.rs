@@ -12,9 +12,10 @@ use super::{list, StoredImage};
 use crate::adapters::oci_layout::{gc_lock, update_index, StoreError};
 use crate::manifest::REF_NAME_ANNOTATION;
 
-/// Leases and temporary files this close to the collection's start are kept whatever their
-/// times say (file times are coarser than the clock).
-const CLOCK_SLACK: Duration = Duration::from_secs(2);
+/// Files touched this little before the oldest lease (or the collection's start) are kept too:
+/// file times come from the kernel's coarse clock, up to a tick (≤ 10 ms) behind the clock
+/// leases are read from.
+pub(crate) const CLOCK_SLACK: Duration = Duration::from_millis(100);
 
 /// What one collection is asked to do.
 #[derive(Debug, Clone, Copy)]

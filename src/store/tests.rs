@@ -195,4 +195,4 @@ async fn a_lease_of_a_dead_process_is_ignored_and_removed() {
 }
 
 /// Longer than the collection's clock slack, so what a test wrote counts as old.
-const CLOCK_SLACK_FOR_TESTS: Duration = Duration::from_millis(2_100);
+const CLOCK_SLACK_FOR_TESTS: Duration = Duration::from_millis(250);

@@ -17,6 +17,7 @@ mod sources_confined;
 mod sources_git;
 mod sources_local;
 mod sources_tarball;
+mod store;
 mod support;
 #[cfg(feature = "test-util")]
 mod worker_nats;
