@@ -132,9 +132,9 @@ impl Builder for EngineBuilder {
         answer_within(host, probe).await
     }
 
-    /// The engine's BuildKit cache, through the way this backend reaches it ([`cache`]): the
-    /// engine's `/system/df` and `/build/prune` (the `docker` backend), or BuildKit's
-    /// `DiskUsage` and `Prune` on the engine's `/grpc` (the `buildkitd` backend).
+    /// The engine's BuildKit cache, the way this backend reaches it (see the private `cache`
+    /// module): the engine's `/system/df` and `/build/prune` (the `docker` backend), or
+    /// BuildKit's `DiskUsage` and `Prune` on the engine's `/grpc` (the `buildkitd` backend).
     async fn prune_cache(&self, keep_bytes: u64) -> Result<CachePrune, String> {
         let host = &self.host;
         let who = format!("the Docker Engine at {host}");

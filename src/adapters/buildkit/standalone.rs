@@ -63,7 +63,7 @@ impl Builder for StandaloneBuilder {
         answer_within(addr, probe).await
     }
 
-    /// buildkitd's cache, through `DiskUsage` and `Prune` ([`super::cache`]).
+    /// buildkitd's cache, through `DiskUsage` and `Prune` (see the private `cache` module).
     async fn prune_cache(&self, keep_bytes: u64) -> Result<CachePrune, String> {
         let who = format!("buildkitd at {}", self.addr);
         let prune = async {
