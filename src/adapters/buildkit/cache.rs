@@ -137,19 +137,27 @@ pub(super) async fn prune_engine_cache(
         });
     }
 
-    let limit = signed_limit(keep_bytes)?;
-    let limit_name = if api >= MAX_USED_SPACE_API {
-        "max-used-space"
-    } else {
-        "keep-storage"
-    };
-    let prune = format!("{prefix}/build/prune?all=1&{limit_name}={limit}");
+    let prune = format!(
+        "{prefix}/build/prune?{}",
+        prune_query(api, signed_limit(keep_bytes)?)
+    );
     let pruned: EnginePruneAnswer =
         engine_json(host, Method::POST, &prune, "prune its build cache").await?;
     Ok(CachePrune {
         before_bytes,
         reclaimed_bytes: u64::try_from(pruned.space_reclaimed.unwrap_or(0)).unwrap_or(0),
     })
+}
+
+/// `/build/prune`'s query for an engine speaking API `api`: every kind of record, down to
+/// `limit`, under the limit's name in that version (see the module docs).
+fn prune_query(api: (usize, usize), limit: i64) -> String {
+    let limit_name = if api >= MAX_USED_SPACE_API {
+        "max-used-space"
+    } else {
+        "keep-storage"
+    };
+    format!("all=1&{limit_name}={limit}")
 }
 
 /// `/system/df`'s answer, as far as the build cache goes: the `BuildCache` records (API before
@@ -290,6 +298,14 @@ mod tests {
         assert_eq!(usage.build_cache_bytes(), 5000);
         let none: EngineDiskUsage = serde_json::from_str(r#"{"BuildCache":null}"#).unwrap();
         assert_eq!(none.build_cache_bytes(), 0);
+    }
+
+    #[test]
+    fn the_limit_goes_by_the_name_the_engines_api_version_reads_as_a_cap() {
+        assert_eq!(prune_query((1, 41), 100), "all=1&keep-storage=100");
+        assert_eq!(prune_query((1, 47), 100), "all=1&keep-storage=100");
+        assert_eq!(prune_query((1, 48), 100), "all=1&max-used-space=100");
+        assert_eq!(prune_query((2, 0), 100), "all=1&max-used-space=100");
     }
 
     #[test]

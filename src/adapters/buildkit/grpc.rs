@@ -138,18 +138,8 @@ pub(super) async fn prune_cache(
             reclaimed_bytes: 0,
         });
     }
-    let limit = signed_limit(keep_bytes)?;
-    let request = PruneRequest {
-        all: true,
-        // The limit under both of its names. BuildKit before 0.17 reads field 4 as `keepBytes`
-        // and ignores field 5; later ones read field 4 as `reservedSpace` (a floor) and prune
-        // down to `maxUsedSpace` (field 5), and with field 5 unset would delete everything.
-        reserved_space: limit,
-        max_used_space: limit,
-        ..PruneRequest::default()
-    };
     let mut deleted = control
-        .prune(request)
+        .prune(prune_request(signed_limit(keep_bytes)?))
         .await
         .map_err(|e| control_api_refused(who, "prune its cache", &e))?
         .into_inner();
@@ -165,6 +155,19 @@ pub(super) async fn prune_cache(
         before_bytes,
         reclaimed_bytes,
     })
+}
+
+/// `Prune` of every kind of record down to `limit`, under both of the limit's names. BuildKit
+/// before 0.17 reads field 4 as `keepBytes` and ignores field 5; later ones read field 4 as
+/// `reservedSpace` (a floor) and prune down to `maxUsedSpace` (field 5), and with field 5 unset
+/// would delete everything.
+fn prune_request(limit: i64) -> PruneRequest {
+    PruneRequest {
+        all: true,
+        reserved_space: limit,
+        max_used_space: limit,
+        ..PruneRequest::default()
+    }
 }
 
 /// Why a control API call for housekeeping failed, by what the caller can do about it.
@@ -657,6 +660,20 @@ impl Auth for SessionAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prune_caps_the_cache_for_old_and_new_buildkit_alike() {
+        let request = prune_request(30 << 20);
+        assert!(request.all);
+        assert_eq!(request.keep_duration, 0);
+        assert!(request.filter.is_empty());
+        // Field 4 (`keepBytes` before BuildKit 0.17) and field 5 (`maxUsedSpace` since).
+        assert_eq!(
+            (request.reserved_space, request.max_used_space),
+            (30 << 20, 30 << 20)
+        );
+        assert_eq!(request.min_free_space, 0);
+    }
 
     #[test]
     fn frontend_attrs_carry_the_same_build_as_the_docker_backend() {
