@@ -118,6 +118,8 @@ pub struct RawBuilder {
     pub buildkitd_addr: String,
     /// Frontend images a build may name (`# syntax=` or `BUILDKIT_SYNTAX`); empty: none.
     pub allowed_frontends: Vec<String>,
+    /// Size the builder's BuildKit cache is pruned down to; 0: the cache is left alone.
+    pub cache_keep_bytes: u64,
 }
 
 impl Default for RawBuilder {
@@ -127,6 +129,7 @@ impl Default for RawBuilder {
             docker_host: "unix:///var/run/docker.sock".to_owned(),
             buildkitd_addr: "docker-engine".to_owned(),
             allowed_frontends: Vec::new(),
+            cache_keep_bytes: 10 << 30,
         }
     }
 }

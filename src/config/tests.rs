@@ -873,6 +873,44 @@ fn allowed_frontends_are_image_references_kept_canonical() {
 }
 
 #[test]
+fn builder_cache_keep_bytes_defaults_to_10_gib_and_0_leaves_the_cache_alone() {
+    assert_eq!(Config::defaults().builder.cache_keep_bytes, 10 << 30);
+    assert_eq!(
+        parse("[builder]\ncache_keep_bytes = 0\n")
+            .builder
+            .cache_keep_bytes,
+        0
+    );
+    assert_eq!(
+        parse("[builder]\ncache_keep_bytes = 536870912\n")
+            .builder
+            .cache_keep_bytes,
+        512 << 20
+    );
+    let from_env = parse_with_env(
+        "[builder]\ncache_keep_bytes = 1\n",
+        &[("FACTORYD__BUILDER__CACHE_KEEP_BYTES", "2147483648")],
+    );
+    assert_eq!(from_env.builder.cache_keep_bytes, 2 << 30);
+}
+
+#[test]
+fn builder_cache_keep_bytes_beyond_what_the_engine_takes_is_reported() {
+    let found = problems_with_env(
+        "",
+        &[("FACTORYD__BUILDER__CACHE_KEEP_BYTES", "9223372036854775808")],
+    );
+    assert_eq!(paths(&found), ["builder.cache_keep_bytes"]);
+    assert!(
+        found[0].message.contains("9223372036854775807"),
+        "{}",
+        found[0]
+    );
+    let found = problems("[builder]\ncache_keep_bytes = -1\n");
+    assert_eq!(paths(&found), ["builder.cache_keep_bytes"]);
+}
+
+#[test]
 fn node_registry_credentials_can_be_limited_to_sources() {
     let config = parse(
         "[registries]\ncredentials = { \"r.example\" = { username = \"ci\", password_file = \"/p\", sources = [\"web\", \"team-a-*\"] } }",

@@ -121,6 +121,9 @@ pub struct BuilderConfig {
     /// Frontend images a build may name, canonical (`docker.io/docker/dockerfile:1`); empty:
     /// only the built-in Dockerfile frontend.
     pub allowed_frontends: Vec<String>,
+    /// The builder's BuildKit cache is pruned down to this many bytes, least recently used
+    /// first ([`crate::ports::Builder::prune_cache`]); 0: the cache is left alone.
+    pub cache_keep_bytes: u64,
 }
 
 /// Where the `buildkitd` backend finds BuildKit's control API.

@@ -33,6 +33,10 @@ const CONSUMER_MAX_DELIVER: u32 = 5;
 const MAX_JOB_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 const MAX_DELAY_SECS: u64 = 24 * 3600;
 const MAX_CONNECT_TIMEOUT_SECS: u64 = 300;
+/// Upper bound of `builder.cache_keep_bytes`: the Docker Engine and BuildKit take the limit
+/// as a signed 64-bit number.
+const MAX_CACHE_KEEP_BYTES: u64 = i64::MAX as u64;
+
 /// Upper bound of `worker.min_free_mib`: 1 TiB.
 const MAX_MIN_FREE_MIB: u32 = 1 << 20;
 
@@ -490,6 +494,16 @@ fn validate_builder(raw: &raw::RawBuilder, p: &mut Problems) -> BuilderConfig {
                 canonical
             })
             .collect(),
+        cache_keep_bytes: {
+            let value = raw.cache_keep_bytes;
+            if value > MAX_CACHE_KEEP_BYTES {
+                p.push(
+                    "builder.cache_keep_bytes",
+                    format!("expected 0 to {MAX_CACHE_KEEP_BYTES} bytes, got {value}"),
+                );
+            }
+            value
+        },
     }
 }
 

@@ -17,6 +17,36 @@ pub trait Builder: Send + Sync {
     async fn ready(&self) -> Result<(), String> {
         Ok(())
     }
+
+    /// Prunes the backend's build cache (BuildKit's) down to at most `keep_bytes`, least
+    /// recently used records first, and says what the cache held and what went. Background
+    /// housekeeping, not part of any job (`builder.cache_keep_bytes`): the error is a
+    /// classified, explained sentence that names no credential.
+    ///
+    /// A cache already at or under `keep_bytes` is not touched. `keep_bytes` = 0 leaves the
+    /// cache alone (as `builder.cache_keep_bytes = 0` does); it never means "prune everything".
+    /// The default: a backend without a cache of its own, nothing to prune.
+    async fn prune_cache(&self, keep_bytes: u64) -> Result<CachePrune, String> {
+        let _ = keep_bytes;
+        Ok(CachePrune::default())
+    }
+}
+
+/// What [`Builder::prune_cache`] found and did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CachePrune {
+    /// Bytes the cache held before the prune: its records not shared with an image, as
+    /// `docker system df` and BuildKit's own limit count them.
+    pub before_bytes: u64,
+    /// Bytes the prune reclaimed, as the backend reported them (0 when nothing was pruned).
+    pub reclaimed_bytes: u64,
+}
+
+impl CachePrune {
+    /// What the cache holds after the prune, as far as the two figures tell.
+    pub fn after_bytes(&self) -> u64 {
+        self.before_bytes.saturating_sub(self.reclaimed_bytes)
+    }
 }
 
 #[derive(Debug)]

@@ -18,6 +18,10 @@ pub const OUTCOMES: [&str; 6] = [
     "poisoned",
 ];
 
+/// How a prune of the builder's cache can end, as counted by
+/// `factoryd_builder_cache_prunes_total`.
+pub const PRUNE_OUTCOMES: [&str; 2] = ["ok", "failed"];
+
 /// Buckets for jobs and stages: from a second to hours.
 const DURATION_BUCKETS: &[f64] = &[
     0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0, 7200.0,
@@ -41,6 +45,9 @@ pub struct Metrics {
     pub nats_reconnects: IntCounter,
     pub events_dropped: IntCounter,
     pub work_root_free_bytes: IntGauge,
+    pub builder_cache_bytes: IntGauge,
+    pub builder_cache_pruned_bytes: IntCounter,
+    pub builder_cache_prunes: IntCounterVec,
     pub build_info: IntGaugeVec,
     pub result_publish_seconds: Histogram,
 }
@@ -119,6 +126,20 @@ impl Metrics {
                 "Free bytes on the file system of worker.work_root.",
             ),
         );
+        let builder_cache_bytes = register(
+            &r,
+            IntGauge::new(
+                "factoryd_builder_cache_bytes",
+                "Bytes in the builder's BuildKit cache as last seen, after the last prune.",
+            ),
+        );
+        let builder_cache_pruned_bytes = register(
+            &r,
+            IntCounter::new(
+                "factoryd_builder_cache_pruned_bytes_total",
+                "Bytes reclaimed by pruning the builder's BuildKit cache.",
+            ),
+        );
         let result_publish_seconds = register(
             &r,
             Histogram::with_opts(
@@ -194,6 +215,14 @@ impl Metrics {
             nats_reconnects,
             events_dropped,
             work_root_free_bytes,
+            builder_cache_bytes,
+            builder_cache_pruned_bytes,
+            builder_cache_prunes: counter_vec(
+                &r,
+                "factoryd_builder_cache_prunes_total",
+                "Prunes of the builder's BuildKit cache, by outcome (ok, failed).",
+                &["outcome"],
+            ),
             build_info: gauge_vec(
                 &r,
                 "factoryd_build_info",
@@ -219,6 +248,9 @@ impl Metrics {
         }
         for source in ["git", "tarball", "registry"] {
             m.fetched_bytes.with_label_values(&[source]);
+        }
+        for outcome in PRUNE_OUTCOMES {
+            m.builder_cache_prunes.with_label_values(&[outcome]);
         }
         m
     }

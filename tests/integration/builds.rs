@@ -1508,3 +1508,163 @@ async fn a_destination_override_cannot_replace_another_sources_image() {
         Some(theirs.as_str())
     );
 }
+
+// ---- The builder's BuildKit cache and the engine's images (issue 10, item 4) ----
+
+const MIB: u64 = 1 << 20;
+
+/// busybox and a Dockerfile whose RUN writes `mib` MiB of random bytes; `n` makes the step
+/// differ from every other build's, so each build adds its own cache record of that size.
+fn cache_filling_dir(n: usize, mib: u64) -> tempfile::TempDir {
+    crate::support::require_program("/bin/busybox", "busybox-static");
+    let dir = dir_with(&[(
+        "Dockerfile",
+        &format!(
+            "FROM scratch\nCOPY busybox /bin/busybox\n\
+             RUN [\"/bin/busybox\", \"sh\", \"-c\", \"echo {n} > /n && \
+             /bin/busybox dd if=/dev/urandom of=/big bs=1048576 count={mib}\"]\n"
+        ),
+    )]);
+    std::fs::copy("/bin/busybox", dir.path().join("busybox")).expect("copy busybox");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builder_cache_above_the_limit_is_pruned_down_to_it() {
+    cache_is_pruned_down_to_the_limit(Backend::Docker).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn buildkitd_builder_cache_above_the_limit_is_pruned_down_to_it() {
+    cache_is_pruned_down_to_the_limit(Backend::Buildkitd).await;
+}
+
+/// Four builds leave about 80 MiB of cache in an engine of the test's own; a prune to 30 MiB
+/// leaves at most 30 MiB, as the engine itself counts it. BuildKit deletes whole records, least
+/// recently used first, until the rest is at most the limit, and none is in use here, so the
+/// limit holds exactly (no granularity slack).
+async fn cache_is_pruned_down_to_the_limit(backend: Backend) {
+    let engine = Engine::private();
+    for n in 0..4 {
+        let dir = cache_filling_dir(n, 20);
+        build_plain(backend, &engine, dir.path())
+            .await
+            .result
+            .unwrap_or_else(|e| panic!("build {n}: {e}"));
+    }
+    let (before, records) = engine.build_cache_bytes();
+    assert!(before >= 80 * MIB, "{before} bytes of cache after 4 builds");
+
+    let builder = builder_at(backend, DaemonAddr::Unix(engine.socket.clone()));
+    let pruned_total = factoryd::telemetry::metrics()
+        .builder_cache_pruned_bytes
+        .get();
+    let keep = 30 * MIB;
+    let pruned = builder
+        .prune_cache(keep)
+        .await
+        .unwrap_or_else(|e| panic!("prune: {e}"));
+    let (after, records_after) = engine.build_cache_bytes();
+    eprintln!(
+        "{backend:?}: cache {before} bytes in {records} records; keep {keep}; after {after} \
+         bytes in {records_after} records; reported before {} and reclaimed {}",
+        pruned.before_bytes, pruned.reclaimed_bytes
+    );
+    assert_eq!(pruned.before_bytes, before, "the size the prune saw");
+    assert!(after <= keep, "{after} bytes of cache left, limit {keep}");
+    assert!(
+        after > 0,
+        "the prune kept nothing: a limit must not empty the cache"
+    );
+    assert_eq!(
+        pruned.reclaimed_bytes,
+        before - after,
+        "what the prune reported reclaimed is what left the cache"
+    );
+    // Other tests may prune at the same time: at least ours was counted.
+    assert!(
+        factoryd::telemetry::metrics()
+            .builder_cache_pruned_bytes
+            .get()
+            >= pruned_total + pruned.reclaimed_bytes
+    );
+
+    // Under the limit now: another prune deletes nothing, and 0 leaves the cache alone.
+    for keep in [keep, 0] {
+        let again = builder
+            .prune_cache(keep)
+            .await
+            .unwrap_or_else(|e| panic!("prune to {keep}: {e}"));
+        assert_eq!((again.before_bytes, again.reclaimed_bytes), (after, 0));
+        assert_eq!(
+            engine.build_cache_bytes().0,
+            after,
+            "after a prune to {keep}"
+        );
+    }
+}
+
+/// The `docker` backend removes the image it built from the engine whether the job succeeds,
+/// its build fails, or its export fails after the image was built.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_docker_backend_leaves_no_image_in_the_engine_whatever_the_outcome() {
+    let engine = Engine::private();
+    let server = FileServer::start();
+    let source = |name: &str, dockerfile: &str| {
+        server.route(
+            &format!("/{name}.tar.gz"),
+            Route::Body(Arc::new(targz(&[
+                ("Dockerfile", dockerfile),
+                ("hello.txt", "hi\n"),
+            ]))),
+        )
+    };
+    let builds = source("builds", "FROM scratch\nCOPY hello.txt /hello.txt\n");
+    let fails = source(
+        "fails",
+        "FROM scratch\nCOPY hello.txt /hello.txt\nRUN [\"/no-such-program\"]\n",
+    );
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("work");
+    let layout = |path: &Path| {
+        test_config(&format!(
+            "[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n",
+            path.display()
+        ))
+    };
+    let good = layout(&root.path().join("store"));
+    // A layout under a regular file: the build succeeds, the export cannot store it.
+    let blocker = root.path().join("not-a-directory");
+    std::fs::write(&blocker, "").unwrap();
+    let unwritable = layout(&blocker.join("store"));
+
+    let job = |id: &str, url: &str| {
+        json!({"v": 1, "id": id, "source_id": "src-images",
+            "origin": {"type": "docker-file", "details": {"targz_url": url}}})
+    };
+    let (result, _) = run(&engine, &good, job("job-ok", &builds), &work).await;
+    result.unwrap_or_else(|e| panic!("the build that succeeds: {e}"));
+    let (result, _) = run(&engine, &good, job("job-run-fails", &fails), &work).await;
+    let e = result.expect_err("RUN of a missing program");
+    assert_eq!(e.stage, Stage::Build, "{e}");
+    let (result, _) = run(
+        &engine,
+        &unwritable,
+        job("job-export-fails", &builds),
+        &work,
+    )
+    .await;
+    let e = result.expect_err("an export into a layout under a file");
+    assert_eq!(e.stage, Stage::Export, "{e}");
+
+    let images = engine.docker_ok(&[
+        "images",
+        "-a",
+        "--format",
+        "{{.Repository}}:{{.Tag}} {{.ID}}",
+    ]);
+    assert!(
+        images.trim().is_empty(),
+        "images left in the engine: {images}"
+    );
+}

@@ -30,7 +30,8 @@ use bollard::health::{
 };
 use bollard::moby::buildkit::v1::control_client::ControlClient;
 use bollard::moby::buildkit::v1::{
-    BytesMessage, ListWorkersRequest, SolveRequest, SolveResponse, StatusRequest, StatusResponse,
+    BytesMessage, DiskUsageRequest, ListWorkersRequest, PruneRequest, SolveRequest, SolveResponse,
+    StatusRequest, StatusResponse,
 };
 use bollard::moby::filesync::v1::auth_server::{Auth, AuthServer};
 use bollard::moby::filesync::v1::file_send_server::{FileSend, FileSendServer};
@@ -54,6 +55,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
+use super::cache::{signed_limit, unshared_bytes};
 use super::log_events::{follow, BuildLog, Followed};
 use super::{
     auth_by_host, context_body, context_written, engine_unavailable, progress, BuildInput,
@@ -61,7 +63,7 @@ use super::{
 use crate::config::DaemonAddr;
 use crate::error::{error_chain, ErrorCode, JobError, Stage};
 use crate::job::BuildOptions;
-use crate::ports::{BasicAuth, StageContext};
+use crate::ports::{BasicAuth, CachePrune, StageContext};
 use crate::workspace::random_hex;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -95,6 +97,16 @@ pub(super) async fn control_api_answers(host: &DaemonAddr) -> Result<(), String>
     workers_answer(channel, &format!("BuildKit in the Docker Engine at {host}")).await
 }
 
+/// Prunes the cache of the engine's BuildKit through its control API on `/grpc`.
+pub(super) async fn prune_engine_cache(
+    host: &DaemonAddr,
+    keep_bytes: u64,
+) -> Result<CachePrune, String> {
+    let channel = control_channel(host).await.map_err(|e| e.message)?;
+    let who = format!("BuildKit in the Docker Engine at {host}");
+    prune_cache(channel, keep_bytes, &who).await
+}
+
 /// Whether BuildKit on `channel` answers `ListWorkers`; `who` names it in the reason.
 pub(super) async fn workers_answer(channel: Channel, who: &str) -> Result<(), String> {
     ControlClient::new(channel)
@@ -102,6 +114,75 @@ pub(super) async fn workers_answer(channel: Channel, who: &str) -> Result<(), St
         .await
         .map(|_| ())
         .map_err(|e| format!("{who} does not answer: {}", e.message()))
+}
+
+/// Prunes the cache of the BuildKit on `channel` down to `keep_bytes` (see [`super::cache`]):
+/// `DiskUsage` for its size, then, when it is above the limit, `Prune` with `all` and the limit;
+/// the bytes reclaimed are those of the records Prune reports deleted. `who` names BuildKit in
+/// the errors.
+pub(super) async fn prune_cache(
+    channel: Channel,
+    keep_bytes: u64,
+    who: &str,
+) -> Result<CachePrune, String> {
+    let mut control = ControlClient::new(channel);
+    let usage = control
+        .disk_usage(DiskUsageRequest::default())
+        .await
+        .map_err(|e| control_api_refused(who, "report its cache's size", &e))?
+        .into_inner();
+    let before_bytes = unshared_bytes(usage.record.iter().map(|r| (r.size, r.shared)));
+    if keep_bytes == 0 || before_bytes <= keep_bytes {
+        return Ok(CachePrune {
+            before_bytes,
+            reclaimed_bytes: 0,
+        });
+    }
+    let mut deleted = control
+        .prune(prune_request(signed_limit(keep_bytes)?))
+        .await
+        .map_err(|e| control_api_refused(who, "prune its cache", &e))?
+        .into_inner();
+    let mut reclaimed_bytes = 0u64;
+    while let Some(record) = deleted
+        .message()
+        .await
+        .map_err(|e| control_api_refused(who, "finish pruning its cache", &e))?
+    {
+        reclaimed_bytes += u64::try_from(record.size).unwrap_or(0);
+    }
+    Ok(CachePrune {
+        before_bytes,
+        reclaimed_bytes,
+    })
+}
+
+/// `Prune` of every kind of record down to `limit`, under both of the limit's names. BuildKit
+/// before 0.17 reads field 4 as `keepBytes` and ignores field 5; later ones read field 4 as
+/// `reservedSpace` (a floor) and prune down to `maxUsedSpace` (field 5), and with field 5 unset
+/// would delete everything.
+fn prune_request(limit: i64) -> PruneRequest {
+    PruneRequest {
+        all: true,
+        reserved_space: limit,
+        max_used_space: limit,
+        ..PruneRequest::default()
+    }
+}
+
+/// Why a control API call for housekeeping failed, by what the caller can do about it.
+fn control_api_refused(who: &str, what: &str, status: &Status) -> String {
+    use tonic::Code;
+    match status.code() {
+        Code::Unavailable | Code::Cancelled => {
+            format!("{who} is unavailable: {}", status.message())
+        }
+        Code::Unimplemented => format!(
+            "{who} cannot {what}: its control API does not offer it ({})",
+            status.message()
+        ),
+        code => format!("{who} could not {what} ({code:?}): {}", status.message()),
+    }
 }
 
 /// Builds `image` into the engine's store through the control API.
@@ -579,6 +660,20 @@ impl Auth for SessionAuth {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prune_caps_the_cache_for_old_and_new_buildkit_alike() {
+        let request = prune_request(30 << 20);
+        assert!(request.all);
+        assert_eq!(request.keep_duration, 0);
+        assert!(request.filter.is_empty());
+        // Field 4 (`keepBytes` before BuildKit 0.17) and field 5 (`maxUsedSpace` since).
+        assert_eq!(
+            (request.reserved_space, request.max_used_space),
+            (30 << 20, 30 << 20)
+        );
+        assert_eq!(request.min_free_space, 0);
+    }
 
     #[test]
     fn frontend_attrs_carry_the_same_build_as_the_docker_backend() {

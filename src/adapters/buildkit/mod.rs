@@ -20,6 +20,7 @@
 //! the running step's processes. Must not: hold the whole context in memory, log or put in an
 //! error any credential.
 
+mod cache;
 pub mod export;
 mod gate;
 pub mod grpc;
@@ -47,7 +48,7 @@ use crate::adapters::oci_layout::OciLayoutStores;
 use crate::config::{BuilderBackend, BuildkitdAddr, Config, DaemonAddr};
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::job::{BuildOptions, ImageInfo, JobEvent};
-use crate::ports::{BasicAuth, BuildRequest, Builder, SealedContext, StageContext};
+use crate::ports::{BasicAuth, BuildRequest, Builder, CachePrune, SealedContext, StageContext};
 use crate::workspace::random_hex;
 
 use log_events::{follow, BuildLog, Followed};
@@ -129,6 +130,27 @@ impl Builder for EngineBuilder {
                 }
             };
         answer_within(host, probe).await
+    }
+
+    /// The engine's BuildKit cache, the way this backend reaches it (see the private `cache`
+    /// module): the engine's `/system/df` and `/build/prune` (the `docker` backend), or
+    /// BuildKit's `DiskUsage` and `Prune` on the engine's `/grpc` (the `buildkitd` backend).
+    async fn prune_cache(&self, keep_bytes: u64) -> Result<CachePrune, String> {
+        let host = &self.host;
+        let who = format!("the Docker Engine at {host}");
+        match self.via {
+            Via::Build => {
+                cache::recorded(
+                    &who,
+                    keep_bytes,
+                    cache::prune_engine_cache(host, keep_bytes),
+                )
+                .await
+            }
+            Via::ControlApi => {
+                cache::recorded(&who, keep_bytes, grpc::prune_engine_cache(host, keep_bytes)).await
+            }
+        }
     }
 
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError> {

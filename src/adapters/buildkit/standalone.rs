@@ -24,13 +24,13 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use super::export::local_io;
 use super::gate::{CredentialSet, Gate};
 use super::grpc::{self, Exporter};
-use super::{answer_within, on_build_thread, redacted, BuildInput};
+use super::{answer_within, cache, on_build_thread, redacted, BuildInput};
 use crate::adapters::oci_layout::{OciLayoutStore, OciLayoutStores};
 use crate::config::DaemonAddr;
 use crate::error::{error_chain, ErrorCode, JobError, Stage};
 use crate::job::{ImageInfo, JobEvent};
 use crate::manifest::{Descriptor, Digest};
-use crate::ports::{BuildRequest, Builder, Destination, StageContext};
+use crate::ports::{BuildRequest, Builder, CachePrune, Destination, StageContext};
 use crate::workspace::random_hex;
 
 /// Cap on the archive's `index.json`.
@@ -61,6 +61,16 @@ impl Builder for StandaloneBuilder {
             grpc::workers_answer(channel, &format!("buildkitd at {addr}")).await
         };
         answer_within(addr, probe).await
+    }
+
+    /// buildkitd's cache, through `DiskUsage` and `Prune` (see the private `cache` module).
+    async fn prune_cache(&self, keep_bytes: u64) -> Result<CachePrune, String> {
+        let who = format!("buildkitd at {}", self.addr);
+        let prune = async {
+            let channel = daemon_channel(&self.addr).await.map_err(|e| e.message)?;
+            grpc::prune_cache(channel, keep_bytes, &who).await
+        };
+        cache::recorded(&who, keep_bytes, prune).await
     }
 
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError> {

@@ -232,6 +232,32 @@ impl Engine {
         self.docker_ok(&["rmi", &reference]);
     }
 
+    /// The engine's build cache in bytes as `docker system df` counts it (its records not
+    /// shared with an image), read from the engine's `/system/df` with curl, independently of
+    /// factoryd's own code; and how many records it has.
+    pub fn build_cache_bytes(&self) -> (u64, usize) {
+        require_program("curl", "curl");
+        let out = Command::new("curl")
+            .args(["--silent", "--show-error", "--fail", "--unix-socket"])
+            .arg(&self.socket)
+            .arg("http://docker-engine/v1.41/system/df")
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "GET /system/df: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let df: serde_json::Value = serde_json::from_slice(&out.stdout).expect("df JSON");
+        let records = df["BuildCache"].as_array().cloned().unwrap_or_default();
+        let bytes = records
+            .iter()
+            .filter(|r| !r["Shared"].as_bool().unwrap_or(false))
+            .map(|r| r["Size"].as_u64().unwrap_or(0))
+            .sum();
+        (bytes, records.len())
+    }
+
     /// Whether any process on the machine has `needle` in its command line.
     pub fn process_running(needle: &str) -> bool {
         let out = Command::new("ps")
