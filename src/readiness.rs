@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::adapters::nats::ConnectionState;
 use crate::job::Kind;
 use crate::ports::Builder;
-use crate::store::StoreKeeper;
+use crate::store::{CacheKeeper, StoreKeeper};
 use crate::telemetry::metrics;
 
 /// How often the build backend and the free disk space are probed.
@@ -58,6 +58,8 @@ pub struct Readiness {
     min_free_inodes: u64,
     /// Collects the layout store when space runs short, before intake is held.
     keeper: Option<Arc<StoreKeeper>>,
+    /// Prunes the build cache then too.
+    cache: Option<Arc<CacheKeeper>>,
     /// Why the build backend is not reachable, from the last probe; `None` when it is (or
     /// this worker does not build).
     builder_down: Mutex<Option<String>>,
@@ -77,6 +79,7 @@ impl Readiness {
             min_free_bytes: 0,
             min_free_inodes: 0,
             keeper: None,
+            cache: None,
             builder_down: Mutex::new(None),
             holds: Kind::ALL
                 .into_iter()
@@ -114,6 +117,12 @@ impl Readiness {
     /// its warnings shown by `/readyz`.
     pub fn with_keeper(mut self, keeper: Arc<StoreKeeper>) -> Self {
         self.keeper = Some(keeper);
+        self
+    }
+
+    /// With the build cache's keeper: pruned before intake is held for low disk space.
+    pub fn with_cache_keeper(mut self, cache: Option<Arc<CacheKeeper>>) -> Self {
+        self.cache = cache;
         self
     }
 
@@ -205,8 +214,13 @@ impl Readiness {
     /// first, and holds every kind only while that did not free enough.
     pub async fn probe_disk(&self) {
         let mut low = self.low_on_disk();
-        if let (false, Some(keeper)) = (low.is_empty(), &self.keeper) {
-            keeper.collect("low disk space").await;
+        if !low.is_empty() && (self.keeper.is_some() || self.cache.is_some()) {
+            if let Some(keeper) = &self.keeper {
+                keeper.collect("low disk space").await;
+            }
+            if let Some(cache) = &self.cache {
+                cache.prune("low disk space").await;
+            }
             low = self.low_on_disk();
         }
         let low = (!low.is_empty()).then(|| low.join("; "));

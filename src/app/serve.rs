@@ -17,7 +17,7 @@ use crate::cli::ServeArgs;
 use crate::config::{Config, DestinationKind};
 use crate::pipeline::Stages;
 use crate::readiness::Readiness;
-use crate::store::StoreKeeper;
+use crate::store::{CacheKeeper, StoreKeeper};
 use crate::telemetry;
 use crate::telemetry::systemd::Notifier;
 use crate::worker::{QueuePorts, Worker, WorkerSettings};
@@ -81,7 +81,14 @@ pub async fn run_serve(config: Config, stages: Stages, env: &HashMap<String, Str
             .with_store(config.destination.path.clone())
             .with_keeper(keeper);
     }
-    let readiness = Arc::new(readiness);
+    // The build cache stays under builder.cache_keep_bytes: after builds, before the disk hold.
+    let cache = (config.worker.build_slots > 0)
+        .then(|| CacheKeeper::new(Arc::clone(&stages.builder), config.builder.cache_keep_bytes))
+        .flatten();
+    if let Some(cache) = &cache {
+        cache.start(background.clone());
+    }
+    let readiness = Arc::new(readiness.with_cache_keeper(cache));
     tokio::spawn(telemetry::http::serve(
         listener,
         Arc::clone(&readiness),

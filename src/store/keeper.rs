@@ -266,3 +266,69 @@ impl StoreKeeper {
         });
     }
 }
+
+/// Keeps the build backend's cache under `builder.cache_keep_bytes`: after builds (at most
+/// once a [`DEBOUNCE`], when builds ended since the last look) and, through the disk probe,
+/// before intake is held for low disk space. [`Builder::prune_cache`] counts and logs each
+/// prune.
+///
+/// [`Builder::prune_cache`]: crate::ports::Builder::prune_cache
+pub struct CacheKeeper {
+    builder: Arc<dyn crate::ports::Builder>,
+    keep_bytes: u64,
+    running: tokio::sync::Mutex<()>,
+}
+
+impl CacheKeeper {
+    /// `None` when `keep_bytes` is 0 (the cache is left alone).
+    pub fn new(builder: Arc<dyn crate::ports::Builder>, keep_bytes: u64) -> Option<Arc<Self>> {
+        (keep_bytes > 0).then(|| {
+            Arc::new(CacheKeeper {
+                builder,
+                keep_bytes,
+                running: tokio::sync::Mutex::new(()),
+            })
+        })
+    }
+
+    /// Prunes now if the cache is above the limit.
+    pub async fn prune(&self, why: &'static str) {
+        let _one = self.running.lock().await;
+        if let Err(e) = self.builder.prune_cache(self.keep_bytes).await {
+            warn!(why, error = %e, "Cannot prune the build cache.");
+        }
+    }
+
+    pub fn start(self: &Arc<Self>, stop: CancellationToken) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(DEBOUNCE);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut seen = builds_ended();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = ticks.tick() => {}
+                }
+                let now = builds_ended();
+                if now != seen {
+                    seen = now;
+                    me.prune("after builds").await;
+                }
+            }
+        });
+    }
+}
+
+/// Build attempts that ended in this process, however they ended.
+fn builds_ended() -> u64 {
+    crate::telemetry::metrics::OUTCOMES
+        .iter()
+        .map(|outcome| {
+            crate::telemetry::metrics()
+                .jobs_completed
+                .with_label_values(&["build", outcome])
+                .get()
+        })
+        .sum()
+}

@@ -33,7 +33,7 @@ use crate::adapters::oci_layout::{
 use crate::manifest::{Descriptor, Digest, REF_NAME_ANNOTATION};
 
 pub use gc::{collect, Collection, CollectionReport};
-pub use keeper::{store_metrics, StoreKeeper};
+pub use keeper::{store_metrics, CacheKeeper, StoreKeeper};
 pub use retention::{Policy, Rule};
 
 /// Manifests larger than this are not read while marking (an index or a manifest is a few KiB;
