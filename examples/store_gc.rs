@@ -10,14 +10,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use factoryd::manifest::Digest;
 use factoryd::store::{collect, Collection, Policy};
-
-fn write_blob(root: &Path, bytes: &[u8]) -> (String, u64) {
-    let digest = Digest::sha256_of(bytes);
-    std::fs::write(root.join("blobs/sha256").join(digest.hex()), bytes).unwrap();
-    (digest.to_string(), bytes.len() as u64)
-}
+use factoryd::testing::synthetic_store;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,56 +28,8 @@ fn main() {
     if phase == "collect" {
         return collect_phase(root, tags, sources);
     }
-    std::fs::create_dir_all(root.join("blobs/sha256")).unwrap();
-    std::fs::create_dir_all(root.join(".ingest")).unwrap();
-    std::fs::write(
-        root.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-
     let started = Instant::now();
-    let shared = write_blob(root, b"shared base layer");
-    let mut manifests = Vec::new();
-    // Stored a day apart... no: an hour apart, oldest first, so retention has an order.
-    let base = time::OffsetDateTime::now_utc() - Duration::from_secs(3600 * tags as u64);
-    for i in 0..tags {
-        let mut entries = vec![shared.clone()];
-        for l in 1..layers {
-            entries.push(write_blob(
-                root,
-                format!("layer {l} of image {i}").as_bytes(),
-            ));
-        }
-        let config = write_blob(root, format!("{{\"image\":{i}}}").as_bytes());
-        let manifest = serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                "digest": config.0, "size": config.1},
-            "layers": entries.iter().map(|(d, s)| serde_json::json!({
-                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s}))
-                .collect::<Vec<_>>(),
-        });
-        let (digest, size) = write_blob(root, &serde_json::to_vec(&manifest).unwrap());
-        let stored = base + Duration::from_secs(3600 * i as u64);
-        manifests.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": digest, "size": size,
-            "annotations": {
-                "org.opencontainers.image.ref.name": format!("src-{}:job-{i}", i % sources),
-                "io.factoryd.source-id": format!("src-{}", i % sources),
-                "io.factoryd.stored-at": stored
-                    .format(&time::format_description::well_known::Rfc3339).unwrap(),
-            }
-        }));
-    }
-    let index = serde_json::json!({"schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
-    std::fs::write(root.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    let blobs = std::fs::read_dir(root.join("blobs/sha256"))
-        .unwrap()
-        .count();
+    let blobs = synthetic_store(root, tags, sources, layers, 0).unwrap();
     println!(
         "tags={tags} blobs={blobs} setup_s={:.2}",
         started.elapsed().as_secs_f64()

@@ -11,7 +11,7 @@ tags=${1:-1000}
 sources=${2:-100}
 layers=${3:-9}
 echo "== building the store_gc example (release)"
-cargo build --release --quiet --example store_gc
+cargo build --release --quiet --features test-util --example store_gc
 bench_root=${BENCH_DIR:-/var/tmp}
 work=$(mktemp -d "$bench_root/factoryd-store-gc.XXXXXX")
 trap 'rm -rf "$work"' EXIT

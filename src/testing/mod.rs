@@ -7,6 +7,8 @@
 
 mod queue;
 mod stages;
+mod store;
 
 pub use queue::{MemCancels, MemEvents, MemQueue, MemResults, MemStates, Settled};
 pub use stages::{Behaviour, ScriptedStages};
+pub use store::synthetic_store;
