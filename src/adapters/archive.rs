@@ -511,13 +511,7 @@ struct ArchiveContext {
 impl ArchiveContext {
     fn walk(&self, out: Option<&mut dyn Write>) -> Result<u64, JobError> {
         let mut opened = open(&self.path, self.limits)?;
-        let mut sealer = Sealer::new(
-            self.ignore.clone(),
-            self.limits,
-            true,
-            self.cancel.clone(),
-            out,
-        );
+        let mut sealer = Sealer::new(&self.ignore, self.limits, true, &self.cancel, out);
         // The sealer stops the walk when `cancel` fires.
         each_entry(&mut opened, None, |entry, named| {
             let Named { kind, shown, parts } = named;

@@ -115,13 +115,7 @@ struct DirContext {
 impl DirContext {
     fn walk(&self, out: Option<&mut dyn Write>) -> Result<u64, JobError> {
         let writing = out.is_some();
-        let mut sealer = Sealer::new(
-            self.ignore.clone(),
-            self.limits,
-            false,
-            self.cancel.clone(),
-            out,
-        );
+        let mut sealer = Sealer::new(&self.ignore, self.limits, false, &self.cancel, out);
         walk_dir(&self.context, &mut sealer, writing)?;
         if let Some((name, path)) = &self.extra {
             let meta = fs::symlink_metadata(path).map_err(|e| io_error(path, e))?;

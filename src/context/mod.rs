@@ -136,12 +136,13 @@ impl<'w> Sealer<'w> {
     /// A sealer for one walk: writing the tar stream to `out` when given, only checking
     /// otherwise.
     pub fn new(
-        ignore: DockerIgnore,
+        ignore: &DockerIgnore,
         limits: Limits,
         track_files: bool,
-        cancel: CancellationToken,
+        cancel: &CancellationToken,
         out: Option<&'w mut dyn Write>,
     ) -> Sealer<'w> {
+        let (ignore, cancel) = (ignore.clone(), cancel.clone());
         match out {
             Some(out) => Sealer::write(ignore, limits, track_files, cancel, out),
             None => Sealer::check(ignore, limits, track_files, cancel),

@@ -152,13 +152,7 @@ impl GitContext {
         fetched: &mut BTreeMap<String, PathBuf>,
     ) -> Result<u64, JobError> {
         let writing = out.is_some();
-        let mut sealer = Sealer::new(
-            self.ignore.clone(),
-            self.limits,
-            false,
-            self.cancel.clone(),
-            out,
-        );
+        let mut sealer = Sealer::new(&self.ignore, self.limits, false, &self.cancel, out);
         // repos[0] is the superproject; a submodule's repository is added when entered.
         let mut repos = vec![open(&self.repo_path)?];
         let mut stack = {
