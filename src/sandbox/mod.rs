@@ -147,16 +147,15 @@ impl Fetcher for ConfinedFetcher {
         origin: &DockerFile,
         cx: &StageContext,
     ) -> Result<FetchedSource, JobError> {
-        if cx.cancel.is_cancelled() {
-            return Err(JobError::cancelled(Stage::Fetch));
-        }
-        let request = Request {
-            job: wire_job(origin, &cx.job_id),
-            workspace: cx.workspace.clone(),
-            attempt: cx.attempt,
-        };
-        let result = self.run_child(&request, cx).await;
-        crate::adapters::sources::account(origin, result, cx)
+        crate::adapters::sources::fetch_accounted(origin, cx, || async {
+            let request = Request {
+                job: wire_job(origin, &cx.job_id),
+                workspace: cx.workspace.clone(),
+                attempt: cx.attempt,
+            };
+            self.run_child(&request, cx).await
+        })
+        .await
     }
 }
 
