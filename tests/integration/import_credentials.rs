@@ -13,9 +13,11 @@ use factoryd::job::ImageInfo;
 use tracing::instrument::WithSubscriber as _;
 
 use crate::import_auth::seed;
+use crate::support::failure::assert_failure;
 use crate::support::http::{AuthEchoRegistry, Fault, FaultProxy, StaticServer};
 use crate::support::import::{
-    credentials, importer, job, layout, run, settings, LogCapture, Recorder, LOOPBACK,
+    credentials, import_to_layout, importer, job, layout, run, settings, LogCapture, Recorder,
+    LOOPBACK,
 };
 use crate::support::registry::{Auth, Moto, Registry, MOTO_ECR_PASSWORD};
 
@@ -44,15 +46,9 @@ async fn webhook_credentials_authenticate_an_import() {
         "acme/web:3",
         &hook.url("/creds?source=x"),
     ));
-    let info = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "w"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect("import");
+    let info = import_to_layout(&importer(&["linux/amd64"]), &job, store.path(), "w")
+        .await
+        .expect("import");
     assert_eq!(info.digest, digest);
     assert_eq!(hook.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
@@ -66,15 +62,9 @@ async fn malformed_webhook_body_is_a_permanent_error_that_does_not_echo_it() {
         &hook.url("/creds"),
     ));
     let store = tempfile::tempdir().unwrap();
-    let err = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "w"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .unwrap_err();
+    let err = import_to_layout(&importer(&["linux/amd64"]), &job, store.path(), "w")
+        .await
+        .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert!(!err.message.contains("leaked-secret-value"), "{err}");
     assert!(err.message.contains("not shown"), "{err}");
@@ -91,11 +81,7 @@ async fn webhook_on_a_refused_address_is_refused_by_the_egress_policy() {
     )
     .unwrap();
     let err = strict.fetch(&hook.url("/creds")).await.unwrap_err();
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::EgressRefused, ErrorClass::Permanent),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::EgressRefused, &[]);
     let err = strict
         .fetch("http://169.254.169.254/latest/meta-data")
         .await
@@ -398,11 +384,7 @@ async fn an_ecr_token_still_refused_after_one_refresh_is_a_permanent_auth_error(
         );
         assert!(!log.contains(&secret), "the log holds a secret");
     }
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::AuthFailed, ErrorClass::Permanent),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::AuthFailed, &[]);
     assert_eq!(
         source.token_calls(),
         2,
@@ -452,11 +434,7 @@ async fn a_second_refusal_after_a_successful_refresh_does_not_fetch_a_third_toke
         .await
         .unwrap_err();
 
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::AuthFailed, ErrorClass::Permanent),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::AuthFailed, &[]);
     assert_eq!(source.token_calls(), 2, "one refresh per import");
     assert!(
         source

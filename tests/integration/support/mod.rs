@@ -94,6 +94,7 @@ impl Drop for ChildGuard {
 }
 
 pub mod docker;
+pub mod failure;
 pub mod git_servers;
 pub mod http_files;
 pub mod sources;

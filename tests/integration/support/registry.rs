@@ -20,6 +20,13 @@ pub enum Auth {
     Token(Vec<(String, String)>),
 }
 
+impl Auth {
+    /// htpasswd auth with one user.
+    pub fn user(name: &str, password: &str) -> Auth {
+        Auth::Htpasswd(vec![(name.to_owned(), password.to_owned())])
+    }
+}
+
 /// A running `docker-registry` on a free loopback port.
 pub struct Registry {
     pub host: String,
