@@ -20,6 +20,7 @@ use crate::support::import::{
     LOOPBACK,
 };
 use crate::support::registry::{Auth, Moto, Registry, MOTO_ECR_PASSWORD};
+use crate::support::run::{factoryd_run, Ran};
 
 fn webhook_origin(host: &str, target: &str, webhook: &str) -> serde_json::Value {
     serde_json::json!({"type": "oci-registry", "details": {
@@ -29,10 +30,7 @@ fn webhook_origin(host: &str, target: &str, webhook: &str) -> serde_json::Value 
 
 #[tokio::test]
 async fn webhook_credentials_authenticate_an_import() {
-    let registry = Registry::start(Auth::Htpasswd(vec![(
-        "hook-user".into(),
-        "hook-pass-1".into(),
-    )]));
+    let registry = Registry::start(Auth::user("hook-user", "hook-pass-1"));
     let digest = seed(
         &registry.host,
         "acme/web:3",
@@ -99,37 +97,22 @@ fn factoryd_run_masks_webhook_credentials_that_a_registry_echoes_back() {
     let registry = AuthEchoRegistry::start();
     let hook = StaticServer::start(200, b64(&format!("hook-user:{CANARY}")).into_bytes());
     let root = tempfile::tempdir().unwrap();
-    let config = root.path().join("factoryd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
-             [registries]\ninsecure = [\"{}\"]\n[egress]\nallow_loopback = true\n\
-             [log]\nlevel = \"debug\"\n",
-            root.path().join("work").display(),
-            root.path().join("store").display(),
-            registry.host(),
-        ),
-    )
-    .unwrap();
-    let job_file = root.path().join("job.json");
     let job = serde_json::json!({"v": 1, "id": "job-echo", "source_id": "src-echo",
         "origin": webhook_origin(&registry.host(), "acme/web:3", &hook.url("/creds"))});
-    std::fs::write(&job_file, job.to_string()).unwrap();
+    let extra = format!(
+        "[registries]\ninsecure = [\"{}\"]\n[log]\nlevel = \"debug\"\n",
+        registry.host()
+    );
+    let ran = Ran::of(
+        &factoryd_run(root.path(), &job, &extra)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .expect("spawn factoryd"),
+    );
+    let (stdout, stderr) = (&ran.stdout, &ran.stderr);
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_factoryd"))
-        .arg("run")
-        .arg(&job_file)
-        .arg("--config")
-        .arg(&config)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .expect("spawn factoryd");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-
-    let result: serde_json::Value = serde_json::from_str(&stdout).expect("result JSON on stdout");
+    let result = ran.result();
     assert_eq!(result["status"], "failed");
     assert_eq!(result["error"]["code"], "auth_failed");
     assert!(
@@ -173,10 +156,7 @@ const ECR_SECRET: &str = "example-secret-key-value";
 /// A registry that takes moto's ECR token (user `AWS`), seeded with `team/svc:9`; returned with
 /// the image's manifest digest.
 fn ecr_registry() -> (Registry, String) {
-    let registry = Registry::start(Auth::Htpasswd(vec![(
-        "AWS".into(),
-        MOTO_ECR_PASSWORD.into(),
-    )]));
+    let registry = Registry::start(Auth::user("AWS", MOTO_ECR_PASSWORD));
     let digest = seed(
         &registry.host,
         "team/svc:9",

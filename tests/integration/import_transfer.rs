@@ -264,7 +264,7 @@ async fn import_counts_fetched_bytes_and_skipped_blobs_in_metrics() {
 #[tokio::test]
 async fn registry_destination_receives_the_manifest_byte_for_byte() {
     let source = Registry::start(Auth::None);
-    let destination = Registry::start(Auth::Htpasswd(vec![("pusher".into(), "push-pw-1".into())]));
+    let destination = Registry::start(Auth::user("pusher", "push-pw-1"));
     let (index, _, _) = seed_multi(&source.host);
     let job = job(registry_origin(&source.host, "multi:1", None));
     let info = run(

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::git_servers::{revision_fixture, test_tls, EndlessRefs, GitHttpServer};
 use crate::support::http_files::{FileServer, Route};
-use crate::support::sources::{config, docker_file, stage_context, tar_entries, targz, Recorder};
+use crate::support::run::{factoryd_run, Ran};
+use crate::support::sources::{config, context_bytes, fetch_details, tar_entries, targz, Recorder};
 
 const USER: &str = "builder";
 const PASSWORD: &str = "s3cret-Passw0rd";
@@ -39,9 +40,6 @@ async fn fetch(
     details: serde_json::Value,
     cancel_after: Option<Duration>,
 ) -> (Result<FetchedSource, JobError>, Arc<Recorder>, Workspace) {
-    let origin = docker_file(details);
-    let workspace = Workspace::create(root, name).unwrap();
-    let recorder = Arc::new(Recorder::default());
     let cancel = CancellationToken::new();
     if let Some(after) = cancel_after {
         let cancel = cancel.clone();
@@ -50,15 +48,7 @@ async fn fetch(
             cancel.cancel();
         });
     }
-    let cx = stage_context(&workspace, &origin, Arc::clone(&recorder), cancel);
-    let result = fetcher.fetch(&origin, &cx).await;
-    (result, recorder, workspace)
-}
-
-fn stream(source: &FetchedSource) -> Vec<u8> {
-    let mut out = Vec::new();
-    source.context.write_tar(&mut out).unwrap();
-    out
+    fetch_details(fetcher, root, name, details, cancel).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,12 +83,12 @@ async fn a_tarball_sealed_in_the_child_streams_exactly_what_the_worker_would_sea
     let here = result.unwrap();
     assert_eq!(child.context.dockerfile(), here.context.dockerfile());
     assert_eq!(
-        stream(&child),
-        stream(&here),
+        context_bytes(&child),
+        context_bytes(&here),
         "the same context stream, byte for byte"
     );
     assert_eq!(child.fetched_bytes, here.fetched_bytes);
-    let names: Vec<String> = tar_entries(&stream(&child))
+    let names: Vec<String> = tar_entries(&context_bytes(&child))
         .into_iter()
         .map(|e| e.0)
         .collect();
@@ -133,7 +123,7 @@ async fn git_over_https_in_the_child_gives_the_same_revision_and_context() {
     let (result, _, _ws2) = fetch(&in_process, &work, "job-here", details, None).await;
     let here = result.unwrap();
     assert_eq!(child.revision, here.revision);
-    assert_eq!(stream(&child), stream(&here));
+    assert_eq!(context_bytes(&child), context_bytes(&here));
 
     // A wrong password: the child's classified error comes back as it is.
     let wrong = json!({
@@ -315,37 +305,18 @@ fn factoryd_run_refuses_a_tarball_redirected_from_https_to_http() {
     );
     wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
     let root = tempfile::tempdir().unwrap();
-    let config = root.path().join("factoryd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
-             [egress]\nallow_loopback = true\n",
-            root.path().join("work").display(),
-            root.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    let job = root.path().join("job.json");
     let https = format!("https://127.0.0.1:{port}/src.tar.gz");
-    std::fs::write(
-        &job,
-        json!({"v": 1, "id": "job-downgrade", "source_id": "src",
-            "origin": {"type": "docker-file", "details": {"targz_url": https}}})
-        .to_string(),
-    )
-    .unwrap();
-    let out = std::process::Command::new(factoryd())
-        .arg("run")
-        .arg(&job)
-        .arg("--config")
-        .arg(&config)
-        .env("SSL_CERT_FILE", &tls.ca)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job = json!({"v": 1, "id": "job-downgrade", "source_id": "src",
+        "origin": {"type": "docker-file", "details": {"targz_url": https}}});
+    let ran = Ran::of(
+        &factoryd_run(root.path(), &job, "")
+            .env("SSL_CERT_FILE", &tls.ca)
+            .output()
+            .unwrap(),
+    );
+    let stderr = &ran.stderr;
+    assert_eq!(ran.code, Some(1), "{stderr}");
+    let result = ran.result();
     let error = &result["error"];
     assert_eq!(error["code"], "egress_refused", "{result}");
     assert_eq!(error["class"], "permanent", "{result}");
@@ -377,32 +348,14 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 fn the_workers_memory_stays_flat_while_a_source_child_runs_out_of_memory() {
     let root = tempfile::tempdir().unwrap();
     let server = EndlessRefs::start(root.path(), 0);
-    let config = root.path().join("factoryd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
-             [egress]\nallow_loopback = true\n[git]\ntls_ca_file = \"{}\"\n\
-             max_ref_advertisement_bytes = 4294967296\n[sources]\nchild_memory_mib = 512\n",
-            root.path().join("work").display(),
-            root.path().join("store").display(),
-            test_tls().ca.display()
-        ),
-    )
-    .unwrap();
-    let job = root.path().join("job.json");
-    std::fs::write(
-        &job,
-        json!({"v": 1, "id": "job-mem", "source_id": "src",
-            "origin": {"type": "docker-file", "details": {"repo": {"url": server.url}}}})
-        .to_string(),
-    )
-    .unwrap();
-    let mut run = std::process::Command::new(factoryd())
-        .arg("run")
-        .arg(&job)
-        .arg("--config")
-        .arg(&config)
+    let extra = format!(
+        "[git]\ntls_ca_file = \"{}\"\nmax_ref_advertisement_bytes = 4294967296\n\
+         [sources]\nchild_memory_mib = 512\n",
+        test_tls().ca.display()
+    );
+    let job = json!({"v": 1, "id": "job-mem", "source_id": "src",
+        "origin": {"type": "docker-file", "details": {"repo": {"url": server.url}}}});
+    let mut run = factoryd_run(root.path(), &job, &extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -13,10 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::failure::{assert_code, assert_failure};
 use crate::support::git_servers::{
-    git, hostile_tree_fixture, revision_fixture, ssh_key, submodule_fixture, test_tls, EndlessRefs,
-    GitHttpServer, Hostile, RevisionFixture, SshServer,
+    clone_bare, git, hostile_tree_fixture, revision_fixture, ssh_key, submodule_fixture, test_tls,
+    EndlessRefs, GitHttpServer, Hostile, RevisionFixture, SshServer,
 };
-use crate::support::sources::{config, docker_file, stage_context, tar_entries, Recorder};
+use crate::support::sources::{
+    config, context_bytes, docker_file, fetch_details, stage_context, tar_entries, Recorder,
+};
 
 const USER: &str = "builder";
 const PASSWORD: &str = "s3cret-Passw0rd";
@@ -68,28 +70,9 @@ async fn fetch_with(
     fetcher: &SourceFetcher,
     work_root: &Path,
     details: serde_json::Value,
-) -> (
-    Result<FetchedSource, factoryd::error::JobError>,
-    Arc<Recorder>,
-    Workspace,
-) {
-    let origin = docker_file(details);
-    let workspace = Workspace::create(work_root, "job-test").unwrap();
-    let recorder = Arc::new(Recorder::default());
-    let cx = stage_context(
-        &workspace,
-        &origin,
-        Arc::clone(&recorder),
-        CancellationToken::new(),
-    );
-    let result = fetcher.fetch(&origin, &cx).await;
-    (result, recorder, workspace)
-}
-
-fn context_bytes(source: &FetchedSource) -> Vec<u8> {
-    let mut out = Vec::new();
-    source.context.write_tar(&mut out).unwrap();
-    out
+) -> (Result<FetchedSource, JobError>, Arc<Recorder>, Workspace) {
+    let cancel = CancellationToken::new();
+    fetch_details(fetcher, work_root, "job-test", details, cancel).await
 }
 
 fn dockerfile_text(source: &FetchedSource) -> String {
@@ -334,17 +317,7 @@ async fn the_sealed_stream_equals_git_archive_minus_dockerignored_entries() {
     git(&work, &["commit", "-q", "-m", "fixture"]);
     let commit = git(&work, &["rev-parse", "HEAD"]);
     let repos = root.path().join("repos");
-    std::fs::create_dir_all(&repos).unwrap();
-    git(
-        root.path(),
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            work.to_str().unwrap(),
-            repos.join("ctx.git").to_str().unwrap(),
-        ],
-    );
+    clone_bare(&work, &repos.join("ctx.git"));
     let server = GitHttpServer::start(&repos, USER, PASSWORD);
     let details = json!({
         "repo": {"url": server.url("ctx.git"),

@@ -32,6 +32,21 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Clones the work tree `work` into a new bare repository at `bare` (its parent created).
+pub fn clone_bare(work: &Path, bare: &Path) {
+    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+    git(
+        work,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
+}
+
 /// The revision fixture: `main` (three commits, default branch), `other` (one commit off the
 /// first), annotated tag `v1` on main's second commit, lightweight tag `first` on the first.
 pub struct RevisionFixture {
@@ -77,18 +92,8 @@ pub fn revision_fixture(root: &Path) -> RevisionFixture {
     let other_tip = git(&work, &["rev-parse", "HEAD"]);
     git(&work, &["checkout", "-q", "main"]);
     let repos = root.join("repos");
-    std::fs::create_dir_all(&repos).unwrap();
     let bare = repos.join("app.git");
-    git(
-        root,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            work.to_str().unwrap(),
-            bare.to_str().unwrap(),
-        ],
-    );
+    clone_bare(&work, &bare);
     RevisionFixture {
         bare,
         main: [main[0].clone(), main[1].clone(), main[2].clone()],
@@ -123,17 +128,7 @@ pub fn submodule_fixture(
     std::fs::write(lib.join("lib.txt"), "lib two\n").unwrap();
     git(&lib, &["commit", "-q", "-am", "lib two"]);
     let lib_tip = git(&lib, &["rev-parse", "HEAD"]);
-    std::fs::create_dir_all(lib_repos).unwrap();
-    git(
-        &scratch,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            lib.to_str().unwrap(),
-            lib_repos.join("lib.git").to_str().unwrap(),
-        ],
-    );
+    clone_bare(&lib, &lib_repos.join("lib.git"));
 
     let app = scratch.join("app");
     std::fs::create_dir_all(app.join("app")).unwrap();
@@ -155,17 +150,7 @@ pub fn submodule_fixture(
         ],
     );
     git(&app, &["commit", "-q", "-m", "app with a submodule"]);
-    std::fs::create_dir_all(repos).unwrap();
-    git(
-        &scratch,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            app.to_str().unwrap(),
-            repos.join("app-sub.git").to_str().unwrap(),
-        ],
-    );
+    clone_bare(&app, &repos.join("app-sub.git"));
     SubmoduleFixture {
         lib_pinned,
         lib_tip,

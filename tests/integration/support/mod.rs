@@ -10,6 +10,7 @@ pub mod import;
 pub mod nats;
 pub mod prometheus;
 pub mod registry;
+pub mod run;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
