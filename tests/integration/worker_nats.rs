@@ -13,7 +13,7 @@ use factoryd::job::{JobResult, Kind, Status};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::support::nats::{cluster, write_config, NatsServer};
+use crate::support::nats::{cluster, pull_at_most_one, write_config, NatsServer};
 use crate::support::ChildGuard;
 
 /// Workers (the scripted test worker) against a set of servers, with their configs, logs and
@@ -541,24 +541,12 @@ async fn a_job_that_runs_out_of_deliveries_lands_in_the_dead_letter_stream() {
         .await
         .unwrap();
     for _ in 0..nats::MAX_DELIVER {
-        let mut batch = consumer
-            .batch()
-            .max_messages(1)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .unwrap();
+        let mut batch = pull_at_most_one(&consumer, Duration::from_secs(5)).await;
         let msg = batch.next().await.expect("a delivery").unwrap();
         msg.ack_with(AckKind::Nak(None)).await.unwrap();
     }
     // The server gives up (and advises) when it next tries to deliver: a waiting pull.
-    let mut batch = consumer
-        .batch()
-        .max_messages(1)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .unwrap();
+    let mut batch = pull_at_most_one(&consumer, Duration::from_secs(2)).await;
     assert!(batch.next().await.is_none(), "no sixth delivery");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
