@@ -7,6 +7,7 @@ use std::sync::Arc;
 use factoryd::error::{ErrorClass, ErrorCode};
 use factoryd::ports::Destination;
 
+use crate::support::assert_success;
 use crate::support::failure::assert_failure;
 use crate::support::http::{Fault, FaultProxy};
 use crate::support::import::{
@@ -352,11 +353,7 @@ async fn docker_schema2_image_is_stored_as_oci_that_skopeo_reads() {
         .args(["inspect", &format!("oci:{}:d", store.path().display())])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "skopeo inspect");
 }
 
 #[tokio::test]
@@ -482,12 +479,12 @@ async fn a_blob_declared_over_the_cap_refuses_the_image_before_any_blob_moves() 
     let err = import_to_layout(&capped, &job, store.path(), "big")
         .await
         .expect_err("a blob over the cap must refuse the image");
-    assert_eq!(
-        (err.class, err.code),
-        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
-        "{err}"
+    assert_failure(
+        &err,
+        ErrorClass::Permanent,
+        ErrorCode::LimitExceeded,
+        &["registries.max_blob_bytes"],
     );
-    assert!(err.message.contains("registries.max_blob_bytes"), "{err}");
     assert!(
         err.message
             .contains("bytes, over registries.max_blob_bytes (100000)"),

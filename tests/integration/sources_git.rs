@@ -51,14 +51,11 @@ impl HttpSetup {
 }
 
 fn http_repo(setup: &HttpSetup, extra: serde_json::Value) -> serde_json::Value {
-    let mut repo = json!({
-        "url": setup.server.url("app.git"),
-        "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}},
-    });
-    if let (Some(repo), Some(extra)) = (repo.as_object_mut(), extra.as_object()) {
+    let mut details = setup.server.app_details(USER, PASSWORD);
+    if let (Some(repo), Some(extra)) = (details["repo"].as_object_mut(), extra.as_object()) {
         repo.extend(extra.clone());
     }
-    json!({"repo": repo, "context_dir": "/app", "build_file": "/app/Dockerfile"})
+    details
 }
 
 fn fetcher(extra_config: &str) -> SourceFetcher {
@@ -815,10 +812,7 @@ async fn https_clone_through_the_egress_proxy_with_username_and_password() {
     let root = tempfile::tempdir().unwrap();
     let fixture = revision_fixture(root.path());
     let server = GitHttpServer::start_tls(&root.path().join("repos"), USER, PASSWORD);
-    let details = json!({
-        "repo": {"url": server.url("app.git"),
-            "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}}},
-        "context_dir": "/app", "build_file": "/app/Dockerfile"});
+    let details = server.app_details(USER, PASSWORD);
     let (result, _, _ws) = fetch_with(
         &tls_fetcher(""),
         &root.path().join("work-root"),
@@ -847,14 +841,11 @@ async fn a_server_that_never_stops_advertising_refs_is_cut_off_at_the_cap() {
     let Err(err) = result else {
         panic!("an endless advertisement must fail")
     };
-    assert_eq!(
-        (err.class, err.code),
-        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
-        "{err}"
-    );
-    assert!(
-        err.message.contains("git.max_ref_advertisement_bytes"),
-        "{err}"
+    assert_failure(
+        &err,
+        ErrorClass::Permanent,
+        ErrorCode::LimitExceeded,
+        &["git.max_ref_advertisement_bytes"],
     );
     assert!(
         started.elapsed() < Duration::from_secs(20),

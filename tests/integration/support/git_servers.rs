@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{free_port, require_program, wait_for_port, ChildGuard};
+use super::{assert_success, free_port, require_program, wait_for_port, ChildGuard};
 
 /// Runs `git` in `dir` with a fixed identity and dates; panics with its stderr on failure.
 pub fn git(dir: &Path, args: &[&str]) -> String {
@@ -24,11 +24,7 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         .env("HOME", dir)
         .output()
         .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("git {args:?} failed"));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
@@ -214,6 +210,15 @@ impl GitHttpServer {
         format!("{}://127.0.0.1:{}/{repo}", self.scheme, self.port)
     }
 
+    /// Docker-file details for the revision fixture's `app.git` here, authenticated over http
+    /// as `user` with `password`: context `/app`, build file `/app/Dockerfile`.
+    pub fn app_details(&self, user: &str, password: &str) -> serde_json::Value {
+        serde_json::json!({
+            "repo": {"url": self.url("app.git"),
+                "auth": {"type": "http", "credentials": {"username": user, "password": password}}},
+            "context_dir": "/app", "build_file": "/app/Dockerfile"})
+    }
+
     /// Every request line logged so far ("<status> <method> <path> auth=<header or ->").
     pub fn requests(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
@@ -250,11 +255,7 @@ pub fn ssh_key(dir: &Path, name: &str, kind: &str, passphrase: &str) -> KeyPair 
         cmd.args(["-b", "256", "-m", "PEM"]);
     }
     let out = cmd.output().expect("run ssh-keygen");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ssh-keygen");
     KeyPair {
         private: std::fs::read_to_string(&path).unwrap(),
         public: std::fs::read_to_string(path.with_extension("pub")).unwrap(),
@@ -425,11 +426,7 @@ pub fn test_tls() -> &'static TestTls {
                 .current_dir(&dir)
                 .output()
                 .expect("run openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, &format!("openssl {args:?}"));
         };
         let ec = [
             "-newkey",

@@ -14,7 +14,7 @@ pub mod run;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where `free_port` hands out ports: below Linux's default ephemeral range (32768-60999), so
@@ -56,6 +56,17 @@ pub fn require_program(program: &str, package: &str) {
     assert!(
         found,
         "{program} not found: install the Debian package {package} (scripts/install-test-deps.sh)"
+    );
+}
+
+/// Asserts that the process that gave `out` succeeded; the panic names `what` and shows its
+/// stderr.
+#[track_caller]
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
