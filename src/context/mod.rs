@@ -526,6 +526,16 @@ mod tests {
         CancellationToken::new()
     }
 
+    /// A sealer with no ignore rules and [`LIMITS`], that only checks.
+    fn checker() -> Sealer<'static> {
+        Sealer::check(DockerIgnore::default(), LIMITS, false, live())
+    }
+
+    /// The error of a new [`checker`] given `entry` at `rel`.
+    fn refusal(rel: &str, entry: Entry<'_>) -> JobError {
+        checker().add(&parts(rel), META, entry).unwrap_err()
+    }
+
     #[test]
     fn symlinks_that_stay_inside_the_context_are_accepted() {
         assert_eq!(symlink_escape(&parts("a/link"), "../b"), None);
@@ -555,7 +565,7 @@ mod tests {
 
     #[test]
     fn the_entry_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
+        let mut s = checker();
         for name in ["a", "b", "c"] {
             s.add(&parts(name), META, Entry::Dir).unwrap();
         }
@@ -565,33 +575,25 @@ mod tests {
 
     #[test]
     fn the_byte_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
-        let err = s
-            .add(
-                &parts("big"),
-                META,
-                Entry::File {
-                    size: 101,
-                    content: &mut io::empty(),
-                },
-            )
-            .unwrap_err();
+        let err = refusal(
+            "big",
+            Entry::File {
+                size: 101,
+                content: &mut io::empty(),
+            },
+        );
         assert_eq!(err.code, ErrorCode::LimitExceeded);
     }
 
     #[test]
     fn the_depth_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
-        let err = s.add(&parts("a/b/c"), META, Entry::Dir).unwrap_err();
+        let err = refusal("a/b/c", Entry::Dir);
         assert_eq!(err.code, ErrorCode::LimitExceeded);
     }
 
     #[test]
     fn special_files_are_refused_by_name() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
-        let err = s
-            .add(&parts("pipe"), META, Entry::Special("FIFO"))
-            .unwrap_err();
+        let err = refusal("pipe", Entry::Special("FIFO"));
         assert_eq!(err.code, ErrorCode::UnsafeSource);
         assert!(err.message.contains("\"pipe\""), "{err}");
     }
