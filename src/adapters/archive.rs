@@ -246,7 +246,7 @@ impl Index {
                 }
                 EntryType::Directory => Kind::Dir,
                 EntryType::Symlink => {
-                    let target = link_target(&entry, &shown)?;
+                    let target = link_target(entry, &shown)?;
                     if let Some(why) = symlink_escape(&parts, &target) {
                         return Err(unsafe_entry(
                             &shown,
@@ -256,7 +256,7 @@ impl Index {
                     Kind::Symlink(target)
                 }
                 EntryType::Link => {
-                    let target = link_target(&entry, &shown)?;
+                    let target = link_target(entry, &shown)?;
                     let target_parts = archive_path(target.as_bytes())
                         .ok()
                         .flatten()
@@ -545,11 +545,11 @@ impl ArchiveContext {
                     )?
                 }
                 EntryType::Symlink => {
-                    let target = link_target(&entry, &shown)?;
+                    let target = link_target(entry, &shown)?;
                     sealer.add(rel, meta, Entry::Symlink { target })?
                 }
                 EntryType::Link => {
-                    let target = link_target(&entry, &shown)?;
+                    let target = link_target(entry, &shown)?;
                     let target_parts = archive_path(target.as_bytes())
                         .ok()
                         .flatten()
