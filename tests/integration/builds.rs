@@ -24,7 +24,6 @@ use factoryd::workspace::Workspace;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::assert_success;
 use crate::support::docker::Engine;
 use crate::support::failure::assert_failure;
 use crate::support::git_servers::{clone_bare, git, GitHttpServer};
@@ -33,6 +32,7 @@ use crate::support::http_files::{FileServer, Route};
 use crate::support::registry::{Auth, Registry};
 use crate::support::run::{factoryd_run as factoryd_run_in, Ran};
 use crate::support::sources::{targz, Recorder};
+use crate::support::{assert_success, assert_within};
 
 const USER: &str = "builder";
 const PASSWORD: &str = "base-pass-7f3c19";
@@ -1143,11 +1143,7 @@ fn factoryd_run_interrupted_during_a_build_exits_cancelled() {
         .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
-    assert!(
-        interrupted.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        interrupted.elapsed()
-    );
+    assert_within(interrupted, Duration::from_secs(10));
     let ran = Ran::of(&out);
     assert_eq!(ran.code, Some(2), "{}\n{}", ran.stdout, ran.stderr);
     let result = ran.result();
@@ -1180,11 +1176,7 @@ fn factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout() {
     let out = factoryd_run(&engine, root.path(), &job, dir.path())
         .output()
         .unwrap();
-    assert!(
-        started.elapsed() < Duration::from_secs(30),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_within(started, Duration::from_secs(30));
     let ran = Ran::of(&out);
     assert_eq!(ran.code, Some(1), "{}\n{}", ran.stdout, ran.stderr);
     let stderr = &ran.stderr;

@@ -14,12 +14,12 @@ use factoryd::workspace::Workspace;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::assert_success;
 use crate::support::failure::assert_failure;
 use crate::support::git_servers::{revision_fixture, test_tls, EndlessRefs, GitHttpServer};
 use crate::support::http_files::{FileServer, Route};
 use crate::support::run::{factoryd_run, Ran};
 use crate::support::sources::{config, context_bytes, fetch_details, tar_entries, targz, Recorder};
+use crate::support::{assert_success, assert_within};
 
 const USER: &str = "builder";
 const PASSWORD: &str = "s3cret-Passw0rd";
@@ -156,11 +156,7 @@ async fn a_child_that_uses_up_its_cpu_time_fails_its_job_and_the_next_job_runs()
         ErrorCode::LimitExceeded,
         &["sources.child_cpu_secs"],
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(25),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_within(started, Duration::from_secs(25));
 
     let files = FileServer::start();
     let url = files.route(
@@ -198,11 +194,7 @@ async fn cancellation_kills_the_child() {
         panic!("a cancelled fetch must fail")
     };
     assert_eq!(err.code, ErrorCode::Cancelled, "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_within(started, Duration::from_secs(10));
 }
 
 /// The confinement does what it says on this machine: after it, the process cannot run a

@@ -59,6 +59,13 @@ pub fn require_program(program: &str, package: &str) {
     );
 }
 
+/// Asserts that less than `limit` has passed since `since`; the panic shows how long it was.
+#[track_caller]
+pub fn assert_within(since: Instant, limit: Duration) {
+    let taken = since.elapsed();
+    assert!(taken < limit, "{taken:?}");
+}
+
 /// Asserts that the process that gave `out` succeeded; the panic names `what` and shows its
 /// stderr.
 #[track_caller]
