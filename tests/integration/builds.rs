@@ -30,7 +30,7 @@ use crate::support::git_servers::{clone_bare, git, GitHttpServer};
 use crate::support::http::FaultProxy;
 use crate::support::http_files::{FileServer, Route};
 use crate::support::registry::{Auth, Registry};
-use crate::support::run::{factoryd_run as factoryd_run_in, Ran};
+use crate::support::run::{docker_file_job, factoryd_run as factoryd_run_in, Ran};
 use crate::support::sources::{targz, Recorder};
 use crate::support::{assert_success, assert_within};
 
@@ -209,13 +209,14 @@ async fn targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_run
         "[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n",
         layout.display()
     ));
-    let job = json!({
-        "v": 1, "id": "job-targz", "source_id": "src-build",
-        "origin": {"type": "docker-file", "details": {
+    let job = docker_file_job(
+        "job-targz",
+        "src-build",
+        json!({
             "targz_url": url, "context_dir": "/", "build_file": "/app-one/Dockerfile",
             "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
-        }}
-    });
+        }),
+    );
     let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
     let out = result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
     assert!(out.image.digest.starts_with("sha256:"), "{:?}", out.image);
@@ -273,15 +274,16 @@ async fn git_source_is_pushed_to_the_destination_registry_and_runs() {
         dest.host,
         password_file.display()
     ));
-    let job = json!({
-        "v": 1, "id": "job-git", "source_id": "src-git",
-        "origin": {"type": "docker-file", "details": {
+    let job = docker_file_job(
+        "job-git",
+        "src-git",
+        json!({
             "repo": {"url": server.url("app.git"), "branch": "main",
                      "auth": {"type": "http", "credentials": {"username": "gituser", "password": "git-pass-1234"}}},
             "context_dir": "/", "build_file": "/app-one/Dockerfile",
             "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
-        }}
-    });
+        }),
+    );
     let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
     let out = result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
     let reference = format!("{}/built/src-git:job-git", dest.host);
@@ -999,15 +1001,16 @@ fn factoryd_run_builds_a_local_directory_prints_the_result_and_masks_secrets() {
         ("app/hello.txt", "hi\n"),
     ]);
     let root = tempfile::tempdir().unwrap();
-    let job = json!({
-        "v": 1, "id": "job-cli", "source_id": "src-cli",
-        "origin": {"type": "docker-file", "details": {
+    let mut job = docker_file_job(
+        "job-cli",
+        "src-cli",
+        json!({
             "targz_url": "https://example.invalid/not-fetched.tar.gz",
             "context_dir": "/app", "build_file": "/app/Dockerfile",
             "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
-        }},
-        "build": {"args": {"TOKEN": PASSWORD}}
-    });
+        }),
+    );
+    job["build"] = json!({"args": {"TOKEN": PASSWORD}});
     let out = factoryd_run(&engine, root.path(), &job, dir.path())
         .output()
         .unwrap();
@@ -1044,13 +1047,14 @@ fn factoryd_run_buildkitd(
     dir: &Path,
     buildkitd_addr: &str,
 ) -> std::process::Output {
-    let job = json!({
-        "v": 1, "id": "job-bkd", "source_id": "src-bkd",
-        "origin": {"type": "docker-file", "details": {
+    let job = docker_file_job(
+        "job-bkd",
+        "src-bkd",
+        json!({
             "targz_url": "https://example.invalid/not-fetched.tar.gz",
             "context_dir": "/", "build_file": "/Dockerfile"
-        }}
-    });
+        }),
+    );
     factoryd_run(engine, root, &job, dir)
         .env("FACTORYD__BUILDER__BACKEND", "buildkitd")
         .env("FACTORYD__BUILDER__BUILDKITD_ADDR", buildkitd_addr)
@@ -1122,10 +1126,11 @@ fn factoryd_run_interrupted_during_a_build_exits_cancelled() {
     )]);
     std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
     let root = tempfile::tempdir().unwrap();
-    let job = json!({
-        "v": 1, "id": "job-cli-cancel", "source_id": "src-cli",
-        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
-    });
+    let job = docker_file_job(
+        "job-cli-cancel",
+        "src-cli",
+        json!({"targz_url": "https://example.invalid/x.tar.gz"}),
+    );
     let child = factoryd_run(&engine, root.path(), &job, dir.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -1168,10 +1173,12 @@ fn factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout() {
     )]);
     std::fs::copy("/bin/busybox", dir.path().join("busybox")).unwrap();
     let root = tempfile::tempdir().unwrap();
-    let job = json!({
-        "v": 1, "id": "job-cli-timeout", "source_id": "src-cli", "timeout_secs": 4,
-        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
-    });
+    let mut job = docker_file_job(
+        "job-cli-timeout",
+        "src-cli",
+        json!({"targz_url": "https://example.invalid/x.tar.gz"}),
+    );
+    job["timeout_secs"] = json!(4);
     let started = Instant::now();
     let out = factoryd_run(&engine, root.path(), &job, dir.path())
         .output()
@@ -1208,10 +1215,11 @@ fn node_registry_credentials_from_the_config_reach_the_build() {
     let root = tempfile::tempdir().unwrap();
     let password_file = root.path().join("base.pass");
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
-    let job = json!({
-        "v": 1, "id": "job-node-creds", "source_id": "src-cli",
-        "origin": {"type": "docker-file", "details": {"targz_url": "https://example.invalid/x.tar.gz"}}
-    });
+    let job = docker_file_job(
+        "job-node-creds",
+        "src-cli",
+        json!({"targz_url": "https://example.invalid/x.tar.gz"}),
+    );
     // `[registries]` credentials for the base's registry, `more` added to their entry.
     let node_credentials = |more: &str| {
         format!(
@@ -1321,11 +1329,13 @@ async fn a_frontend_not_allowed_is_refused_before_buildkit_pulls_it() {
         root.path().join("store").display()
     ));
     let jobs = [
-        json!({"v": 1, "id": "job-syntax", "source_id": "src-syntax",
-            "origin": {"type": "docker-file", "details": {"targz_url": directive}}}),
-        json!({"v": 1, "id": "job-syntax-arg", "source_id": "src-syntax",
-            "origin": {"type": "docker-file", "details": {"targz_url": plain}},
-            "build": {"args": {"BUILDKIT_SYNTAX": frontend}}}),
+        docker_file_job("job-syntax", "src-syntax", json!({"targz_url": directive})),
+        {
+            let mut job =
+                docker_file_job("job-syntax-arg", "src-syntax", json!({"targz_url": plain}));
+            job["build"] = json!({"args": {"BUILDKIT_SYNTAX": frontend}});
+            job
+        },
     ];
     for job in jobs {
         let (result, _) = run(&engine, &config, job, &root.path().join("work")).await;
@@ -1379,8 +1389,7 @@ async fn a_destination_override_cannot_replace_another_sources_image() {
     ));
     let work = root.path().join("work");
 
-    let job = json!({"v": 1, "id": "job-web", "source_id": "web",
-        "origin": {"type": "docker-file", "details": {"targz_url": web}}});
+    let job = docker_file_job("job-web", "web", json!({"targz_url": web}));
     let (result, _) = run(&engine, &config, job, &work).await;
     let own = result.expect("the owner's build").image.digest;
     assert_eq!(
@@ -1389,9 +1398,8 @@ async fn a_destination_override_cannot_replace_another_sources_image() {
     );
 
     for (repository, tag) in [("tenants/web", "job-web"), ("tenants/web/x", "job-web")] {
-        let job = json!({"v": 1, "id": "job-evil", "source_id": "evil",
-            "origin": {"type": "docker-file", "details": {"targz_url": evil}},
-            "destination": {"kind": "oci-layout", "repository": repository, "tag": tag}});
+        let mut job = docker_file_job("job-evil", "evil", json!({"targz_url": evil}));
+        job["destination"] = json!({"kind": "oci-layout", "repository": repository, "tag": tag});
         let (result, _) = run(&engine, &config, job, &work).await;
         let err = result.expect_err("another source's repository must be refused");
         assert_eq!(
@@ -1408,9 +1416,9 @@ async fn a_destination_override_cannot_replace_another_sources_image() {
     );
 
     // Inside its own namespace a job still chooses repository and tag.
-    let job = json!({"v": 1, "id": "job-evil-2", "source_id": "evil",
-        "origin": {"type": "docker-file", "details": {"targz_url": evil}},
-        "destination": {"kind": "oci-layout", "repository": "tenants/evil/tools", "tag": "v1"}});
+    let mut job = docker_file_job("job-evil-2", "evil", json!({"targz_url": evil}));
+    job["destination"] =
+        json!({"kind": "oci-layout", "repository": "tenants/evil/tools", "tag": "v1"});
     let (result, _) = run(&engine, &config, job, &work).await;
     let theirs = result
         .expect("an override in the job's own namespace")

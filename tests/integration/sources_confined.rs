@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::support::failure::assert_failure;
 use crate::support::git_servers::{revision_fixture, test_tls, EndlessRefs, GitHttpServer};
 use crate::support::http_files::{FileServer, Route};
-use crate::support::run::{factoryd_run, Ran};
+use crate::support::run::{docker_file_job, factoryd_run, Ran};
 use crate::support::sources::{config, context_bytes, fetch_details, tar_entries, targz, Recorder};
 use crate::support::{assert_success, assert_within};
 
@@ -286,8 +286,7 @@ fn factoryd_run_refuses_a_tarball_redirected_from_https_to_http() {
     wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
     let root = tempfile::tempdir().unwrap();
     let https = format!("https://127.0.0.1:{port}/src.tar.gz");
-    let job = json!({"v": 1, "id": "job-downgrade", "source_id": "src",
-        "origin": {"type": "docker-file", "details": {"targz_url": https}}});
+    let job = docker_file_job("job-downgrade", "src", json!({"targz_url": https}));
     let ran = Ran::of(
         &factoryd_run(root.path(), &job, "")
             .env("SSL_CERT_FILE", &tls.ca)
@@ -333,8 +332,7 @@ fn the_workers_memory_stays_flat_while_a_source_child_runs_out_of_memory() {
          [sources]\nchild_memory_mib = 512\n",
         test_tls().ca.display()
     );
-    let job = json!({"v": 1, "id": "job-mem", "source_id": "src",
-        "origin": {"type": "docker-file", "details": {"repo": {"url": server.url}}}});
+    let job = docker_file_job("job-mem", "src", json!({"repo": {"url": server.url}}));
     let mut run = factoryd_run(root.path(), &job, &extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

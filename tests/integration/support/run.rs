@@ -52,3 +52,12 @@ impl Ran {
         serde_json::from_str(&self.stdout).expect("result JSON on stdout")
     }
 }
+
+/// The JSON of a v1 docker-file job `id` of the image source `source_id`, its origin's
+/// `details` as given; add `build`, `destination` or `timeout_secs` to it as a test needs.
+pub fn docker_file_job(id: &str, source_id: &str, details: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({
+        "v": 1, "id": id, "source_id": source_id,
+        "origin": {"type": "docker-file", "details": details}
+    })
+}
