@@ -24,6 +24,8 @@ use factoryd::worker::{QueuePorts, Worker, WorkerSettings};
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use support::nats::pull_at_most_one;
+
 const THROUGHPUT_JOBS: usize = 4000;
 const LATENCY_JOBS: usize = 300;
 
@@ -78,13 +80,7 @@ async fn raw_pull_ack(client: async_nats::Client, n: usize) -> (f64, Vec<Duratio
     }
     let start = Instant::now();
     for _ in 0..n {
-        let mut batch = consumer
-            .batch()
-            .max_messages(1)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .unwrap();
+        let mut batch = pull_at_most_one(&consumer, Duration::from_secs(5)).await;
         let msg = batch.next().await.unwrap().unwrap();
         msg.double_ack().await.unwrap();
     }
@@ -98,13 +94,7 @@ async fn raw_pull_ack(client: async_nats::Client, n: usize) -> (f64, Vec<Duratio
             .unwrap()
             .await
             .unwrap();
-        let mut batch = consumer
-            .batch()
-            .max_messages(1)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .unwrap();
+        let mut batch = pull_at_most_one(&consumer, Duration::from_secs(5)).await;
         let msg = batch.next().await.unwrap().unwrap();
         msg.double_ack().await.unwrap();
         lat.push(t.elapsed());

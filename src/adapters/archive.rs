@@ -38,7 +38,6 @@ use crate::context::{
 };
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::ports::{ContextWriter, SealedContext};
-use crate::workspace::random_hex;
 
 /// Tar framing allowed on top of the content cap when decompressing: a header and at most a
 /// block of padding per entry, plus extension headers and the end marker.
@@ -63,23 +62,12 @@ pub fn seal(
     let mut ignore = {
         let mut key = context.path.clone();
         key.push(DOCKERIGNORE.to_owned());
-        match index.dockerignores.get(&key.join("/")) {
-            Some(bytes) => DockerIgnore::load(&mut &bytes[..])?,
-            None => DockerIgnore::default(),
-        }
+        let found = index.dockerignores.get(&key.join("/"));
+        context::load_dockerignore(found.map(|bytes| &bytes[..]))?
     };
-    let (name, reserved) = match dockerfile.path.strip_prefix(context.path.as_slice()) {
-        Some(inside) => {
-            let name = inside.join("/");
-            ignore.keep(&name);
-            (name, None)
-        }
-        None => {
-            let name = format!(".dockerfile.{}", random_hex(10));
-            (name.clone(), Some(name))
-        }
-    };
-    ignore.keep(DOCKERIGNORE);
+    let placed = context::name_build_file(&context.path, &dockerfile.path, &mut ignore);
+    let reserved = placed.outside.then(|| placed.name.clone());
+    let name = placed.name;
     index.check_context(&context.path, &ignore, limits, &cancel)?;
     let writer = ArchiveContext {
         path: path.to_path_buf(),
@@ -93,9 +81,12 @@ pub fn seal(
     Ok(SealedContext::new(name, Box::new(writer)))
 }
 
+/// The decompressed bytes of the file, capped.
+type Stream = Capped<MultiGzDecoder<BufReader<File>>>;
+
 /// The gzip + tar stream of the file, with the decompressed-bytes cap.
 struct Opened {
-    archive: tar::Archive<Capped<MultiGzDecoder<BufReader<File>>>>,
+    archive: tar::Archive<Stream>,
     over_cap: Rc<Cell<bool>>,
     cap: u64,
 }
@@ -123,6 +114,50 @@ fn open(path: &Path, limits: Limits) -> Result<Opened, JobError> {
         over_cap,
         cap,
     })
+}
+
+/// What [`each_entry`] tells about an entry: its type, its name as errors show it, and its
+/// path components.
+struct Named {
+    kind: EntryType,
+    shown: String,
+    parts: Vec<String>,
+}
+
+/// Visits the entries of `opened` in order, skipping extension headers and the archive root,
+/// and refusing a name [`archive_path`] refuses. With `cancel`, stops with a `cancelled`
+/// error once it fires (checked as each entry is read).
+fn each_entry(
+    opened: &mut Opened,
+    cancel: Option<&CancellationToken>,
+    mut visit: impl FnMut(&mut tar::Entry<'_, Stream>, Named) -> Result<(), JobError>,
+) -> Result<(), JobError> {
+    let over_cap = Rc::clone(&opened.over_cap);
+    let cap = opened.cap;
+    let entries = opened
+        .archive
+        .entries()
+        .map_err(|e| opened_error(&over_cap, cap, e))?;
+    for entry in entries {
+        if cancel.is_some_and(CancellationToken::is_cancelled) {
+            return Err(JobError::cancelled(Stage::Seal));
+        }
+        let mut entry = entry.map_err(|e| opened_error(&over_cap, cap, e))?;
+        let kind = entry.header().entry_type();
+        if matches!(
+            kind,
+            EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName
+        ) {
+            continue;
+        }
+        let raw_name = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw_name).into_owned();
+        let Some(parts) = archive_path(&raw_name).map_err(|why| unsafe_entry(&shown, why))? else {
+            continue;
+        };
+        visit(&mut entry, Named { kind, shown, parts })?;
+    }
+    Ok(())
 }
 
 /// A reader that fails once more than `left` bytes were asked of it.
@@ -171,110 +206,87 @@ impl Index {
         };
         let mut entries_seen: u64 = 0;
         let mut content_bytes: u64 = 0;
-        {
-            let entries = opened
-                .archive
-                .entries()
-                .map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
-            for entry in entries {
-                if cancel.is_cancelled() {
-                    return Err(JobError::cancelled(Stage::Seal));
-                }
-                let mut entry = entry.map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
-                let kind = entry.header().entry_type();
-                if matches!(
-                    kind,
-                    EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName
-                ) {
-                    continue;
-                }
-                let raw_name = entry.path_bytes().into_owned();
-                let shown = String::from_utf8_lossy(&raw_name).into_owned();
-                let Some(parts) =
-                    archive_path(&raw_name).map_err(|why| unsafe_entry(&shown, why))?
-                else {
-                    continue;
-                };
-                entries_seen += 1;
-                if entries_seen > limits.max_entries {
-                    return Err(context::limit(format!(
-                        "the archive has more than {} entries (sources.max_entries)",
-                        limits.max_entries
-                    )));
-                }
-                if parts.len() > limits.max_path_depth as usize {
-                    return Err(context::limit(format!(
-                        "{shown:?} is more than {} directories deep (sources.max_path_depth)",
-                        limits.max_path_depth
-                    )));
-                }
-                let node = match kind {
-                    EntryType::Regular | EntryType::Continuous => {
-                        let size = entry.size();
-                        content_bytes = content_bytes.saturating_add(size);
-                        if content_bytes > limits.max_context_bytes {
-                            return Err(context::limit(format!(
-                                "the archive holds more than {} bytes of files \
-                                 (sources.max_context_bytes)",
-                                limits.max_context_bytes
-                            )));
-                        }
-                        if parts.last().is_some_and(|n| n == DOCKERIGNORE) {
-                            let mut text = Vec::new();
-                            (&mut entry)
-                                .take(MAX_DOCKERIGNORE_BYTES + 1)
-                                .read_to_end(&mut text)
-                                .map_err(|e| opened_error(&opened.over_cap, opened.cap, e))?;
-                            index.dockerignores.insert(parts.join("/"), text);
-                        }
-                        Kind::File(size)
+        let over_cap = Rc::clone(&opened.over_cap);
+        let cap = opened.cap;
+        each_entry(&mut opened, Some(cancel), |entry, named| {
+            let Named { kind, shown, parts } = named;
+            entries_seen += 1;
+            if entries_seen > limits.max_entries {
+                return Err(context::limit(format!(
+                    "the archive has more than {} entries (sources.max_entries)",
+                    limits.max_entries
+                )));
+            }
+            if parts.len() > limits.max_path_depth as usize {
+                return Err(context::limit(format!(
+                    "{shown:?} is more than {} directories deep (sources.max_path_depth)",
+                    limits.max_path_depth
+                )));
+            }
+            let node = match kind {
+                EntryType::Regular | EntryType::Continuous => {
+                    let size = entry.size();
+                    content_bytes = content_bytes.saturating_add(size);
+                    if content_bytes > limits.max_context_bytes {
+                        return Err(context::limit(format!(
+                            "the archive holds more than {} bytes of files \
+                             (sources.max_context_bytes)",
+                            limits.max_context_bytes
+                        )));
                     }
-                    EntryType::Directory => Kind::Dir,
-                    EntryType::Symlink => {
-                        let target = link_target(&entry, &shown)?;
-                        if let Some(why) = symlink_escape(&parts, &target) {
-                            return Err(unsafe_entry(
-                                &shown,
-                                &format!("it is a symlink to {target:?}, which {why}"),
-                            ));
-                        }
-                        Kind::Symlink(target)
+                    if parts.last().is_some_and(|n| n == DOCKERIGNORE) {
+                        let mut text = Vec::new();
+                        (&mut *entry)
+                            .take(MAX_DOCKERIGNORE_BYTES + 1)
+                            .read_to_end(&mut text)
+                            .map_err(|e| opened_error(&over_cap, cap, e))?;
+                        index.dockerignores.insert(parts.join("/"), text);
                     }
-                    EntryType::Link => {
-                        let target = link_target(&entry, &shown)?;
-                        let target_parts =
-                            archive_path(target.as_bytes()).ok().flatten().filter(|t| {
-                                matches!(index.nodes.get(&t.join("/")), Some(Kind::File(_)))
-                            });
-                        let Some(target_parts) = target_parts else {
-                            return Err(unsafe_entry(
-                                &shown,
-                                &format!(
-                                    "it is a hard link to {target:?}, which is not an earlier \
-                                     file of the archive"
-                                ),
-                            ));
-                        };
-                        Kind::HardLink(target_parts)
+                    Kind::File(size)
+                }
+                EntryType::Directory => Kind::Dir,
+                EntryType::Symlink => {
+                    let target = link_target(entry, &shown)?;
+                    if let Some(why) = symlink_escape(&parts, &target) {
+                        return Err(unsafe_entry(
+                            &shown,
+                            &format!("it is a symlink to {target:?}, which {why}"),
+                        ));
                     }
-                    EntryType::Char => {
-                        return Err(unsafe_entry(&shown, "it is a character device"))
-                    }
-                    EntryType::Block => return Err(unsafe_entry(&shown, "it is a block device")),
-                    EntryType::Fifo => return Err(unsafe_entry(&shown, "it is a FIFO")),
-                    other => {
+                    Kind::Symlink(target)
+                }
+                EntryType::Link => {
+                    let target = link_target(entry, &shown)?;
+                    let target_parts = archive_path(target.as_bytes())
+                        .ok()
+                        .flatten()
+                        .filter(|t| matches!(index.nodes.get(&t.join("/")), Some(Kind::File(_))));
+                    let Some(target_parts) = target_parts else {
                         return Err(unsafe_entry(
                             &shown,
                             &format!(
-                                "its entry type {:?} is not supported",
-                                other.as_byte() as char
+                                "it is a hard link to {target:?}, which is not an earlier \
+                                 file of the archive"
                             ),
-                        ))
-                    }
-                };
-                index.insert(&parts, node, &shown)?;
-            }
-        }
+                        ));
+                    };
+                    Kind::HardLink(target_parts)
+                }
+                EntryType::Char => return Err(unsafe_entry(&shown, "it is a character device")),
+                EntryType::Block => return Err(unsafe_entry(&shown, "it is a block device")),
+                EntryType::Fifo => return Err(unsafe_entry(&shown, "it is a FIFO")),
+                other => {
+                    return Err(unsafe_entry(
+                        &shown,
+                        &format!(
+                            "its entry type {:?} is not supported",
+                            other.as_byte() as char
+                        ),
+                    ))
+                }
+            };
+            index.insert(&parts, node, &shown)
+        })?;
         // What follows the end-of-archive marker must be zero padding; reading it to the end
         // also makes the gzip decoder meet any trailing garbage.
         let mut rest = opened.archive.into_inner();
@@ -283,7 +295,7 @@ impl Index {
             let n = match rest.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e) => return Err(opened_error(&opened.over_cap, opened.cap, e)),
+                Err(e) => return Err(opened_error(&over_cap, cap, e)),
             };
             if buf[..n].iter().any(|b| *b != 0) {
                 return Err(JobError::permanent(
@@ -499,37 +511,10 @@ struct ArchiveContext {
 impl ArchiveContext {
     fn walk(&self, out: Option<&mut dyn Write>) -> Result<u64, JobError> {
         let mut opened = open(&self.path, self.limits)?;
-        let over_cap = Rc::clone(&opened.over_cap);
-        let cap = opened.cap;
-        let mut sealer = match out {
-            Some(out) => Sealer::write(
-                self.ignore.clone(),
-                self.limits,
-                true,
-                self.cancel.clone(),
-                out,
-            ),
-            None => Sealer::check(self.ignore.clone(), self.limits, true, self.cancel.clone()),
-        };
-        let entries = opened
-            .archive
-            .entries()
-            .map_err(|e| opened_error(&over_cap, cap, e))?;
-        for entry in entries {
-            let mut entry = entry.map_err(|e| opened_error(&over_cap, cap, e))?;
-            let kind = entry.header().entry_type();
-            if matches!(
-                kind,
-                EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName
-            ) {
-                continue;
-            }
-            let raw_name = entry.path_bytes().into_owned();
-            let shown = String::from_utf8_lossy(&raw_name).into_owned();
-            let Some(parts) = archive_path(&raw_name).map_err(|why| unsafe_entry(&shown, why))?
-            else {
-                continue;
-            };
+        let mut sealer = Sealer::new(&self.ignore, self.limits, true, &self.cancel, out);
+        // The sealer stops the walk when `cancel` fires.
+        each_entry(&mut opened, None, |entry, named| {
+            let Named { kind, shown, parts } = named;
             let meta = Meta {
                 mode: entry.header().mode().unwrap_or(0o644),
                 mtime: entry.header().mtime().unwrap_or(0),
@@ -537,15 +522,14 @@ impl ArchiveContext {
             if let Some(reserved) = &self.reserved {
                 if parts == self.build_file {
                     let size = entry.size();
-                    sealer.add_build_file(reserved, meta, size, &mut entry)?;
-                    continue;
+                    return sealer.add_build_file(reserved, meta, size, entry);
                 }
             }
             let Some(rel) = parts.strip_prefix(self.context.as_slice()) else {
-                continue;
+                return Ok(());
             };
             if rel.is_empty() {
-                continue;
+                return Ok(());
             }
             match kind {
                 EntryType::Directory => sealer.add(rel, meta, Entry::Dir)?,
@@ -556,16 +540,16 @@ impl ArchiveContext {
                         meta,
                         Entry::File {
                             size,
-                            content: &mut entry,
+                            content: &mut *entry,
                         },
                     )?
                 }
                 EntryType::Symlink => {
-                    let target = link_target(&entry, &shown)?;
+                    let target = link_target(entry, &shown)?;
                     sealer.add(rel, meta, Entry::Symlink { target })?
                 }
                 EntryType::Link => {
-                    let target = link_target(&entry, &shown)?;
+                    let target = link_target(entry, &shown)?;
                     let target_parts = archive_path(target.as_bytes())
                         .ok()
                         .flatten()
@@ -586,7 +570,8 @@ impl ArchiveContext {
                 }
                 _ => sealer.add(rel, meta, Entry::Special("special file"))?,
             }
-        }
+            Ok(())
+        })?;
         sealer.finish()
     }
 }

@@ -17,7 +17,6 @@ use crate::context::{self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNO
 use crate::error::{classify_io, JobError, Stage};
 use crate::job::DockerFile;
 use crate::ports::{ContextWriter, FetchedSource, Fetcher, SealedContext, StageContext};
-use crate::workspace::random_hex;
 
 /// Seals `context_dir` / `build_file` of the directory `root`. Blocking; the walks stop when
 /// `cancel` fires.
@@ -34,25 +33,18 @@ pub fn seal(
     let dockerfile = resolve::resolve(&lookup, build_file, Want::BuildFile)?;
     let context_path = join(&root, &context.path);
     let ignore_path = context_path.join(DOCKERIGNORE);
-    let mut ignore = match fs::symlink_metadata(&ignore_path) {
+    let ignore_file = match fs::symlink_metadata(&ignore_path) {
         Ok(meta) if meta.is_file() => {
-            let mut file = File::open(&ignore_path).map_err(|e| io_error(&ignore_path, e))?;
-            DockerIgnore::load(&mut file)?
+            Some(File::open(&ignore_path).map_err(|e| io_error(&ignore_path, e))?)
         }
-        _ => DockerIgnore::default(),
+        _ => None,
     };
-    let (name, extra) = match dockerfile.path.strip_prefix(context.path.as_slice()) {
-        Some(inside) => {
-            let name = inside.join("/");
-            ignore.keep(&name);
-            (name, None)
-        }
-        None => {
-            let name = format!(".dockerfile.{}", random_hex(10));
-            (name.clone(), Some((name, join(&root, &dockerfile.path))))
-        }
-    };
-    ignore.keep(DOCKERIGNORE);
+    let mut ignore = context::load_dockerignore(ignore_file)?;
+    let placed = context::name_build_file(&context.path, &dockerfile.path, &mut ignore);
+    let extra = placed
+        .outside
+        .then(|| (placed.name.clone(), join(&root, &dockerfile.path)));
+    let name = placed.name;
     let writer = DirContext {
         context: context_path,
         extra,
@@ -123,16 +115,7 @@ struct DirContext {
 impl DirContext {
     fn walk(&self, out: Option<&mut dyn Write>) -> Result<u64, JobError> {
         let writing = out.is_some();
-        let mut sealer = match out {
-            Some(out) => Sealer::write(
-                self.ignore.clone(),
-                self.limits,
-                false,
-                self.cancel.clone(),
-                out,
-            ),
-            None => Sealer::check(self.ignore.clone(), self.limits, false, self.cancel.clone()),
-        };
+        let mut sealer = Sealer::new(&self.ignore, self.limits, false, &self.cancel, out);
         walk_dir(&self.context, &mut sealer, writing)?;
         if let Some((name, path)) = &self.extra {
             let meta = fs::symlink_metadata(path).map_err(|e| io_error(path, e))?;

@@ -197,104 +197,74 @@ pub async fn ensure_topology(
     let p = &names.prefix;
     let mut mismatches = Vec::new();
 
-    let jobs = ensure_stream(
-        js,
-        stream::Config {
-            name: names.jobs_stream.clone(),
-            subjects: vec![format!("{p}.jobs.>")],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            discard: stream::DiscardPolicy::New,
-            max_age: JOBS_MAX_AGE,
-            duplicate_window: DUPLICATE_WINDOW,
-            max_messages_per_subject: -1,
-            num_replicas: replicas,
-            ..Default::default()
-        },
-        &mut mismatches,
-    )
-    .await?;
+    // Every stream is file-backed with the topology's replicas, and keeps messages up to its
+    // limits unless it says otherwise; the rest is per stream.
+    let file_stream = |name: String, subjects: Vec<String>| stream::Config {
+        name,
+        subjects,
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    };
+
+    let jobs_config = stream::Config {
+        retention: stream::RetentionPolicy::WorkQueue,
+        discard: stream::DiscardPolicy::New,
+        max_age: JOBS_MAX_AGE,
+        duplicate_window: DUPLICATE_WINDOW,
+        max_messages_per_subject: -1,
+        ..file_stream(names.jobs_stream.clone(), vec![format!("{p}.jobs.>")])
+    };
+    let jobs = ensure_stream(js, jobs_config, &mut mismatches).await?;
     for kind in Kind::ALL {
         ensure_consumer(&jobs, names, kind, ack_wait, &mut mismatches).await?;
     }
 
-    ensure_stream(
-        js,
-        stream::Config {
-            name: format!("KV_{}", names.state_bucket),
-            subjects: vec![format!("$KV.{}.>", names.state_bucket)],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            discard: stream::DiscardPolicy::New,
-            max_messages_per_subject: STATE_HISTORY,
-            max_age: STATE_MAX_AGE,
-            allow_rollup: true,
-            deny_delete: true,
-            allow_direct: true,
-            num_replicas: replicas,
-            ..Default::default()
-        },
-        &mut mismatches,
-    )
-    .await?;
-    ensure_stream(
-        js,
-        stream::Config {
-            name: names.results_stream.clone(),
-            subjects: vec![format!("{p}.results.>")],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            max_messages_per_subject: 1,
-            max_age: RESULTS_MAX_AGE,
-            duplicate_window: DUPLICATE_WINDOW,
-            num_replicas: replicas,
-            ..Default::default()
-        },
-        &mut mismatches,
-    )
-    .await?;
-    ensure_stream(
-        js,
-        stream::Config {
-            name: names.events_stream.clone(),
-            subjects: vec![format!("{p}.events.>")],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            discard: stream::DiscardPolicy::Old,
-            max_age: EVENTS_MAX_AGE,
-            max_bytes: EVENTS_MAX_BYTES,
-            max_messages_per_subject: -1,
-            num_replicas: replicas,
-            ..Default::default()
-        },
-        &mut mismatches,
-    )
-    .await?;
+    let state = stream::Config {
+        discard: stream::DiscardPolicy::New,
+        max_messages_per_subject: STATE_HISTORY,
+        max_age: STATE_MAX_AGE,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..file_stream(
+            format!("KV_{}", names.state_bucket),
+            vec![format!("$KV.{}.>", names.state_bucket)],
+        )
+    };
+    let results = stream::Config {
+        max_messages_per_subject: 1,
+        max_age: RESULTS_MAX_AGE,
+        duplicate_window: DUPLICATE_WINDOW,
+        ..file_stream(names.results_stream.clone(), vec![format!("{p}.results.>")])
+    };
+    let events = stream::Config {
+        discard: stream::DiscardPolicy::Old,
+        max_age: EVENTS_MAX_AGE,
+        max_bytes: EVENTS_MAX_BYTES,
+        max_messages_per_subject: -1,
+        ..file_stream(names.events_stream.clone(), vec![format!("{p}.events.>")])
+    };
     // Jobs that ran out of deliveries without a worker's own result (should stay empty: the
     // worker's retry budget is below max_deliver), and jobs a worker gave up on without running
     // them (`poison`, on `<prefix>.dlq.<job_id>`). Terminations are not captured: every term
     // comes with a published result.
-    ensure_stream(
-        js,
-        stream::Config {
-            name: names.dlq_stream.clone(),
-            subjects: vec![
-                format!(
-                    "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
-                    names.jobs_stream
-                ),
-                names.dead_letter_subject("*"),
-            ],
-            retention: stream::RetentionPolicy::Limits,
-            storage: stream::StorageType::File,
-            max_age: JOBS_MAX_AGE,
-            max_messages_per_subject: -1,
-            num_replicas: replicas,
-            ..Default::default()
-        },
-        &mut mismatches,
-    )
-    .await?;
+    let dlq_subjects = vec![
+        format!(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+            names.jobs_stream
+        ),
+        names.dead_letter_subject("*"),
+    ];
+    let dlq = stream::Config {
+        max_age: JOBS_MAX_AGE,
+        max_messages_per_subject: -1,
+        ..file_stream(names.dlq_stream.clone(), dlq_subjects)
+    };
+    for config in [state, results, events, dlq] {
+        ensure_stream(js, config, &mut mismatches).await?;
+    }
 
     if !mismatches.is_empty() {
         return Err(QueueError::new(

@@ -48,11 +48,19 @@ impl Fetcher for SourceFetcher {
         origin: &DockerFile,
         cx: &StageContext,
     ) -> Result<FetchedSource, JobError> {
-        if cx.cancel.is_cancelled() {
-            return Err(JobError::cancelled(Stage::Fetch));
-        }
+        fetch_accounted(origin, cx, || self.fetch_source(origin, cx)).await
+    }
+}
+
+impl SourceFetcher {
+    /// Fetches and seals the job's git repository or tar.gz.
+    async fn fetch_source(
+        &self,
+        origin: &DockerFile,
+        cx: &StageContext,
+    ) -> Result<FetchedSource, JobError> {
         // The pipeline announced the fetch stage; this adapter reports progress within it.
-        let result = match &origin.source {
+        match &origin.source {
             BuildSource::Repo(repo) => self
                 .git
                 .fetch(repo, &origin.context_dir, &origin.build_file, cx)
@@ -71,9 +79,26 @@ impl Fetcher for SourceFetcher {
                     revision: None,
                     fetched_bytes: s.fetched_bytes,
                 }),
-        };
-        account(origin, result, cx)
+        }
     }
+}
+
+/// What every docker-file fetcher does around its own `fetch` (in-process or in the source
+/// child): nothing starts once `cx.cancel` has fired, and the outcome is [`account`]ed.
+pub(crate) async fn fetch_accounted<F, Fut>(
+    origin: &DockerFile,
+    cx: &StageContext,
+    fetch: F,
+) -> Result<FetchedSource, JobError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<FetchedSource, JobError>>,
+{
+    if cx.cancel.is_cancelled() {
+        return Err(JobError::cancelled(Stage::Fetch));
+    }
+    let result = fetch().await;
+    account(origin, result, cx)
 }
 
 /// What every docker-file fetcher does with its outcome (in-process or in the source child):

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::SourcesConfig;
 use crate::error::{ErrorCode, JobError, Stage};
+use crate::workspace::random_hex;
 
 pub use dockerignore::{DockerIgnore, MAX_DOCKERIGNORE_BYTES};
 
@@ -129,6 +130,22 @@ impl<'w> Sealer<'w> {
         Sealer {
             out: Some(builder),
             ..Sealer::check(ignore, limits, track_files, cancel)
+        }
+    }
+
+    /// A sealer for one walk: writing the tar stream to `out` when given, only checking
+    /// otherwise.
+    pub fn new(
+        ignore: &DockerIgnore,
+        limits: Limits,
+        track_files: bool,
+        cancel: &CancellationToken,
+        out: Option<&'w mut dyn Write>,
+    ) -> Sealer<'w> {
+        let (ignore, cancel) = (ignore.clone(), cancel.clone());
+        match out {
+            Some(out) => Sealer::write(ignore, limits, track_files, cancel, out),
+            None => Sealer::check(ignore, limits, track_files, cancel),
         }
     }
 
@@ -379,6 +396,51 @@ pub fn symlink_escape(link: &[String], target: &str) -> Option<&'static str> {
     None
 }
 
+/// The `.dockerignore` of a context: read from `found` when the context has one (`None`: it
+/// has none, and nothing is ignored). See [`DockerIgnore::load`] for the caps.
+pub fn load_dockerignore(found: Option<impl Read>) -> Result<DockerIgnore, JobError> {
+    match found {
+        Some(mut file) => DockerIgnore::load(&mut file),
+        None => Ok(DockerIgnore::default()),
+    }
+}
+
+/// The build file's place in the context stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildFileName {
+    /// Its name in the stream.
+    pub name: String,
+    /// It lies outside the context directory: `name` is a reserved name at the context root,
+    /// and the source adds the file under it after the walk.
+    pub outside: bool,
+}
+
+/// Names the build file at `build_file` (from the source root) in the stream of the context
+/// at `context`, and makes `ignore` keep it and `.dockerignore` itself, as the docker CLI
+/// does: both are always sent.
+pub fn name_build_file(
+    context: &[String],
+    build_file: &[String],
+    ignore: &mut DockerIgnore,
+) -> BuildFileName {
+    let placed = match build_file.strip_prefix(context) {
+        Some(inside) => {
+            let name = inside.join("/");
+            ignore.keep(&name);
+            BuildFileName {
+                name,
+                outside: false,
+            }
+        }
+        None => BuildFileName {
+            name: format!(".dockerfile.{}", random_hex(10)),
+            outside: true,
+        },
+    };
+    ignore.keep(DOCKERIGNORE);
+    placed
+}
+
 /// Regular files: permission bits only, without setuid/setgid/sticky and world-write.
 pub fn file_mode(mode: u32) -> u32 {
     mode & 0o775
@@ -464,6 +526,16 @@ mod tests {
         CancellationToken::new()
     }
 
+    /// A sealer with no ignore rules and [`LIMITS`], that only checks.
+    fn checker() -> Sealer<'static> {
+        Sealer::check(DockerIgnore::default(), LIMITS, false, live())
+    }
+
+    /// The error of a new [`checker`] given `entry` at `rel`.
+    fn refusal(rel: &str, entry: Entry<'_>) -> JobError {
+        checker().add(&parts(rel), META, entry).unwrap_err()
+    }
+
     #[test]
     fn symlinks_that_stay_inside_the_context_are_accepted() {
         assert_eq!(symlink_escape(&parts("a/link"), "../b"), None);
@@ -493,7 +565,7 @@ mod tests {
 
     #[test]
     fn the_entry_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
+        let mut s = checker();
         for name in ["a", "b", "c"] {
             s.add(&parts(name), META, Entry::Dir).unwrap();
         }
@@ -503,33 +575,25 @@ mod tests {
 
     #[test]
     fn the_byte_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
-        let err = s
-            .add(
-                &parts("big"),
-                META,
-                Entry::File {
-                    size: 101,
-                    content: &mut io::empty(),
-                },
-            )
-            .unwrap_err();
+        let err = refusal(
+            "big",
+            Entry::File {
+                size: 101,
+                content: &mut io::empty(),
+            },
+        );
         assert_eq!(err.code, ErrorCode::LimitExceeded);
     }
 
     #[test]
     fn the_depth_cap_stops_the_walk() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
-        let err = s.add(&parts("a/b/c"), META, Entry::Dir).unwrap_err();
+        let err = refusal("a/b/c", Entry::Dir);
         assert_eq!(err.code, ErrorCode::LimitExceeded);
     }
 
     #[test]
     fn special_files_are_refused_by_name() {
-        let mut s = Sealer::check(DockerIgnore::default(), LIMITS, false, live());
-        let err = s
-            .add(&parts("pipe"), META, Entry::Special("FIFO"))
-            .unwrap_err();
+        let err = refusal("pipe", Entry::Special("FIFO"));
         assert_eq!(err.code, ErrorCode::UnsafeSource);
         assert!(err.message.contains("\"pipe\""), "{err}");
     }

@@ -147,16 +147,15 @@ impl Fetcher for ConfinedFetcher {
         origin: &DockerFile,
         cx: &StageContext,
     ) -> Result<FetchedSource, JobError> {
-        if cx.cancel.is_cancelled() {
-            return Err(JobError::cancelled(Stage::Fetch));
-        }
-        let request = Request {
-            job: wire_job(origin, &cx.job_id),
-            workspace: cx.workspace.clone(),
-            attempt: cx.attempt,
-        };
-        let result = self.run_child(&request, cx).await;
-        crate::adapters::sources::account(origin, result, cx)
+        crate::adapters::sources::fetch_accounted(origin, cx, || async {
+            let request = Request {
+                job: wire_job(origin, &cx.job_id),
+                workspace: cx.workspace.clone(),
+                attempt: cx.attempt,
+            };
+            self.run_child(&request, cx).await
+        })
+        .await
     }
 }
 
@@ -532,49 +531,26 @@ mod tests {
             file_size_bytes: 1 << 20,
         };
         let signalled = |s: i32| std::process::ExitStatus::from_raw(s);
+        let exited = |code: i32| std::process::ExitStatus::from_raw(code << 8);
+        let (limit, refused) = (ErrorCode::LimitExceeded, ErrorCode::UnsafeSource);
         let cases = [
-            (
-                signalled(libc::SIGXCPU),
-                "",
-                ErrorCode::LimitExceeded,
-                "child_cpu_secs",
-            ),
-            (
-                signalled(libc::SIGXFSZ),
-                "",
-                ErrorCode::LimitExceeded,
-                "child_file_size_mib",
-            ),
+            (signalled(libc::SIGXCPU), "", limit, "child_cpu_secs"),
+            (signalled(libc::SIGXFSZ), "", limit, "child_file_size_mib"),
             (
                 signalled(libc::SIGABRT),
                 "memory allocation of 1048576 bytes failed\n",
-                ErrorCode::LimitExceeded,
+                limit,
                 "child_memory_mib = 256 MiB",
             ),
             (
                 signalled(libc::SIGSEGV),
                 "\nthread 'x' has overflowed its stack\nfatal runtime error: stack overflow\n",
-                ErrorCode::LimitExceeded,
+                limit,
                 "stack",
             ),
-            (
-                signalled(libc::SIGSYS),
-                "",
-                ErrorCode::UnsafeSource,
-                "forbids",
-            ),
-            (
-                signalled(libc::SIGSEGV),
-                "boom\n",
-                ErrorCode::UnsafeSource,
-                "signal 11",
-            ),
-            (
-                std::process::ExitStatus::from_raw(3 << 8),
-                "",
-                ErrorCode::UnsafeSource,
-                "exit code 3",
-            ),
+            (signalled(libc::SIGSYS), "", refused, "forbids"),
+            (signalled(libc::SIGSEGV), "boom\n", refused, "signal 11"),
+            (exited(3), "", refused, "exit code 3"),
         ];
         for (status, stderr, code, says) in cases {
             let err = crash_error(&status, stderr, &limits);

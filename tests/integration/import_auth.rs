@@ -1,11 +1,11 @@
 //! Registry authentication against real `docker-registry` servers: htpasswd (Basic) and token
 //! auth with a token service that signs tokens with a test key.
 
-use std::sync::Arc;
+use factoryd::error::{ErrorClass, ErrorCode, JobError};
+use factoryd::job::ImageInfo;
 
-use factoryd::error::{ErrorClass, ErrorCode};
-
-use crate::support::import::{credentials, importer, job, layout, registry_origin, run, Recorder};
+use crate::support::failure::assert_failure;
+use crate::support::import::{import_to_layout, importer, job, registry_origin};
 use crate::support::registry::{skopeo_copy, Auth, LayoutWriter, Registry};
 
 /// Pushes a two-layer image to `host/repo:tag` with `creds` and returns its manifest digest.
@@ -24,53 +24,43 @@ pub fn seed(host: &str, reference: &str, creds: Option<(&str, &str)>) -> String 
     image.manifest_digest
 }
 
+/// Imports `reference` from `registry` with `creds` (as the job's) into a new OCI layout under
+/// `tag`.
+async fn import_from(
+    registry: &Registry,
+    reference: &str,
+    creds: Option<(&str, &str)>,
+    tag: &str,
+) -> Result<ImageInfo, JobError> {
+    let store = tempfile::tempdir().unwrap();
+    let job = job(registry_origin(&registry.host, reference, creds));
+    import_to_layout(&importer(&["linux/amd64"]), &job, store.path(), tag).await
+}
+
 #[tokio::test]
 async fn basic_auth_registry_imports_with_the_right_credentials() {
-    let registry = Registry::start(Auth::Htpasswd(vec![("alice".into(), "s3cret-pw".into())]));
+    let registry = Registry::start(Auth::user("alice", "s3cret-pw"));
     let digest = seed(&registry.host, "team/app:1", Some(("alice", "s3cret-pw")));
-    let store = tempfile::tempdir().unwrap();
-    let job = job(registry_origin(
-        &registry.host,
-        "team/app:1",
-        Some(("alice", "s3cret-pw")),
-    ));
-    let info = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "t1"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect("import");
+    let info = import_from(&registry, "team/app:1", Some(("alice", "s3cret-pw")), "t1")
+        .await
+        .expect("import");
     assert_eq!(info.digest, digest);
     assert_eq!(info.platforms, vec!["linux/amd64"]);
 }
 
 #[tokio::test]
 async fn basic_auth_registry_refuses_wrong_credentials_as_a_permanent_auth_error() {
-    let registry = Registry::start(Auth::Htpasswd(vec![("alice".into(), "s3cret-pw".into())]));
+    let registry = Registry::start(Auth::user("alice", "s3cret-pw"));
     seed(&registry.host, "team/app:1", Some(("alice", "s3cret-pw")));
-    let store = tempfile::tempdir().unwrap();
-    let job = job(registry_origin(
-        &registry.host,
+    let err = import_from(
+        &registry,
         "team/app:1",
         Some(("alice", "wrong-password")),
-    ));
-    let err = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "t1"),
-        Arc::new(Recorder::default()),
+        "t1",
     )
     .await
     .unwrap_err();
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::AuthFailed, ErrorClass::Permanent),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::AuthFailed, &[]);
     assert!(!err.message.contains("wrong-password"), "{err}");
 }
 
@@ -78,40 +68,21 @@ async fn basic_auth_registry_refuses_wrong_credentials_as_a_permanent_auth_error
 async fn token_auth_registry_denies_anonymous_pulls() {
     let registry = Registry::start(Auth::Token(vec![("bob".into(), "tok-pw-123".into())]));
     seed(&registry.host, "private/app:2", Some(("bob", "tok-pw-123")));
-    let store = tempfile::tempdir().unwrap();
-    let job = job(registry_origin(&registry.host, "private/app:2", None));
-    let err = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "t2"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::AuthFailed, ErrorClass::Permanent),
-        "{err}"
-    );
+    let err = import_from(&registry, "private/app:2", None, "t2")
+        .await
+        .unwrap_err();
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::AuthFailed, &[]);
 }
 
 #[tokio::test]
 async fn token_auth_registry_accepts_credentials_through_its_token_service() {
     let registry = Registry::start(Auth::Token(vec![("bob".into(), "tok-pw-123".into())]));
     let digest = seed(&registry.host, "private/app:2", Some(("bob", "tok-pw-123")));
-    let store = tempfile::tempdir().unwrap();
-    let job = job(registry_origin(
-        &registry.host,
+    let info = import_from(
+        &registry,
         "private/app:2",
         Some(("bob", "tok-pw-123")),
-    ));
-    let info = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "t2"),
-        Arc::new(Recorder::default()),
+        "t2",
     )
     .await
     .expect("import");

@@ -13,11 +13,14 @@ use factoryd::job::ImageInfo;
 use tracing::instrument::WithSubscriber as _;
 
 use crate::import_auth::seed;
+use crate::support::failure::assert_failure;
 use crate::support::http::{AuthEchoRegistry, Fault, FaultProxy, StaticServer};
 use crate::support::import::{
-    credentials, importer, job, layout, run, settings, LogCapture, Recorder, LOOPBACK,
+    credentials, import_to_layout, importer, job, layout, run, settings, LogCapture, Recorder,
+    LOOPBACK,
 };
 use crate::support::registry::{Auth, Moto, Registry, MOTO_ECR_PASSWORD};
+use crate::support::run::{factoryd_run, Ran};
 
 fn webhook_origin(host: &str, target: &str, webhook: &str) -> serde_json::Value {
     serde_json::json!({"type": "oci-registry", "details": {
@@ -27,10 +30,7 @@ fn webhook_origin(host: &str, target: &str, webhook: &str) -> serde_json::Value 
 
 #[tokio::test]
 async fn webhook_credentials_authenticate_an_import() {
-    let registry = Registry::start(Auth::Htpasswd(vec![(
-        "hook-user".into(),
-        "hook-pass-1".into(),
-    )]));
+    let registry = Registry::start(Auth::user("hook-user", "hook-pass-1"));
     let digest = seed(
         &registry.host,
         "acme/web:3",
@@ -44,15 +44,9 @@ async fn webhook_credentials_authenticate_an_import() {
         "acme/web:3",
         &hook.url("/creds?source=x"),
     ));
-    let info = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "w"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect("import");
+    let info = import_to_layout(&importer(&["linux/amd64"]), &job, store.path(), "w")
+        .await
+        .expect("import");
     assert_eq!(info.digest, digest);
     assert_eq!(hook.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
@@ -66,15 +60,9 @@ async fn malformed_webhook_body_is_a_permanent_error_that_does_not_echo_it() {
         &hook.url("/creds"),
     ));
     let store = tempfile::tempdir().unwrap();
-    let err = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "w"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .unwrap_err();
+    let err = import_to_layout(&importer(&["linux/amd64"]), &job, store.path(), "w")
+        .await
+        .unwrap_err();
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
     assert!(!err.message.contains("leaked-secret-value"), "{err}");
     assert!(err.message.contains("not shown"), "{err}");
@@ -91,11 +79,7 @@ async fn webhook_on_a_refused_address_is_refused_by_the_egress_policy() {
     )
     .unwrap();
     let err = strict.fetch(&hook.url("/creds")).await.unwrap_err();
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::EgressRefused, ErrorClass::Permanent),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::EgressRefused, &[]);
     let err = strict
         .fetch("http://169.254.169.254/latest/meta-data")
         .await
@@ -113,37 +97,22 @@ fn factoryd_run_masks_webhook_credentials_that_a_registry_echoes_back() {
     let registry = AuthEchoRegistry::start();
     let hook = StaticServer::start(200, b64(&format!("hook-user:{CANARY}")).into_bytes());
     let root = tempfile::tempdir().unwrap();
-    let config = root.path().join("factoryd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
-             [registries]\ninsecure = [\"{}\"]\n[egress]\nallow_loopback = true\n\
-             [log]\nlevel = \"debug\"\n",
-            root.path().join("work").display(),
-            root.path().join("store").display(),
-            registry.host(),
-        ),
-    )
-    .unwrap();
-    let job_file = root.path().join("job.json");
     let job = serde_json::json!({"v": 1, "id": "job-echo", "source_id": "src-echo",
         "origin": webhook_origin(&registry.host(), "acme/web:3", &hook.url("/creds"))});
-    std::fs::write(&job_file, job.to_string()).unwrap();
+    let extra = format!(
+        "[registries]\ninsecure = [\"{}\"]\n[log]\nlevel = \"debug\"\n",
+        registry.host()
+    );
+    let ran = Ran::of(
+        &factoryd_run(root.path(), &job, &extra)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .output()
+            .expect("spawn factoryd"),
+    );
+    let (stdout, stderr) = (&ran.stdout, &ran.stderr);
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_factoryd"))
-        .arg("run")
-        .arg(&job_file)
-        .arg("--config")
-        .arg(&config)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .output()
-        .expect("spawn factoryd");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-
-    let result: serde_json::Value = serde_json::from_str(&stdout).expect("result JSON on stdout");
+    let result = ran.result();
     assert_eq!(result["status"], "failed");
     assert_eq!(result["error"]["code"], "auth_failed");
     assert!(
@@ -187,10 +156,7 @@ const ECR_SECRET: &str = "example-secret-key-value";
 /// A registry that takes moto's ECR token (user `AWS`), seeded with `team/svc:9`; returned with
 /// the image's manifest digest.
 fn ecr_registry() -> (Registry, String) {
-    let registry = Registry::start(Auth::Htpasswd(vec![(
-        "AWS".into(),
-        MOTO_ECR_PASSWORD.into(),
-    )]));
+    let registry = Registry::start(Auth::user("AWS", MOTO_ECR_PASSWORD));
     let digest = seed(
         &registry.host,
         "team/svc:9",
@@ -398,11 +364,7 @@ async fn an_ecr_token_still_refused_after_one_refresh_is_a_permanent_auth_error(
         );
         assert!(!log.contains(&secret), "the log holds a secret");
     }
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::AuthFailed, ErrorClass::Permanent),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::AuthFailed, &[]);
     assert_eq!(
         source.token_calls(),
         2,
@@ -452,11 +414,7 @@ async fn a_second_refusal_after_a_successful_refresh_does_not_fetch_a_third_toke
         .await
         .unwrap_err();
 
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::AuthFailed, ErrorClass::Permanent),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::AuthFailed, &[]);
     assert_eq!(source.token_calls(), 2, "one refresh per import");
     assert!(
         source

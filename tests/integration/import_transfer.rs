@@ -7,8 +7,12 @@ use std::sync::Arc;
 use factoryd::error::{ErrorClass, ErrorCode};
 use factoryd::ports::Destination;
 
+use crate::support::assert_success;
+use crate::support::failure::assert_failure;
 use crate::support::http::{Fault, FaultProxy};
-use crate::support::import::{credentials, importer, job, layout, registry_origin, run, Recorder};
+use crate::support::import::{
+    credentials, import_to_layout, importer, job, layout, registry_origin, run, Recorder,
+};
 use crate::support::registry::{
     digest_of, skopeo_copy, skopeo_raw, Auth, LayoutWriter, Registry, TestImage,
 };
@@ -52,15 +56,9 @@ async fn index_imported_for_one_platform_stores_that_platforms_manifest_unchange
     let (_, _, arm) = seed_multi(&registry.host);
     let store = tempfile::tempdir().unwrap();
     let job = job(registry_origin(&registry.host, "multi:1", None));
-    let info = run(
-        &importer(&["linux/arm64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "arm"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect("import");
+    let info = import_to_layout(&importer(&["linux/arm64"]), &job, store.path(), "arm")
+        .await
+        .expect("import");
     assert_eq!(info.digest, arm.manifest_digest);
     assert_eq!(info.platforms, vec!["linux/arm64"]);
     assert_eq!(
@@ -77,12 +75,11 @@ async fn index_imported_for_all_platforms_keeps_the_index_digest() {
     assert_eq!(digest_of(&source), index, "the push kept the index bytes");
     let store = tempfile::tempdir().unwrap();
     let job = job(registry_origin(&registry.host, "multi:1", None));
-    let info = run(
+    let info = import_to_layout(
         &importer(&["linux/amd64", "linux/arm64"]),
-        &credentials(None),
         &job,
-        layout(store.path(), "all"),
-        Arc::new(Recorder::default()),
+        store.path(),
+        "all",
     )
     .await
     .expect("import");
@@ -104,15 +101,9 @@ async fn import_by_digest_fetches_exactly_that_manifest() {
     let store = tempfile::tempdir().unwrap();
     let target = format!("multi@{}", amd.manifest_digest);
     let job = job(registry_origin(&registry.host, &target, None));
-    let info = run(
-        &importer(&["linux/arm64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "pinned"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect("import");
+    let info = import_to_layout(&importer(&["linux/arm64"]), &job, store.path(), "pinned")
+        .await
+        .expect("import");
     assert_eq!(
         info.digest, amd.manifest_digest,
         "the digest wins over the platform setting"
@@ -146,15 +137,9 @@ async fn source_failing_first_blob_requests_with_500_and_429_then_recovering_imp
     let store = tempfile::tempdir().unwrap();
     let job = job(registry_origin(&proxy.host(), "flaky/app:1", None));
     let started = std::time::Instant::now();
-    let info = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "f"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect("import after faults");
+    let info = import_to_layout(&importer(&["linux/amd64"]), &job, store.path(), "f")
+        .await
+        .expect("import after faults");
     assert_eq!(info.digest, image.manifest_digest);
     assert_eq!(proxy.faults_left(), 0);
     assert!(
@@ -175,20 +160,10 @@ async fn blob_whose_bytes_do_not_match_its_digest_is_permanent_and_nothing_is_co
 
     let store = tempfile::tempdir().unwrap();
     let job = job(registry_origin(&registry.host, "bad/app:1", None));
-    let err = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "bad"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .unwrap_err();
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::DigestMismatch, ErrorClass::Permanent),
-        "{err}"
-    );
+    let err = import_to_layout(&importer(&["linux/amd64"]), &job, store.path(), "bad")
+        .await
+        .unwrap_err();
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::DigestMismatch, &[]);
     let hex = image.layers[0].trim_start_matches("sha256:");
     assert!(
         !store.path().join("blobs/sha256").join(hex).exists(),
@@ -290,7 +265,7 @@ async fn import_counts_fetched_bytes_and_skipped_blobs_in_metrics() {
 #[tokio::test]
 async fn registry_destination_receives_the_manifest_byte_for_byte() {
     let source = Registry::start(Auth::None);
-    let destination = Registry::start(Auth::Htpasswd(vec![("pusher".into(), "push-pw-1".into())]));
+    let destination = Registry::start(Auth::user("pusher", "push-pw-1"));
     let (index, _, _) = seed_multi(&source.host);
     let job = job(registry_origin(&source.host, "multi:1", None));
     let info = run(
@@ -359,15 +334,9 @@ async fn docker_schema2_image_is_stored_as_oci_that_skopeo_reads() {
         .contains("application/vnd.docker.distribution.manifest.v2+json"));
     let store = tempfile::tempdir().unwrap();
     let job = job(registry_origin(&registry.host, "docker/app:1", None));
-    let info = run(
-        &importer(&["linux/amd64"]),
-        &credentials(None),
-        &job,
-        layout(store.path(), "d"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect("import");
+    let info = import_to_layout(&importer(&["linux/amd64"]), &job, store.path(), "d")
+        .await
+        .expect("import");
     assert_eq!(
         info.source_digest.as_deref(),
         Some(digest_of(&source).as_str())
@@ -384,11 +353,7 @@ async fn docker_schema2_image_is_stored_as_oci_that_skopeo_reads() {
         .args(["inspect", &format!("oci:{}:d", store.path().display())])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "skopeo inspect");
 }
 
 #[tokio::test]
@@ -416,11 +381,7 @@ async fn corrupt_blob_is_not_committed_to_a_destination_registry() {
     )
     .await
     .unwrap_err();
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::DigestMismatch, ErrorClass::Permanent),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::DigestMismatch, &[]);
     assert!(
         !destination.blob_data_path(&image.layers[0]).exists(),
         "corrupt blob committed"
@@ -491,15 +452,9 @@ async fn configured_mirror_serves_the_image_before_the_registry() {
         "library/app:1",
         Some(("user", "never-sent-to-mirrors")),
     ));
-    let info = run(
-        &imp,
-        &credentials(None),
-        &job,
-        layout(store.path(), "m"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect("import through the mirror");
+    let info = import_to_layout(&imp, &job, store.path(), "m")
+        .await
+        .expect("import through the mirror");
     assert_eq!(info.digest, image.manifest_digest);
 }
 
@@ -521,21 +476,15 @@ async fn a_blob_declared_over_the_cap_refuses_the_image_before_any_blob_moves() 
         crate::support::import::LOOPBACK,
     )
     .unwrap();
-    let err = run(
-        &capped,
-        &credentials(None),
-        &job,
-        layout(store.path(), "big"),
-        Arc::new(Recorder::default()),
-    )
-    .await
-    .expect_err("a blob over the cap must refuse the image");
-    assert_eq!(
-        (err.class, err.code),
-        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
-        "{err}"
+    let err = import_to_layout(&capped, &job, store.path(), "big")
+        .await
+        .expect_err("a blob over the cap must refuse the image");
+    assert_failure(
+        &err,
+        ErrorClass::Permanent,
+        ErrorCode::LimitExceeded,
+        &["registries.max_blob_bytes"],
     );
-    assert!(err.message.contains("registries.max_blob_bytes"), "{err}");
     assert!(
         err.message
             .contains("bytes, over registries.max_blob_bytes (100000)"),

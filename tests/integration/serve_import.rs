@@ -147,10 +147,7 @@ fn import_job(id: &str, registry: &str, password: &str) -> serde_json::Value {
 
 #[test]
 fn serve_imports_a_submitted_job_into_the_layout_store() {
-    let registry = Registry::start(Auth::Htpasswd(vec![(
-        "alice".into(),
-        "pw-Secret-77".into(),
-    )]));
+    let registry = Registry::start(Auth::user("alice", "pw-Secret-77"));
     let digest = seed(
         &registry.host,
         "team/web:1",
@@ -193,10 +190,7 @@ fn serve_imports_a_submitted_job_into_the_layout_store() {
 
 #[test]
 fn serve_fails_an_import_with_wrong_credentials_permanently() {
-    let registry = Registry::start(Auth::Htpasswd(vec![(
-        "alice".into(),
-        "pw-Secret-77".into(),
-    )]));
+    let registry = Registry::start(Auth::user("alice", "pw-Secret-77"));
     seed(
         &registry.host,
         "team/web:1",
@@ -328,7 +322,7 @@ impl Drop for Tmpfs {
 
 #[test]
 fn a_worker_low_on_disk_takes_no_jobs_until_space_returns() {
-    let registry = Registry::start(Auth::Htpasswd(vec![("alice".into(), "pw-Disk-31".into())]));
+    let registry = Registry::start(Auth::user("alice", "pw-Disk-31"));
     let digest = seed(&registry.host, "team/web:1", Some(("alice", "pw-Disk-31")));
     let work = tempfile::tempdir().unwrap();
     let disk = Tmpfs::mount(work.path(), "16m");

@@ -14,9 +14,12 @@ use factoryd::workspace::Workspace;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::failure::assert_failure;
 use crate::support::git_servers::{revision_fixture, test_tls, EndlessRefs, GitHttpServer};
 use crate::support::http_files::{FileServer, Route};
-use crate::support::sources::{config, docker_file, stage_context, tar_entries, targz, Recorder};
+use crate::support::run::{docker_file_job, factoryd_run, Ran};
+use crate::support::sources::{config, context_bytes, fetch_details, tar_entries, targz, Recorder};
+use crate::support::{assert_success, assert_within};
 
 const USER: &str = "builder";
 const PASSWORD: &str = "s3cret-Passw0rd";
@@ -39,9 +42,6 @@ async fn fetch(
     details: serde_json::Value,
     cancel_after: Option<Duration>,
 ) -> (Result<FetchedSource, JobError>, Arc<Recorder>, Workspace) {
-    let origin = docker_file(details);
-    let workspace = Workspace::create(root, name).unwrap();
-    let recorder = Arc::new(Recorder::default());
     let cancel = CancellationToken::new();
     if let Some(after) = cancel_after {
         let cancel = cancel.clone();
@@ -50,15 +50,7 @@ async fn fetch(
             cancel.cancel();
         });
     }
-    let cx = stage_context(&workspace, &origin, Arc::clone(&recorder), cancel);
-    let result = fetcher.fetch(&origin, &cx).await;
-    (result, recorder, workspace)
-}
-
-fn stream(source: &FetchedSource) -> Vec<u8> {
-    let mut out = Vec::new();
-    source.context.write_tar(&mut out).unwrap();
-    out
+    fetch_details(fetcher, root, name, details, cancel).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -93,12 +85,12 @@ async fn a_tarball_sealed_in_the_child_streams_exactly_what_the_worker_would_sea
     let here = result.unwrap();
     assert_eq!(child.context.dockerfile(), here.context.dockerfile());
     assert_eq!(
-        stream(&child),
-        stream(&here),
+        context_bytes(&child),
+        context_bytes(&here),
         "the same context stream, byte for byte"
     );
     assert_eq!(child.fetched_bytes, here.fetched_bytes);
-    let names: Vec<String> = tar_entries(&stream(&child))
+    let names: Vec<String> = tar_entries(&context_bytes(&child))
         .into_iter()
         .map(|e| e.0)
         .collect();
@@ -119,10 +111,7 @@ async fn git_over_https_in_the_child_gives_the_same_revision_and_context() {
     let root = tempfile::tempdir().unwrap();
     let fixture = revision_fixture(root.path());
     let server = GitHttpServer::start_tls(&root.path().join("repos"), USER, PASSWORD);
-    let details = json!({
-        "repo": {"url": server.url("app.git"),
-            "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}}},
-        "context_dir": "/app", "build_file": "/app/Dockerfile"});
+    let details = server.app_details(USER, PASSWORD);
     let config = test_config("");
     let work = root.path().join("work");
     let confined = ConfinedFetcher::new(factoryd(), &config);
@@ -133,22 +122,15 @@ async fn git_over_https_in_the_child_gives_the_same_revision_and_context() {
     let (result, _, _ws2) = fetch(&in_process, &work, "job-here", details, None).await;
     let here = result.unwrap();
     assert_eq!(child.revision, here.revision);
-    assert_eq!(stream(&child), stream(&here));
+    assert_eq!(context_bytes(&child), context_bytes(&here));
 
     // A wrong password: the child's classified error comes back as it is.
-    let wrong = json!({
-        "repo": {"url": server.url("app.git"),
-            "auth": {"type": "http", "credentials": {"username": USER, "password": "not-it-4471"}}},
-        "context_dir": "/app", "build_file": "/app/Dockerfile"});
+    let wrong = server.app_details(USER, "not-it-4471");
     let (result, _, _ws3) = fetch(&confined, &work, "job-wrong", wrong, None).await;
     let Err(err) = result else {
         panic!("a wrong password must fail")
     };
-    assert_eq!(
-        (err.class, err.code),
-        (ErrorClass::Permanent, ErrorCode::AuthFailed),
-        "{err}"
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::AuthFailed, &[]);
     assert!(!err.message.contains("not-it-4471"), "{err}");
 }
 
@@ -168,17 +150,13 @@ async fn a_child_that_uses_up_its_cpu_time_fails_its_job_and_the_next_job_runs()
     let Err(err) = result else {
         panic!("the endless advertisement must fail")
     };
-    assert_eq!(
-        (err.class, err.code),
-        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
-        "{err}"
+    assert_failure(
+        &err,
+        ErrorClass::Permanent,
+        ErrorCode::LimitExceeded,
+        &["sources.child_cpu_secs"],
     );
-    assert!(err.message.contains("sources.child_cpu_secs"), "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(25),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_within(started, Duration::from_secs(25));
 
     let files = FileServer::start();
     let url = files.route(
@@ -216,11 +194,7 @@ async fn cancellation_kills_the_child() {
         panic!("a cancelled fetch must fail")
     };
     assert_eq!(err.code, ErrorCode::Cancelled, "{err}");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_within(started, Duration::from_secs(10));
 }
 
 /// The confinement does what it says on this machine: after it, the process cannot run a
@@ -239,11 +213,7 @@ fn a_confined_process_cannot_exec_or_write_outside_its_workspace() {
         .arg(&outside)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "source-worker --probe-workspace");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     eprintln!("{report}");
     let confinement = &report["confinement"];
@@ -280,12 +250,12 @@ async fn a_child_that_runs_out_of_memory_fails_its_job_naming_the_limit() {
         started.elapsed(),
         server.sent()
     );
-    assert_eq!(
-        (err.class, err.code),
-        (ErrorClass::Permanent, ErrorCode::LimitExceeded),
-        "{err}"
+    assert_failure(
+        &err,
+        ErrorClass::Permanent,
+        ErrorCode::LimitExceeded,
+        &["sources.child_memory_mib"],
     );
-    assert!(err.message.contains("sources.child_memory_mib"), "{err}");
 }
 
 /// Issue 14, item 7: a redirect from https to plain http is refused, here for a tar.gz source
@@ -315,37 +285,17 @@ fn factoryd_run_refuses_a_tarball_redirected_from_https_to_http() {
     );
     wait_for_port(([127, 0, 0, 1], port).into(), Duration::from_secs(10));
     let root = tempfile::tempdir().unwrap();
-    let config = root.path().join("factoryd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
-             [egress]\nallow_loopback = true\n",
-            root.path().join("work").display(),
-            root.path().join("store").display()
-        ),
-    )
-    .unwrap();
-    let job = root.path().join("job.json");
     let https = format!("https://127.0.0.1:{port}/src.tar.gz");
-    std::fs::write(
-        &job,
-        json!({"v": 1, "id": "job-downgrade", "source_id": "src",
-            "origin": {"type": "docker-file", "details": {"targz_url": https}}})
-        .to_string(),
-    )
-    .unwrap();
-    let out = std::process::Command::new(factoryd())
-        .arg("run")
-        .arg(&job)
-        .arg("--config")
-        .arg(&config)
-        .env("SSL_CERT_FILE", &tls.ca)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job = docker_file_job("job-downgrade", "src", json!({"targz_url": https}));
+    let ran = Ran::of(
+        &factoryd_run(root.path(), &job, "")
+            .env("SSL_CERT_FILE", &tls.ca)
+            .output()
+            .unwrap(),
+    );
+    let stderr = &ran.stderr;
+    assert_eq!(ran.code, Some(1), "{stderr}");
+    let result = ran.result();
     let error = &result["error"];
     assert_eq!(error["code"], "egress_refused", "{result}");
     assert_eq!(error["class"], "permanent", "{result}");
@@ -377,32 +327,13 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 fn the_workers_memory_stays_flat_while_a_source_child_runs_out_of_memory() {
     let root = tempfile::tempdir().unwrap();
     let server = EndlessRefs::start(root.path(), 0);
-    let config = root.path().join("factoryd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
-             [egress]\nallow_loopback = true\n[git]\ntls_ca_file = \"{}\"\n\
-             max_ref_advertisement_bytes = 4294967296\n[sources]\nchild_memory_mib = 512\n",
-            root.path().join("work").display(),
-            root.path().join("store").display(),
-            test_tls().ca.display()
-        ),
-    )
-    .unwrap();
-    let job = root.path().join("job.json");
-    std::fs::write(
-        &job,
-        json!({"v": 1, "id": "job-mem", "source_id": "src",
-            "origin": {"type": "docker-file", "details": {"repo": {"url": server.url}}}})
-        .to_string(),
-    )
-    .unwrap();
-    let mut run = std::process::Command::new(factoryd())
-        .arg("run")
-        .arg(&job)
-        .arg("--config")
-        .arg(&config)
+    let extra = format!(
+        "[git]\ntls_ca_file = \"{}\"\nmax_ref_advertisement_bytes = 4294967296\n\
+         [sources]\nchild_memory_mib = 512\n",
+        test_tls().ca.display()
+    );
+    let job = docker_file_job("job-mem", "src", json!({"repo": {"url": server.url}}));
+    let mut run = factoryd_run(root.path(), &job, &extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -13,6 +13,7 @@ use serde_json::json;
 use tar::EntryType;
 use tokio_util::sync::CancellationToken;
 
+use crate::support::failure::{assert_code, assert_failure};
 use crate::support::http_files::{FileServer, Route};
 use crate::support::sources::{
     config, docker_file, stage_context, tar_entries, tree_listing, Recorder,
@@ -44,6 +45,16 @@ fn tar_of(entries: &[Raw<'_>]) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
+/// A tar stream holding only `Dockerfile` (`FROM scratch`).
+fn dockerfile_only() -> Vec<u8> {
+    tar_of(&[Raw(
+        b"Dockerfile",
+        EntryType::Regular,
+        b"FROM scratch\n",
+        None,
+    )])
+}
+
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     enc.write_all(bytes).unwrap();
@@ -63,6 +74,13 @@ fn setup() -> Setup {
     Setup {
         root,
         server: FileServer::start(),
+    }
+}
+
+impl Setup {
+    /// Serves `archive` at `path`; returns its URL.
+    fn serve(&self, path: &str, archive: Vec<u8>) -> String {
+        self.server.route(path, Route::Body(Arc::new(archive)))
     }
 }
 
@@ -144,9 +162,7 @@ async fn a_fetched_archive_counts_its_bytes_in_metrics() {
     let setup = setup();
     let archive = valid_archive();
     let size = archive.len() as u64;
-    let url = setup
-        .server
-        .route("/counted.tar.gz", Route::Body(Arc::new(archive)));
+    let url = setup.serve("/counted.tar.gz", archive);
     let before = counter.get();
     let (result, _ws) = fetch(&setup, &url, "/", "/app-one/Dockerfile", "").await;
     let source = result.unwrap();
@@ -157,9 +173,7 @@ async fn a_fetched_archive_counts_its_bytes_in_metrics() {
 #[tokio::test]
 async fn a_valid_archive_seals_with_the_dockerfile_in_app_one_and_context_root() {
     let setup = setup();
-    let url = setup
-        .server
-        .route("/src.tar.gz", Route::Body(Arc::new(valid_archive())));
+    let url = setup.serve("/src.tar.gz", valid_archive());
     let (result, ws) = fetch(&setup, &url, "/", "/app-one/Dockerfile", "").await;
     let source = result.unwrap();
     assert_eq!(source.context.dockerfile(), "app-one/Dockerfile");
@@ -234,9 +248,7 @@ async fn every_unsafe_entry_kind_is_refused_by_name_with_nothing_written_outside
             Raw(dockerfile.0, dockerfile.1, dockerfile.2, None),
             entry,
         ]));
-        let url = setup
-            .server
-            .route(&format!("/{label}.tar.gz"), Route::Body(Arc::new(archive)));
+        let url = setup.serve(&format!("/{label}.tar.gz"), archive);
         let (result, ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
         let err = result
             .err()
@@ -257,13 +269,10 @@ async fn an_entry_below_a_symlink_is_refused() {
         Raw(b"d", EntryType::Symlink, b"", Some(b"sub")),
         Raw(b"d/x", EntryType::Regular, b"through the link", None),
     ]));
-    let url = setup
-        .server
-        .route("/below.tar.gz", Route::Body(Arc::new(archive)));
+    let url = setup.serve("/below.tar.gz", archive);
     let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
     let err = result.err().expect("must be refused");
-    assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
-    assert!(err.message.contains("\"d/x\""), "{err}");
+    assert_code(&err, ErrorCode::UnsafeSource, &["\"d/x\""]);
 }
 
 #[tokio::test]
@@ -279,13 +288,10 @@ async fn a_symlink_leaving_the_context_dir_is_refused_even_inside_the_archive() 
         Raw(b"app/up", EntryType::Symlink, b"", Some(b"../secret.txt")),
         Raw(b"secret.txt", EntryType::Regular, b"s", None),
     ]));
-    let url = setup
-        .server
-        .route("/ctx.tar.gz", Route::Body(Arc::new(archive)));
+    let url = setup.serve("/ctx.tar.gz", archive);
     let (result, _ws) = fetch(&setup, &url, "/app", "/app/Dockerfile", "").await;
     let err = result.err().expect("must be refused");
-    assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
-    assert!(err.message.contains("\"up\""), "{err}");
+    assert_code(&err, ErrorCode::UnsafeSource, &["\"up\""]);
 }
 
 #[tokio::test]
@@ -296,13 +302,10 @@ async fn a_file_bigger_than_the_cap_stops_at_its_header() {
         Raw(b"Dockerfile", EntryType::Regular, b"FROM scratch\n", None),
         Raw(b"big.bin", EntryType::Regular, &big, None),
     ]));
-    let url = setup
-        .server
-        .route("/big.tar.gz", Route::Body(Arc::new(archive)));
+    let url = setup.serve("/big.tar.gz", archive);
     let (result, ws) = fetch(&setup, &url, "/", "/Dockerfile", SMALL_CAPS).await;
     let err = result.err().expect("must hit the cap");
-    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
-    assert_eq!(err.class, ErrorClass::Permanent);
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::LimitExceeded, &[]);
     assert_canary_untouched(&setup, &ws);
 }
 
@@ -317,14 +320,15 @@ async fn a_decompression_bomb_stops_at_the_cap() {
     }
     let bomb = enc.finish().unwrap();
     assert!(bomb.len() < 1 << 20);
-    let url = setup
-        .server
-        .route("/bomb.tar.gz", Route::Body(Arc::new(bomb)));
+    let url = setup.serve("/bomb.tar.gz", bomb);
     let started = Instant::now();
     let (result, ws) = fetch(&setup, &url, "/", "/Dockerfile", SMALL_CAPS).await;
     let err = result.err().expect("a bomb must stop");
-    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
-    assert!(err.message.contains("decompresses to more than"), "{err}");
+    assert_code(
+        &err,
+        ErrorCode::LimitExceeded,
+        &["decompresses to more than"],
+    );
     // Stopped at a ~2 MiB cap, not after inflating 256 MiB.
     assert!(started.elapsed() < Duration::from_secs(10));
     assert_canary_untouched(&setup, &ws);
@@ -340,9 +344,7 @@ async fn concatenated_gzip_members_are_read_as_one_stream() {
     let (first, second) = tar.split_at(512 * 2);
     let mut archive = gzip(first);
     archive.extend(gzip(second));
-    let url = setup
-        .server
-        .route("/multi.tar.gz", Route::Body(Arc::new(archive)));
+    let url = setup.serve("/multi.tar.gz", archive);
     let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
     let source = result.unwrap();
     let mut out = Vec::new();
@@ -353,16 +355,9 @@ async fn concatenated_gzip_members_are_read_as_one_stream() {
 #[tokio::test]
 async fn trailing_bytes_after_the_gzip_data_are_refused() {
     let setup = setup();
-    let mut archive = gzip(&tar_of(&[Raw(
-        b"Dockerfile",
-        EntryType::Regular,
-        b"FROM scratch\n",
-        None,
-    )]));
+    let mut archive = gzip(&dockerfile_only());
     archive.extend_from_slice(b"not gzip at all, appended");
-    let url = setup
-        .server
-        .route("/trailing.tar.gz", Route::Body(Arc::new(archive)));
+    let url = setup.serve("/trailing.tar.gz", archive);
     let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
     let err = result.err().expect("trailing garbage must be refused");
     assert_eq!(err.class, ErrorClass::Permanent, "{err}");
@@ -371,17 +366,10 @@ async fn trailing_bytes_after_the_gzip_data_are_refused() {
 #[tokio::test]
 async fn data_hidden_after_the_tar_end_marker_is_refused() {
     let setup = setup();
-    let mut tar = tar_of(&[Raw(
-        b"Dockerfile",
-        EntryType::Regular,
-        b"FROM scratch\n",
-        None,
-    )]);
+    let mut tar = dockerfile_only();
     tar.extend_from_slice(&[0u8; 1024]);
     tar.extend_from_slice(b"hidden payload");
-    let url = setup
-        .server
-        .route("/hidden.tar.gz", Route::Body(Arc::new(gzip(&tar))));
+    let url = setup.serve("/hidden.tar.gz", gzip(&tar));
     let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
     let err = result.err().expect("hidden data must be refused");
     assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
@@ -393,18 +381,12 @@ async fn http_404_is_permanent_and_503_is_transient() {
     let missing = setup.server.route("/missing.tar.gz", Route::Status(404));
     let (result, _ws) = fetch(&setup, &missing, "/", "/Dockerfile", "").await;
     let err = result.err().expect("404");
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::NotFound, ErrorClass::Permanent)
-    );
+    assert_failure(&err, ErrorClass::Permanent, ErrorCode::NotFound, &[]);
 
     let busy = setup.server.route("/busy.tar.gz", Route::Status(503));
     let (result, _ws) = fetch(&setup, &busy, "/", "/Dockerfile", "").await;
     let err = result.err().expect("503");
-    assert_eq!(
-        (err.code, err.class),
-        (ErrorCode::Unavailable, ErrorClass::Transient)
-    );
+    assert_failure(&err, ErrorClass::Transient, ErrorCode::Unavailable, &[]);
 }
 
 #[tokio::test]
@@ -413,9 +395,7 @@ async fn a_download_larger_than_the_fetch_cap_is_refused() {
     let noise: Vec<u8> = (0..3u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let url = setup
-        .server
-        .route("/large.tar.gz", Route::Body(Arc::new(noise)));
+    let url = setup.serve("/large.tar.gz", noise);
     let (result, _ws) = fetch(
         &setup,
         &url,
@@ -508,26 +488,22 @@ fn with_end_marker(mut tar: Vec<u8>) -> Vec<u8> {
 #[tokio::test]
 async fn a_dockerignore_whose_pax_size_exceeds_the_cap_is_refused() {
     let setup = setup();
-    let mut tar = tar_of(&[Raw(
-        b"Dockerfile",
-        EntryType::Regular,
-        b"FROM scratch\n",
-        None,
-    )]);
+    let mut tar = dockerfile_only();
     tar.truncate(tar.len() - 1024); // drop the end marker to append more entries
     let ignore = vec![b'#'; 64 << 20];
     pax_sized_entry(&mut tar, b".dockerignore", 0, ignore.len() as u64, &ignore);
     let archive = gzip(&with_end_marker(tar));
-    let url = setup
-        .server
-        .route("/pax.tar.gz", Route::Body(Arc::new(archive)));
+    let url = setup.serve("/pax.tar.gz", archive);
     let (result, ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
     let err = result
         .err()
         .expect("an oversized .dockerignore must be refused");
-    assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
-    assert_eq!(err.class, ErrorClass::Permanent);
-    assert!(err.message.contains(".dockerignore"), "{err}");
+    assert_failure(
+        &err,
+        ErrorClass::Permanent,
+        ErrorCode::LimitExceeded,
+        &[".dockerignore"],
+    );
     assert_canary_untouched(&setup, &ws);
 }
 
@@ -536,19 +512,12 @@ async fn a_dockerignore_whose_pax_size_exceeds_the_cap_is_refused() {
 #[tokio::test]
 async fn a_file_with_a_pax_size_is_streamed_whole() {
     let setup = setup();
-    let mut tar = tar_of(&[Raw(
-        b"Dockerfile",
-        EntryType::Regular,
-        b"FROM scratch\n",
-        None,
-    )]);
+    let mut tar = dockerfile_only();
     tar.truncate(tar.len() - 1024);
     let content: Vec<u8> = (0..3000u32).map(|i| b'a' + (i % 26) as u8).collect();
     pax_sized_entry(&mut tar, b"data.txt", 4, content.len() as u64, &content);
     let archive = gzip(&with_end_marker(tar));
-    let url = setup
-        .server
-        .route("/pax-file.tar.gz", Route::Body(Arc::new(archive)));
+    let url = setup.serve("/pax-file.tar.gz", archive);
     let (result, _ws) = fetch(&setup, &url, "/", "/Dockerfile", "").await;
     let source = result.expect("a valid PAX archive seals");
     let mut out = Vec::new();

@@ -13,7 +13,7 @@ use factoryd::job::{JobResult, Kind, Status};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::support::nats::{cluster, write_config, NatsServer};
+use crate::support::nats::{cluster, pull_at_most_one, write_config, NatsServer};
 use crate::support::ChildGuard;
 
 /// Workers (the scripted test worker) against a set of servers, with their configs, logs and
@@ -127,6 +127,32 @@ impl Fleet {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// The configuration a worker named `name` (grace 30 s) runs with, loaded.
+    pub(crate) fn load_config(&self, name: &str) -> factoryd::config::Config {
+        factoryd::config::load(Some(&self.config(name, 30)), &HashMap::new()).expect("config")
+    }
+
+    /// Scripts job `id` as `script`, starts worker `node-a` with `grace_secs`, publishes the
+    /// job and waits up to 20 s for that worker to start it; returns the worker and a client.
+    pub(crate) async fn first_worker_running(
+        &self,
+        id: &str,
+        script: &str,
+        grace_secs: u32,
+    ) -> (ChildGuard, Nats) {
+        self.script(id, script);
+        let first = self.worker("node-a", grace_secs);
+        let nats = self.client().await;
+        assert!(publish(&nats, id).await);
+        self.wait_until(
+            "the first worker to start the job",
+            Duration::from_secs(20),
+            || self.runs(id) == 1,
+        )
+        .await;
+        (first, nats)
     }
 
     /// Every worker log in the fleet's directory, each under its file name.
@@ -316,17 +342,7 @@ async fn success_retry_permanent_and_spent_budget_through_a_real_server() {
 async fn a_worker_killed_mid_job_is_taken_over_after_its_lease_lapses() {
     let (dir, server) = single();
     let fleet = Fleet::new(vec![server.url()], 1, dir);
-    fleet.script("long", "sleep:3000");
-    let mut first = fleet.worker("node-a", 30);
-    let nats = fleet.client().await;
-    assert!(publish(&nats, "long").await);
-    fleet
-        .wait_until(
-            "the first worker to start the job",
-            Duration::from_secs(20),
-            || fleet.runs("long") == 1,
-        )
-        .await;
+    let (mut first, nats) = fleet.first_worker_running("long", "sleep:3000", 30).await;
     // SIGKILL: no nak, no result, the lease is left to lapse.
     first.child.kill().unwrap();
     first.child.wait().unwrap();
@@ -409,16 +425,8 @@ async fn cancel_before_start_and_during_the_job_end_cancelled() {
 async fn sigterm_mid_job_hands_it_to_another_worker_and_exits_zero() {
     let (dir, server) = single();
     let fleet = Fleet::new(vec![server.url()], 1, dir);
-    fleet.script("handover", "sleep:4000");
-    let mut first = fleet.worker("node-a", 1);
-    let nats = fleet.client().await;
-    assert!(publish(&nats, "handover").await);
-    fleet
-        .wait_until(
-            "the first worker to start the job",
-            Duration::from_secs(20),
-            || fleet.runs("handover") == 1,
-        )
+    let (mut first, nats) = fleet
+        .first_worker_running("handover", "sleep:4000", 1)
         .await;
     let _second = fleet.worker("node-b", 30);
     let status = Command::new("kill")
@@ -541,24 +549,12 @@ async fn a_job_that_runs_out_of_deliveries_lands_in_the_dead_letter_stream() {
         .await
         .unwrap();
     for _ in 0..nats::MAX_DELIVER {
-        let mut batch = consumer
-            .batch()
-            .max_messages(1)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await
-            .unwrap();
+        let mut batch = pull_at_most_one(&consumer, Duration::from_secs(5)).await;
         let msg = batch.next().await.expect("a delivery").unwrap();
         msg.ack_with(AckKind::Nak(None)).await.unwrap();
     }
     // The server gives up (and advises) when it next tries to deliver: a waiting pull.
-    let mut batch = consumer
-        .batch()
-        .max_messages(1)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await
-        .unwrap();
+    let mut batch = pull_at_most_one(&consumer, Duration::from_secs(2)).await;
     assert!(batch.next().await.is_none(), "no sixth delivery");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -614,8 +610,7 @@ async fn workers_starting_together_on_a_fresh_server_all_set_up_the_assets() {
     for round in 0..3 {
         let (dir, server) = single();
         let fleet = Fleet::new(vec![server.url()], 1, dir);
-        let config = factoryd::config::load(Some(&fleet.config("racer", 30)), &HashMap::new())
-            .expect("config");
+        let config = fleet.load_config("racer");
         let opens = (0..6).map(|i| {
             let config = config.clone();
             tokio::spawn(async move {
@@ -646,8 +641,7 @@ async fn a_worker_refuses_existing_assets_that_differ_and_names_each_difference(
 
     let (dir, server) = single();
     let fleet = Fleet::new(vec![server.url()], 1, dir);
-    let config =
-        factoryd::config::load(Some(&fleet.config("strict", 30)), &HashMap::new()).expect("config");
+    let config = fleet.load_config("strict");
     let names = nats::Names::new(&config.nats.prefix);
     // Somebody else's jobs stream under our name: limits instead of work-queue retention, and
     // a build consumer with another ack wait.
@@ -761,8 +755,7 @@ async fn an_older_dead_letter_stream_gets_the_dead_letter_subject_added() {
 
     let (dir, server) = single();
     let fleet = Fleet::new(vec![server.url()], 1, dir);
-    let config =
-        factoryd::config::load(Some(&fleet.config("older", 30)), &HashMap::new()).expect("config");
+    let config = fleet.load_config("older");
     let names = nats::Names::new(&config.nats.prefix);
     let advisories = format!(
         "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",

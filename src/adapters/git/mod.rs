@@ -151,17 +151,9 @@ impl GitFetcher {
         let known_hosts = if remote.transport == GitTransport::Ssh && self.config.host_key_checking
         {
             let path = &self.config.known_hosts_file;
-            let text = tokio::fs::read_to_string(path).await.map_err(|e| {
-                JobError::transient(
-                    Stage::Fetch,
-                    ErrorCode::LocalIo,
-                    format!(
-                        "cannot read git.known_hosts_file {}: {e}; SSH host keys cannot be \
-                         checked",
-                        path.display()
-                    ),
-                )
-            })?;
+            let text = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| known_hosts_unreadable(path, e))?;
             Some(KnownHosts::parse(&text))
         } else {
             None
@@ -291,16 +283,21 @@ struct CallbackState {
     proxy_stop: Option<proxy::Stop>,
 }
 
+/// `git.known_hosts_file` could not be read: SSH host keys cannot be checked.
+fn known_hosts_unreadable(path: &std::path::Path, e: std::io::Error) -> JobError {
+    JobError::transient(
+        Stage::Fetch,
+        ErrorCode::LocalIo,
+        format!(
+            "cannot read git.known_hosts_file {}: {e}; SSH host keys cannot be checked",
+            path.display()
+        ),
+    )
+}
+
 impl FetchTask {
     fn run(self) -> Result<GitSource, JobError> {
-        let repo = Repository::init_opts(
-            &self.repo_path,
-            RepositoryInitOptions::new()
-                .bare(true)
-                .mkdir(true)
-                .external_template(false),
-        )
-        .map_err(|e| self.local_error(e))?;
+        let repo = self.init_repo()?;
         let mut total_bytes = 0;
 
         // Phase 1: the advertisement alone (a download that wants nothing), to learn the
@@ -856,6 +853,18 @@ impl FetchTask {
         } else {
             JobError::permanent(Stage::Fetch, code, message)
         }
+    }
+
+    /// Creates the empty bare repository this task fetches into, at `repo_path`.
+    fn init_repo(&self) -> Result<Repository, JobError> {
+        Repository::init_opts(
+            &self.repo_path,
+            RepositoryInitOptions::new()
+                .bare(true)
+                .mkdir(true)
+                .external_template(false),
+        )
+        .map_err(|e| self.local_error(e))
     }
 
     fn local_error(&self, e: git2::Error) -> JobError {

@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use git2::{Config, ObjectType, Oid, Repository, RepositoryInitOptions};
+use git2::{Config, ObjectType, Oid, Repository};
 
 use super::known_hosts::KnownHosts;
-use super::{display_url, FetchTask, DEEPEN_STEPS};
+use super::{display_url, known_hosts_unreadable, FetchTask, DEEPEN_STEPS};
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::job::{parse_git_url, GitRepo, GitTransport};
 use crate::problems::Problems;
@@ -195,17 +195,8 @@ impl FetchTask {
             .map_err(|e| with_path(e.into_job_error(Stage::Fetch), path))?;
         let config = &self.fetcher.config;
         let known_hosts = if remote.transport == GitTransport::Ssh && config.host_key_checking {
-            let text = std::fs::read_to_string(&config.known_hosts_file).map_err(|e| {
-                JobError::transient(
-                    Stage::Fetch,
-                    ErrorCode::LocalIo,
-                    format!(
-                        "cannot read git.known_hosts_file {}: {e}; SSH host keys cannot be \
-                         checked",
-                        config.known_hosts_file.display()
-                    ),
-                )
-            })?;
+            let text = std::fs::read_to_string(&config.known_hosts_file)
+                .map_err(|e| known_hosts_unreadable(&config.known_hosts_file, e))?;
             Some(KnownHosts::parse(&text))
         } else {
             None
@@ -239,14 +230,7 @@ impl FetchTask {
     /// refuses a hash it does not advertise, its branches and tags, deeper and deeper, until
     /// the commit is there. Returns the bytes received.
     fn fetch_pinned(&self, commit: Oid) -> Result<u64, JobError> {
-        let repo = Repository::init_opts(
-            &self.repo_path,
-            RepositoryInitOptions::new()
-                .bare(true)
-                .mkdir(true)
-                .external_template(false),
-        )
-        .map_err(|e| self.local_error(e))?;
+        let repo = self.init_repo()?;
         let mut bytes = 0;
         let by_hash = format!("+{commit}:refs/factoryd/submodule");
         match self.fetch(&repo, &[&by_hash], 1) {

@@ -13,7 +13,6 @@ use crate::context::resolve::{self, Node, SourceLookup, Want};
 use crate::context::{self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE};
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::ports::{ContextWriter, SealedContext};
-use crate::workspace::random_hex;
 
 const MODE_TREE: i32 = 0o040000;
 const MODE_BLOB: i32 = 0o100644;
@@ -65,7 +64,7 @@ pub fn seal(
         repo.find_tree(entry.id()).map_err(internal)?
     };
 
-    let mut ignore = match context_tree.get_name(DOCKERIGNORE) {
+    let ignore_blob = match context_tree.get_name(DOCKERIGNORE) {
         Some(entry) if entry.filemode() != MODE_TREE => {
             let (size, _) = repo
                 .odb()
@@ -77,31 +76,25 @@ pub fn seal(
                     context::MAX_DOCKERIGNORE_BYTES
                 )));
             }
-            let blob = repo.find_blob(entry.id()).map_err(internal)?;
-            DockerIgnore::load(&mut blob.content())?
+            Some(repo.find_blob(entry.id()).map_err(internal)?)
         }
-        _ => DockerIgnore::default(),
+        _ => None,
     };
-    let (name, extra) = match dockerfile.path.strip_prefix(context.path.as_slice()) {
-        Some(inside) => {
-            let name = inside.join("/");
-            ignore.keep(&name);
-            (name, None)
-        }
-        None => {
-            let entry = root
-                .get_path(Path::new(&dockerfile.path.join("/")))
-                .map_err(internal)?;
-            let name = format!(".dockerfile.{}", random_hex(10));
-            let extra = BuildFile {
-                name: name.clone(),
-                blob: entry.id(),
-                mode: blob_mode(entry.filemode()),
-            };
-            (name, Some(extra))
-        }
+    let mut ignore = context::load_dockerignore(ignore_blob.as_ref().map(|b| b.content()))?;
+    let placed = context::name_build_file(&context.path, &dockerfile.path, &mut ignore);
+    let extra = if placed.outside {
+        let entry = root
+            .get_path(Path::new(&dockerfile.path.join("/")))
+            .map_err(internal)?;
+        Some(BuildFile {
+            name: placed.name.clone(),
+            blob: entry.id(),
+            mode: blob_mode(entry.filemode()),
+        })
+    } else {
+        None
     };
-    ignore.keep(DOCKERIGNORE);
+    let name = placed.name;
 
     let mut writer = GitContext {
         repo_path: repo_path.to_path_buf(),
@@ -159,16 +152,7 @@ impl GitContext {
         fetched: &mut BTreeMap<String, PathBuf>,
     ) -> Result<u64, JobError> {
         let writing = out.is_some();
-        let mut sealer = match out {
-            Some(out) => Sealer::write(
-                self.ignore.clone(),
-                self.limits,
-                false,
-                self.cancel.clone(),
-                out,
-            ),
-            None => Sealer::check(self.ignore.clone(), self.limits, false, self.cancel.clone()),
-        };
+        let mut sealer = Sealer::new(&self.ignore, self.limits, false, &self.cancel, out);
         // repos[0] is the superproject; a submodule's repository is added when entered.
         let mut repos = vec![open(&self.repo_path)?];
         let mut stack = {

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use super::require_program;
+use super::{assert_success, require_program};
 
 /// The Debian client that matches the engine and builds with BuildKit.
 pub const DOCKER_CLI: &str = "/usr/bin/docker";
@@ -162,11 +162,7 @@ impl Engine {
 
     pub fn docker_ok_in(&self, client: &Path, args: &[&str]) -> String {
         let out = self.docker_in(client, args);
-        assert!(
-            out.status.success(),
-            "docker {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, &format!("docker {args:?} failed"));
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
@@ -188,11 +184,7 @@ impl Engine {
             stdin.write_all(password.as_bytes()).expect("password");
         }
         let out = child.wait_with_output().expect("docker login");
-        assert!(
-            out.status.success(),
-            "docker login {host}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_success(&out, &format!("docker login {host}"));
         client
     }
 

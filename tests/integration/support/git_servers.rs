@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{free_port, require_program, wait_for_port, ChildGuard};
+use super::{assert_success, free_port, require_program, wait_for_port, ChildGuard};
 
 /// Runs `git` in `dir` with a fixed identity and dates; panics with its stderr on failure.
 pub fn git(dir: &Path, args: &[&str]) -> String {
@@ -24,12 +24,23 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
         .env("HOME", dir)
         .output()
         .expect("run git");
-    assert!(
-        out.status.success(),
-        "git {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("git {args:?} failed"));
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Clones the work tree `work` into a new bare repository at `bare` (its parent created).
+pub fn clone_bare(work: &Path, bare: &Path) {
+    std::fs::create_dir_all(bare.parent().unwrap()).unwrap();
+    git(
+        work,
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+    );
 }
 
 /// The revision fixture: `main` (three commits, default branch), `other` (one commit off the
@@ -77,18 +88,8 @@ pub fn revision_fixture(root: &Path) -> RevisionFixture {
     let other_tip = git(&work, &["rev-parse", "HEAD"]);
     git(&work, &["checkout", "-q", "main"]);
     let repos = root.join("repos");
-    std::fs::create_dir_all(&repos).unwrap();
     let bare = repos.join("app.git");
-    git(
-        root,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            work.to_str().unwrap(),
-            bare.to_str().unwrap(),
-        ],
-    );
+    clone_bare(&work, &bare);
     RevisionFixture {
         bare,
         main: [main[0].clone(), main[1].clone(), main[2].clone()],
@@ -123,17 +124,7 @@ pub fn submodule_fixture(
     std::fs::write(lib.join("lib.txt"), "lib two\n").unwrap();
     git(&lib, &["commit", "-q", "-am", "lib two"]);
     let lib_tip = git(&lib, &["rev-parse", "HEAD"]);
-    std::fs::create_dir_all(lib_repos).unwrap();
-    git(
-        &scratch,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            lib.to_str().unwrap(),
-            lib_repos.join("lib.git").to_str().unwrap(),
-        ],
-    );
+    clone_bare(&lib, &lib_repos.join("lib.git"));
 
     let app = scratch.join("app");
     std::fs::create_dir_all(app.join("app")).unwrap();
@@ -155,17 +146,7 @@ pub fn submodule_fixture(
         ],
     );
     git(&app, &["commit", "-q", "-m", "app with a submodule"]);
-    std::fs::create_dir_all(repos).unwrap();
-    git(
-        &scratch,
-        &[
-            "clone",
-            "-q",
-            "--bare",
-            app.to_str().unwrap(),
-            repos.join("app-sub.git").to_str().unwrap(),
-        ],
-    );
+    clone_bare(&app, &repos.join("app-sub.git"));
     SubmoduleFixture {
         lib_pinned,
         lib_tip,
@@ -229,6 +210,15 @@ impl GitHttpServer {
         format!("{}://127.0.0.1:{}/{repo}", self.scheme, self.port)
     }
 
+    /// Docker-file details for the revision fixture's `app.git` here, authenticated over http
+    /// as `user` with `password`: context `/app`, build file `/app/Dockerfile`.
+    pub fn app_details(&self, user: &str, password: &str) -> serde_json::Value {
+        serde_json::json!({
+            "repo": {"url": self.url("app.git"),
+                "auth": {"type": "http", "credentials": {"username": user, "password": password}}},
+            "context_dir": "/app", "build_file": "/app/Dockerfile"})
+    }
+
     /// Every request line logged so far ("<status> <method> <path> auth=<header or ->").
     pub fn requests(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
@@ -265,11 +255,7 @@ pub fn ssh_key(dir: &Path, name: &str, kind: &str, passphrase: &str) -> KeyPair 
         cmd.args(["-b", "256", "-m", "PEM"]);
     }
     let out = cmd.output().expect("run ssh-keygen");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, "ssh-keygen");
     KeyPair {
         private: std::fs::read_to_string(&path).unwrap(),
         public: std::fs::read_to_string(path.with_extension("pub")).unwrap(),
@@ -440,11 +426,7 @@ pub fn test_tls() -> &'static TestTls {
                 .current_dir(&dir)
                 .output()
                 .expect("run openssl");
-            assert!(
-                out.status.success(),
-                "openssl {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert_success(&out, &format!("openssl {args:?}"));
         };
         let ec = [
             "-newkey",

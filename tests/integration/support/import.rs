@@ -161,6 +161,24 @@ pub async fn run(
     .await
 }
 
+/// [`run`] with the job's own credentials only (no ECR endpoint), into the OCI layout at
+/// `store` under `tag`, with events nobody reads.
+pub async fn import_to_layout(
+    importer: &RegistryImporter,
+    job: &Job,
+    store: &Path,
+    tag: &str,
+) -> Result<ImageInfo, JobError> {
+    run(
+        importer,
+        &credentials(None),
+        job,
+        layout(store, tag),
+        Arc::new(Recorder::default()),
+    )
+    .await
+}
+
 /// [`run`] with a cancellation token the test fires.
 pub async fn run_with_cancel(
     importer: &RegistryImporter,

@@ -10,10 +10,11 @@ pub mod import;
 pub mod nats;
 pub mod prometheus;
 pub mod registry;
+pub mod run;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Where `free_port` hands out ports: below Linux's default ephemeral range (32768-60999), so
@@ -58,6 +59,24 @@ pub fn require_program(program: &str, package: &str) {
     );
 }
 
+/// Asserts that less than `limit` has passed since `since`; the panic shows how long it was.
+#[track_caller]
+pub fn assert_within(since: Instant, limit: Duration) {
+    let taken = since.elapsed();
+    assert!(taken < limit, "{taken:?}");
+}
+
+/// Asserts that the process that gave `out` succeeded; the panic names `what` and shows its
+/// stderr.
+#[track_caller]
+pub fn assert_success(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A spawned server process, killed (and reaped) when dropped.
 pub struct ChildGuard {
     pub name: String,
@@ -94,6 +113,7 @@ impl Drop for ChildGuard {
 }
 
 pub mod docker;
+pub mod failure;
 pub mod git_servers;
 pub mod http_files;
 pub mod sources;

@@ -141,3 +141,17 @@ pub fn write_config(
     std::fs::write(&path, text).expect("write config");
     path
 }
+
+/// A waiting pull of at most one message from `consumer`, ending after `expires`.
+pub async fn pull_at_most_one(
+    consumer: &async_nats::jetstream::consumer::PullConsumer,
+    expires: Duration,
+) -> async_nats::jetstream::consumer::pull::Batch {
+    consumer
+        .batch()
+        .max_messages(1)
+        .expires(expires)
+        .messages()
+        .await
+        .unwrap()
+}

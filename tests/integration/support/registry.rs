@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
-use super::{free_port, require_program, wait_for_port, ChildGuard};
+use super::{assert_success, free_port, require_program, wait_for_port, ChildGuard};
 
 pub enum Auth {
     None,
@@ -18,6 +18,13 @@ pub enum Auth {
     Htpasswd(Vec<(String, String)>),
     /// Token auth through a [`TokenService`] granting these users.
     Token(Vec<(String, String)>),
+}
+
+impl Auth {
+    /// htpasswd auth with one user.
+    pub fn user(name: &str, password: &str) -> Auth {
+        Auth::Htpasswd(vec![(name.to_owned(), password.to_owned())])
+    }
 }
 
 /// A running `docker-registry` on a free loopback port.
@@ -377,11 +384,7 @@ pub fn skopeo_copy(from: &str, to: &str, extra: &[&str]) {
         .arg(to)
         .output()
         .expect("run skopeo");
-    assert!(
-        out.status.success(),
-        "skopeo copy {from} {to}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("skopeo copy {from} {to}"));
 }
 
 /// `skopeo inspect --raw` of a reference: the manifest bytes as stored.
@@ -393,11 +396,7 @@ pub fn skopeo_raw(reference: &str, extra: &[&str]) -> Vec<u8> {
         .arg(reference)
         .output()
         .expect("run skopeo");
-    assert!(
-        out.status.success(),
-        "skopeo inspect {reference}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out, &format!("skopeo inspect {reference}"));
     out.stdout
 }
 

@@ -7,8 +7,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use factoryd::config::Config;
+use factoryd::error::JobError;
 use factoryd::job::{DockerFile, JobEvent, Origin, Redactor};
-use factoryd::ports::{EventSink, StageContext};
+use factoryd::ports::{EventSink, FetchedSource, Fetcher, StageContext};
 use factoryd::workspace::Workspace;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +47,30 @@ impl Recorder {
             })
             .collect()
     }
+}
+
+/// Fetches the docker-file origin `details` with `fetcher` in a new workspace `name` under
+/// `work_root`, recording its events; the fetch stops when `cancel` fires.
+pub async fn fetch_details(
+    fetcher: &dyn Fetcher,
+    work_root: &Path,
+    name: &str,
+    details: serde_json::Value,
+    cancel: CancellationToken,
+) -> (Result<FetchedSource, JobError>, Arc<Recorder>, Workspace) {
+    let origin = docker_file(details);
+    let workspace = Workspace::create(work_root, name).unwrap();
+    let recorder = Arc::new(Recorder::default());
+    let cx = stage_context(&workspace, &origin, Arc::clone(&recorder), cancel);
+    let result = fetcher.fetch(&origin, &cx).await;
+    (result, recorder, workspace)
+}
+
+/// The whole context stream of `source`.
+pub fn context_bytes(source: &FetchedSource) -> Vec<u8> {
+    let mut out = Vec::new();
+    source.context.write_tar(&mut out).unwrap();
+    out
 }
 
 /// A job attempt's context over `workspace`, with the job's redactor.
