@@ -198,8 +198,8 @@ async fn cancellation_kills_the_child() {
 }
 
 /// The confinement does what it says on this machine: after it, the process cannot run a
-/// program (seccomp refuses execve) or create a file outside the job's workspace (Landlock),
-/// and can still write inside the workspace.
+/// program (seccomp refuses execve), signal its parent, fork, or create a file outside the
+/// job's workspace (Landlock), and can still write inside the workspace.
 #[test]
 fn a_confined_process_cannot_exec_or_write_outside_its_workspace() {
     let root = tempfile::tempdir().unwrap();
@@ -219,6 +219,10 @@ fn a_confined_process_cannot_exec_or_write_outside_its_workspace() {
     let confinement = &report["confinement"];
     assert_eq!(confinement["seccomp"], true, "{report}");
     assert_eq!(report["exec_refused"], true, "{report}");
+    // The allow list, not a deny list: calls nothing a source needs, such as signalling
+    // another process or starting one without exec, fail too.
+    assert_eq!(report["signal_parent_refused"], true, "{report}");
+    assert_eq!(report["fork_refused"], true, "{report}");
     assert_eq!(report["inside_write_ok"], true, "{report}");
     if confinement["landlock"] == true {
         assert_eq!(report["outside_write_refused"], true, "{report}");

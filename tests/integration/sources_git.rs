@@ -447,6 +447,32 @@ fn ssh_fetcher(known_hosts: &Path) -> SourceFetcher {
     .unwrap()
 }
 
+/// Issue 14: ssh (libssh2, its key exchange and the passphrase-protected key's decryption) in
+/// the confined source child, under its seccomp allow list: the same revision and context as
+/// in the worker's own process.
+#[tokio::test(flavor = "multi_thread")]
+async fn ssh_clone_in_the_confined_child_gives_the_same_revision_and_context() {
+    let setup = ssh_setup();
+    let details = ssh_details(&setup, &setup.protected.private, Some(PASSPHRASE));
+    let config = config(&format!(
+        "[git]\nknown_hosts_file = \"{}\"\n",
+        setup.known_hosts.display()
+    ));
+    let confined = factoryd::sandbox::ConfinedFetcher::new(
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_factoryd")),
+        &config,
+    );
+    let work = setup.root.path().join("child");
+    let cancel = CancellationToken::new();
+    let (result, _, _ws) =
+        fetch_details(&confined, &work, "job-child", details.clone(), cancel).await;
+    let child = result.expect("ssh in the confined child");
+    let (result, _, _ws2) = setup.fetch(details).await;
+    let here = result.unwrap();
+    assert_eq!(child.revision, here.revision);
+    assert_eq!(context_bytes(&child), context_bytes(&here));
+}
+
 #[tokio::test]
 async fn ssh_clone_with_a_passphrase_protected_key() {
     let setup = ssh_setup();
@@ -870,18 +896,26 @@ async fn a_trickling_advertisement_is_stopped_by_cancellation() {
         cancel.clone(),
     );
     let fetcher = tls_fetcher("");
-    tokio::spawn({
-        let cancel = cancel.clone();
-        async move {
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            cancel.cancel();
+    let fetch = fetcher.fetch(&origin, &cx);
+    tokio::pin!(fetch);
+    // Cancelled once the advertisement flows (on a loaded machine the TLS handshake through
+    // the egress proxy can take a while), so the cancellation meets a flowing fetch.
+    let flowing = std::time::Instant::now();
+    while server.sent() == 0 {
+        assert!(
+            flowing.elapsed() < Duration::from_secs(30),
+            "the advertisement never started"
+        );
+        tokio::select! {
+            _ = &mut fetch => panic!("the fetch ended before the advertisement flowed"),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
-    });
+    }
+    cancel.cancel();
     let started = std::time::Instant::now();
-    let Err(err) = fetcher.fetch(&origin, &cx).await else {
+    let Err(err) = fetch.await else {
         panic!("a cancelled fetch must fail")
     };
     assert_eq!(err.code, ErrorCode::Cancelled, "{err}");
     assert_within(started, Duration::from_secs(10));
-    assert!(server.sent() > 0, "the advertisement was flowing");
 }

@@ -334,8 +334,18 @@ async fn success_retry_permanent_and_spent_budget_through_a_real_server() {
     assert_eq!(fleet.runs("always-transient"), 4);
     assert_one_result_each(&nats, 4).await;
     // Every message was settled: the work queue is empty.
+    wait_settled(&nats, "every job").await;
+}
+
+/// Waits (up to 30 s) until the work queue is empty: a worker settles a message only after
+/// its result is published, so a result seen does not mean its message is gone yet.
+async fn wait_settled(nats: &Nats, what: &str) {
     let mut jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
-    assert_eq!(jobs.info().await.unwrap().state.messages, 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while jobs.info().await.unwrap().state.messages > 0 {
+        assert!(Instant::now() < deadline, "{what}: not settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -374,15 +384,7 @@ async fn the_same_job_published_twice_runs_once_and_its_result_is_there_both_tim
         .unwrap()
         .await
         .unwrap();
-    let mut jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while jobs.info().await.unwrap().state.messages > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the repeated job was not settled"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_settled(&nats, "the repeated job").await;
     let again = wait_results(&nats, &["twice".into()], Duration::from_secs(30)).await;
     assert_eq!(again["twice"], first["twice"]);
     assert_eq!(fleet.runs("twice"), 1, "executed once");
@@ -743,8 +745,7 @@ async fn a_job_that_crashes_its_workers_is_dead_lettered_as_poison_after_two_att
     let results = wait_results(&nats, &["after".into()], Duration::from_secs(60)).await;
     assert_eq!(results["after"].status, Status::Succeeded);
     assert!(survivor.is_running());
-    let mut jobs = nats.js.get_stream(&nats.names.jobs_stream).await.unwrap();
-    assert_eq!(jobs.info().await.unwrap().state.messages, 0, "both settled");
+    wait_settled(&nats, "both jobs").await;
 }
 
 /// A dead-letter stream made by a version without poison handling (advisories only) gets the
