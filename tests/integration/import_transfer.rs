@@ -171,12 +171,19 @@ async fn blob_whose_bytes_do_not_match_its_digest_is_permanent_and_nothing_is_co
     );
     let index = std::fs::read_to_string(store.path().join("index.json")).unwrap();
     assert!(!index.contains("\"bad\""), "tagged anyway: {index}");
+    // The lock files stay; no temporary file does, and the import's lease is gone.
     let ingest: Vec<_> = std::fs::read_dir(store.path().join(".ingest"))
         .unwrap()
         .filter_map(Result::ok)
-        .filter(|e| e.file_name() != "index.lock")
+        .filter(|e| {
+            !["index.lock", "gc.lock", "leases"].contains(&&*e.file_name().to_string_lossy())
+        })
         .collect();
     assert!(ingest.is_empty(), "temporary files left: {ingest:?}");
+    let leases = std::fs::read_dir(store.path().join(".ingest/leases"))
+        .unwrap()
+        .count();
+    assert_eq!(leases, 0, "the import's lease outlived it");
 }
 
 #[tokio::test]

@@ -302,3 +302,167 @@ fn collections_beside_running_imports_lose_nothing() {
     assert_eq!(rig.references().len(), 13);
     rig.assert_whole();
 }
+
+/// Checks every tag of the store at `root` reaches only blobs that are there and hash to
+/// their names; returns how many tags.
+fn assert_tags_whole(root: &Path) -> usize {
+    let images = factoryd::store::list(root).expect("the index reads");
+    let mut reached = std::collections::HashSet::new();
+    for image in &images {
+        assert!(image.missing.is_empty(), "{image:?}");
+        reach(root, &image.digest, &mut reached);
+    }
+    for digest in &reached {
+        let path = root
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"));
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{digest}: {e}"));
+        assert_eq!(&crate::support::registry::digest_of(&bytes), digest);
+    }
+    images.len()
+}
+
+/// A collection killed (SIGKILL) at several points of its work leaves every tag in
+/// `index.json` whole, and the next collection finishes the job.
+#[test]
+fn a_collection_killed_at_any_point_leaves_every_tag_whole_and_the_next_one_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    // 200 images of 20 sources (10 each), 9 layers each, and 3,000 blobs nothing reaches.
+    let blobs = factoryd::testing::synthetic_store(&store, 200, 20, 9, 3000).unwrap();
+    assert!(blobs > 4500, "{blobs}");
+    let config = dir.path().join("factoryd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nwork_root = \"{}\"\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n\
+             [store]\nkeep_per_source = 5\nmin_age_secs = 0\n",
+            dir.path().join("work").display(),
+            store.display()
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    let gc = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_factoryd"));
+        cmd.args(["store", "gc", "--config"])
+            .arg(&config)
+            .env_clear()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd
+    };
+    let mut killed = 0;
+    for delay_ms in [1, 3, 6, 10, 15, 25, 40, 60, 90, 140] {
+        let mut child = gc().spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let finished = child.try_wait().unwrap().is_some();
+        let _ = child.kill();
+        child.wait().unwrap();
+        if !finished {
+            killed += 1;
+        }
+        let tags = assert_tags_whole(&store);
+        assert!(
+            (100..=200).contains(&tags),
+            "{tags} tags after a kill at {delay_ms} ms"
+        );
+    }
+    assert!(
+        killed >= 3,
+        "only {killed} collections were killed before they ended"
+    );
+
+    let status = gc().status().unwrap();
+    assert!(status.success());
+    assert_eq!(
+        assert_tags_whole(&store),
+        100,
+        "5 of each of the 20 sources kept"
+    );
+    let left = std::fs::read_dir(store.join("blobs/sha256"))
+        .unwrap()
+        .count();
+    // Every image keeps its manifest, config and 8 own layers; the shared layer once.
+    assert_eq!(left, 100 * 10 + 1, "nothing unreachable left");
+    let stray: Vec<_> = std::fs::read_dir(store.join(".ingest"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !["gc.lock", "index.lock", "leases"].contains(&n.as_str()))
+        .collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+/// Unmounts a test tmpfs whatever the outcome.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A work root and store on a small tmpfs: below `worker.min_free_mib` the worker collects
+/// the store first and, when that frees enough, keeps taking jobs; with the file system's
+/// inodes used up by what a collection cannot remove, it holds. Needs root to mount (the test
+/// says so and passes vacuously without it).
+#[tokio::test]
+async fn on_a_small_file_system_the_worker_collects_first_and_holds_only_when_that_is_not_enough() {
+    use factoryd::job::Kind;
+    use factoryd::readiness::Readiness;
+    use factoryd::store::StoreKeeper;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mount = dir.path().join("fs");
+    std::fs::create_dir(&mount).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m,nr_inodes=3000", "tmpfs"])
+        .arg(&mount)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let _unmount = Tmpfs(mount.clone());
+    let (store, work) = (mount.join("store"), mount.join("work"));
+    std::fs::create_dir_all(&work).unwrap();
+    factoryd::testing::synthetic_store(&store, 4, 2, 3, 0).unwrap();
+    // 16 MiB of blobs nothing reaches (an import's leftovers): 8 MiB left of 24.
+    for i in 0..16u8 {
+        let bytes = vec![i; 1 << 20];
+        let digest = factoryd::manifest::Digest::sha256_of(&bytes);
+        std::fs::write(store.join("blobs/sha256").join(digest.hex()), &bytes).unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    let config = factoryd::config::Config::defaults();
+    let keeper = StoreKeeper::new(store.clone(), config.store, factoryd::clock::system());
+    let readiness = Readiness::new(work.clone())
+        .with_store(store.clone())
+        .with_min_free(12 << 20)
+        .with_min_free_inodes(1000)
+        .with_keeper(keeper);
+    assert_eq!(
+        readiness.low_on_disk().len(),
+        1,
+        "{:?}",
+        readiness.low_on_disk()
+    );
+    readiness.probe_disk().await;
+    assert!(
+        !readiness.is_held(Kind::Import) && !readiness.is_held(Kind::Build),
+        "the collection freed enough: {:?}",
+        readiness.low_on_disk()
+    );
+    assert_eq!(assert_tags_whole(&store), 4);
+
+    // Files a collection cannot remove use up the inodes: the worker holds, and says why.
+    for i in 0..2200 {
+        std::fs::write(work.join(format!("f{i}")), b"").unwrap();
+    }
+    readiness.probe_disk().await;
+    assert!(readiness.is_held(Kind::Import));
+    let why = readiness.low_on_disk().join("; ");
+    assert!(why.contains("below worker.min_free_inodes (1000)"), "{why}");
+}
