@@ -113,6 +113,8 @@ fn run(fetcher: &SourceFetcher, request: &Request, out: &Out) -> Result<(), JobE
             "the source request is not a docker-file job".into(),
         ));
     };
+    #[cfg(feature = "test-util")]
+    test_hooks::crash_if_asked(origin);
     // Two workers, as the worker's own runtime has on a small node: the download and the
     // checks of a tarball overlap.
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -163,6 +165,28 @@ fn run(fetcher: &SourceFetcher, request: &Request, out: &Out) -> Result<(), JobE
         // tearing the runtime down (the parent reaps the process).
         std::process::exit(0)
     })
+}
+
+/// Test builds only (`test-util`): a way to make the child die as a hostile input cannot make
+/// it die (its walks keep their own stacks), so the parent's handling of that death is tested.
+#[cfg(feature = "test-util")]
+mod test_hooks {
+    use crate::job::{BuildSource, DockerFile};
+
+    /// The tar.gz URL that makes a test child overflow its stack.
+    pub const OVERFLOW_STACK_URL: &str = "http://overflow-the-stack.test-util.invalid/a.tar.gz";
+
+    pub fn crash_if_asked(origin: &DockerFile) {
+        if matches!(&origin.source, BuildSource::TargzUrl(url) if url == OVERFLOW_STACK_URL) {
+            std::hint::black_box(overflow(0));
+        }
+    }
+
+    #[allow(unconditional_recursion)]
+    fn overflow(depth: u64) -> u64 {
+        let frame = std::hint::black_box([depth; 512]);
+        overflow(depth + 1).wrapping_add(frame[0])
+    }
 }
 
 /// What `source-worker --probe-workspace` found.

@@ -174,6 +174,37 @@ async fn a_child_that_uses_up_its_cpu_time_fails_its_job_and_the_next_job_runs()
     assert!(result.is_ok(), "the next job runs");
 }
 
+/// Issue 14: a child that overflows its stack ends its job as permanent `limit_exceeded`
+/// saying so, and the next job runs. No input can make the child recurse (its walks keep their
+/// own stacks), so a test build of the child overflows on purpose for one magic URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_that_overflows_its_stack_fails_its_job_and_the_next_job_runs() {
+    let root = tempfile::tempdir().unwrap();
+    let confined = ConfinedFetcher::new(factoryd(), &test_config(""));
+    let details = json!({"targz_url": "http://overflow-the-stack.test-util.invalid/a.tar.gz"});
+    let started = Instant::now();
+    let (result, _, _ws) = fetch(&confined, root.path(), "job-stack", details, None).await;
+    let Err(err) = result else {
+        panic!("a child that overflows its stack must fail its job")
+    };
+    assert_failure(
+        &err,
+        ErrorClass::Permanent,
+        ErrorCode::LimitExceeded,
+        &["overflowed its stack"],
+    );
+    assert_within(started, Duration::from_secs(20));
+
+    let files = FileServer::start();
+    let url = files.route(
+        "/ok.tar.gz",
+        Route::Body(Arc::new(targz(&[("Dockerfile", "FROM scratch\n")]))),
+    );
+    let details = json!({"targz_url": url});
+    let (result, _, _ws2) = fetch(&confined, root.path(), "job-next", details, None).await;
+    assert!(result.is_ok(), "the next job runs");
+}
+
 /// Cancellation (and so the job timeout) kills the child at once, wherever it is.
 #[tokio::test(flavor = "multi_thread")]
 async fn cancellation_kills_the_child() {
