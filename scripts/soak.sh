@@ -15,7 +15,7 @@ builds=${2:-200}
 every=${3:-10}
 max_bytes=$((48 << 20))
 soak=${SOAK_DIR:-/var/tmp/factoryd-soak}
-docker="docker"
+docker=/usr/bin/docker   # Debian's client matches the engine; another on PATH may lack BuildKit
 
 for p in nats-server docker.io docker-registry skopeo busybox-static python3 curl gnuplot-nox; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" && continue
