@@ -548,7 +548,12 @@ fn now() -> std::time::Duration {
 /// The collection lock: shared by writers for a moment (checking and touching a blob),
 /// exclusive for a collection. Released when the file is dropped.
 pub(crate) fn gc_lock(root: &Path, exclusive: bool) -> Result<std::fs::File, StoreError> {
-    let path = root.join(".ingest").join("gc.lock");
+    lock(root, "gc.lock", exclusive)
+}
+
+/// Opens `.ingest/<name>` and locks it (`flock`), shared or exclusive.
+fn lock(root: &Path, name: &str, exclusive: bool) -> Result<std::fs::File, StoreError> {
+    let path = root.join(".ingest").join(name);
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -576,15 +581,7 @@ pub(crate) fn read_index(root: &Path) -> Result<Vec<Descriptor>, StoreError> {
 
 /// Cross-process exclusion for `index.json` updates, released when the file is dropped.
 fn lock_file(root: &Path) -> Result<std::fs::File, StoreError> {
-    let path = root.join(".ingest").join("index.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(io_err("open", &path))?;
-    file.lock().map_err(io_err("lock", &path))?;
-    Ok(file)
+    lock(root, "index.lock", true)
 }
 
 pub(crate) fn update_index(
