@@ -4,7 +4,8 @@
 # sources), all on loopback, while the worker's RSS, open file descriptors, threads, the store's
 # bytes and the work root's entries are sampled every SAMPLE_SECS into a CSV, drawn as a PNG
 # (gnuplot). Prints RSS and fds at 10% and at 100% of the jobs, the peak store bytes against
-# store.max_bytes, the work root at the end, jobs lost and duplicate results.
+# store.max_bytes, the work root at the end, jobs lost and duplicate results. Sampling starts
+# before the first job is submitted; jobs run while the rest are being submitted.
 # Usage: [SOAK_DIR=DIR] scripts/soak.sh [IMPORTS] [BUILDS] [SAMPLE_SECS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +13,8 @@ repo=$(pwd)
 
 imports=${1:-2000}
 builds=${2:-200}
-every=${3:-10}
-max_bytes=$((48 << 20))
+every=${3:-5}
+max_bytes=$((8 << 20))
 soak=${SOAK_DIR:-/var/tmp/factoryd-soak}
 docker=/usr/bin/docker   # Debian's client matches the engine; another on PATH may lack BuildKit
 
@@ -113,6 +114,30 @@ TOML
 wait_port "$metrics_port"
 
 total=$((imports + builds))
+completed() {
+  curl -s "http://127.0.0.1:$metrics_port/metrics" \
+    | awk '/^factoryd_jobs_completed_total\{/ && !/outcome="retried"/ && !/outcome="handed_back"/ { s += $2 } END { print s + 0 }'
+}
+csv="$soak/samples.csv"
+echo "seconds,done,rss_kib,fds,threads,store_bytes,work_entries" > "$csv"
+echo "== sampling every $every s into $csv until $total jobs are done"
+start=$(date +%s)
+sample_until_done() {
+while :; do
+  now=$(( $(date +%s) - start ))
+  done_jobs=$(completed)
+  rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$serve/status")
+  threads=$(awk '/^Threads/ { print $2 }' "/proc/$serve/status")
+  fds=$(ls "/proc/$serve/fd" | wc -l)
+  store=$(du -sb "$soak/store" 2>/dev/null | cut -f1)
+  work=$(ls -A "$soak/work" | wc -l)
+  echo "$now,$done_jobs,$rss,$fds,$threads,${store:-0},$work" >> "$csv"
+  [ "$done_jobs" -ge "$total" ] && break
+  [ "$now" -gt 7200 ] && { echo "soak: gave up after 2 h at $done_jobs of $total"; break; }
+  sleep "$every"
+done
+}
+sample_until_done & sampler=$!
 echo "== submitting $imports imports (40 sources) and $builds builds (20 sources)"
 mkdir -p "$soak/jobs"
 for i in $(seq 1 "$imports"); do
@@ -136,27 +161,7 @@ while [ "$b" -le "$builds" ]; do
   "$bin" submit --config "$soak/factoryd.toml" "$soak/jobs/bld-$b.json" >/dev/null 2>&1; b=$((b + 1))
 done
 
-completed() {
-  curl -s "http://127.0.0.1:$metrics_port/metrics" \
-    | awk '/^factoryd_jobs_completed_total\{/ && !/outcome="retried"/ && !/outcome="handed_back"/ { s += $2 } END { print s + 0 }'
-}
-csv="$soak/samples.csv"
-echo "seconds,done,rss_kib,fds,threads,store_bytes,work_entries" > "$csv"
-echo "== sampling every $every s into $csv until $total jobs are done"
-start=$(date +%s)
-while :; do
-  now=$(( $(date +%s) - start ))
-  done_jobs=$(completed)
-  rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$serve/status")
-  threads=$(awk '/^Threads/ { print $2 }' "/proc/$serve/status")
-  fds=$(ls "/proc/$serve/fd" | wc -l)
-  store=$(du -sb "$soak/store" 2>/dev/null | cut -f1)
-  work=$(ls -A "$soak/work" | wc -l)
-  echo "$now,$done_jobs,$rss,$fds,$threads,${store:-0},$work" >> "$csv"
-  [ "$done_jobs" -ge "$total" ] && break
-  [ "$now" -gt 7200 ] && { echo "soak: gave up after 2 h at $done_jobs of $total"; break; }
-  sleep "$every"
-done
+wait "$sampler"
 sleep 70 # one more collection after the last job, then a last sample
 now=$(( $(date +%s) - start ))
 echo "$now,$(completed),$(awk '/^VmRSS/ { print $2 }' "/proc/$serve/status"),$(ls "/proc/$serve/fd" | wc -l),$(awk '/^Threads/ { print $2 }' "/proc/$serve/status"),$(du -sb "$soak/store" | cut -f1),$(ls -A "$soak/work" | wc -l)" >> "$csv"
