@@ -250,8 +250,8 @@ fn max_bytes_drops_the_least_recent_but_never_the_newest_of_a_source() {
     rig.assert_whole();
 }
 
-/// Imports in several processes while collections loop in others: every import succeeds and
-/// every kept image stays whole.
+/// 100 imports in four processes at a time while collections loop in another: every import
+/// succeeds and every kept image stays whole.
 #[test]
 fn collections_beside_running_imports_lose_nothing() {
     let rig = std::sync::Arc::new(Rig::start("keep_per_source = 0\nmin_age_secs = 0\n"));
@@ -284,7 +284,7 @@ fn collections_beside_running_imports_lose_nothing() {
         .map(|worker| {
             let rig = rig.clone();
             std::thread::spawn(move || {
-                for round in 0..3 {
+                for round in 0..25 {
                     let i = (worker + round) % 4;
                     let id = format!("job-{worker}-{round}");
                     let result = rig.import(&id, &format!("s{worker}"), &format!("app-{i}:1"));
@@ -299,7 +299,7 @@ fn collections_beside_running_imports_lose_nothing() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let collections = collector.join().unwrap();
     assert!(collections >= 2, "only {collections} collections ran");
-    assert_eq!(rig.references().len(), 13);
+    assert_eq!(rig.references().len(), 101);
     rig.assert_whole();
 }
 
