@@ -205,10 +205,12 @@ total, max_bytes = int(sys.argv[2]), int(sys.argv[3])
 results, subjects, failed, png = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
 at = lambda frac: next(r for r in rows if int(r["done"]) >= frac * total)
 early, end = at(0.10), rows[-1]
+peak_rss = max(int(r["rss_kib"]) for r in rows)
 peak = max(int(r["store_bytes"]) for r in rows)
 for key, label in (("rss_kib", "RSS KiB"), ("fds", "open fds"), ("threads", "threads")):
     a, b = int(early[key]), int(end[key])
     print(f"{label}: {a} at 10% of the jobs, {b} at 100% ({(b - a) / a * 100:+.1f}%)")
+print(f"RSS peak while jobs ran: {peak_rss} KiB ({(peak_rss - int(early['rss_kib'])) / int(early['rss_kib']) * 100:+.1f}% of the 10% figure); the 100% figure is after the last collection, idle")
 print(f"store: peak {peak} bytes, store.max_bytes {max_bytes} ({peak / max_bytes:.2f}x)")
 print(f"work root entries at the end: {end['work_entries']}")
 print(f"jobs: {total} submitted, {results} results for {subjects} jobs: lost {total - subjects}, duplicate results {results - subjects}, failed {failed}")
