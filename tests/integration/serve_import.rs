@@ -382,3 +382,87 @@ fn a_worker_whose_layout_store_is_low_on_disk_takes_no_jobs() {
     let log = node.assert_stays_queued(job);
     assert!(log.contains("layout store"), "{log}");
 }
+
+/// Issue 10: `factoryd store ls / gc --dry-run / rm` on the store a running `serve` writes to,
+/// and `serve`'s own collection after jobs (`keep_per_source = 1`): the newest image stays.
+#[test]
+fn store_commands_work_beside_a_running_serve_that_collects_after_jobs() {
+    let registry = Registry::start(Auth::user("alice", "pw-Secret-77"));
+    seed(
+        &registry.host,
+        "team/web:1",
+        Some(("alice", "pw-Secret-77")),
+    );
+    // The [store] section rides in after the worker's keys.
+    let node =
+        Node::start_with("build_slots = 0\n[store]\nkeep_per_source = 1\nmin_age_secs = 0\n");
+    for id in ["imp-1", "imp-2", "imp-3"] {
+        let (out, result) = node.submit(import_job(id, &registry.host, "pw-Secret-77"));
+        assert_eq!(out.status.code(), Some(0), "{}", node.log());
+        assert!(result.is_some());
+    }
+    let store = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_factoryd"))
+            .arg("store")
+            .args(args)
+            .arg("--config")
+            .arg(&node.config)
+            .env_clear()
+            .output()
+            .unwrap()
+    };
+    let listed = || -> Vec<String> {
+        let out = store(&["ls", "--json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reference"].to_string())
+            .collect()
+    };
+    // serve looks for new images every 5 s and keeps the newest of the source.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while listed() != ["\"src-web:imp-3\""] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}\n{}",
+            listed(),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let metrics = http_get(node.metrics_port, "/metrics");
+    assert!(
+        metrics.contains("factoryd_store_images_dropped_total{rule=\"keep_per_source\"} 2"),
+        "{metrics}"
+    );
+
+    let dry = store(&["gc", "--dry-run"]);
+    assert!(dry.status.success());
+    assert!(
+        String::from_utf8_lossy(&dry.stdout).is_empty(),
+        "nothing more to drop"
+    );
+    let rm = store(&["rm", "src-web:imp-3"]);
+    assert!(
+        rm.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rm.stderr)
+    );
+    assert!(listed().is_empty());
+
+    // serve goes on storing into the store the commands changed.
+    let (out, _) = node.submit(import_job("imp-4", &registry.host, "pw-Secret-77"));
+    assert_eq!(out.status.code(), Some(0), "{}", node.log());
+    assert_eq!(listed(), ["\"src-web:imp-4\""]);
+    skopeo_raw(
+        &format!(
+            "oci:{}:src-web:imp-4",
+            node.dir.path().join("store").display()
+        ),
+        &[],
+    );
+}
