@@ -168,7 +168,8 @@ fn oldest_lease_ms(root: &Path) -> Option<u64> {
             let _ = std::fs::remove_file(entry.path());
             continue;
         }
-        // A lease being written or unreadable counts as started now.
+        // A lease being written or unreadable counts as the oldest there can be: nothing
+        // unreachable is swept this time.
         let since = std::fs::read_to_string(entry.path())
             .ok()
             .and_then(|t| t.trim().parse().ok())
