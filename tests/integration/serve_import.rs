@@ -10,6 +10,7 @@ use serde_json::json;
 use crate::import_auth::seed;
 use crate::support::nats::NatsServer;
 use crate::support::registry::{skopeo_raw, Auth, Registry};
+use crate::support::run::{factoryd_store, store_ls};
 use crate::support::{free_port, wait_for_port, ChildGuard};
 
 struct Node {
@@ -401,26 +402,11 @@ fn store_commands_work_beside_a_running_serve_that_collects_after_jobs() {
         assert_eq!(out.status.code(), Some(0), "{}", node.log());
         assert!(result.is_some());
     }
-    let store = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_factoryd"))
-            .arg("store")
-            .args(args)
-            .arg("--config")
-            .arg(&node.config)
-            .env_clear()
-            .output()
-            .unwrap()
-    };
+    let store = |args: &[&str]| factoryd_store(&node.config, args);
     let listed = || -> Vec<String> {
-        let out = store(&["ls", "--json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reference"].to_string())
+        store_ls(&node.config)
+            .iter()
+            .map(|image| image["reference"].to_string())
             .collect()
     };
     // serve looks for new images every 5 s and keeps the newest of the source.

@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use serde_json::{json, Value};
 
 use crate::support::registry::{skopeo_copy, skopeo_raw, Auth, LayoutWriter, Registry};
+use crate::support::run::{factoryd_store, store_ls};
 
 /// A store, its config and a registry holding images `app-<source>:<n>`.
 struct Rig {
@@ -57,18 +58,12 @@ impl Rig {
         );
     }
 
-    fn factoryd(&self, args: &[&str]) -> Output {
+    /// `factoryd store ARGS` on this rig's config.
+    fn store_cmd(&self, args: &[&str]) -> Output {
         // What was stored just now is newer than a collection's clock slack (100 ms) would let
         // it sweep if unreachable: let it age past that first.
         std::thread::sleep(std::time::Duration::from_millis(250));
-        Command::new(env!("CARGO_BIN_EXE_factoryd"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .env_clear()
-            .env("PATH", "/usr/bin:/bin")
-            .output()
-            .expect("spawn factoryd")
+        factoryd_store(&self.config, args)
     }
 
     /// Imports `reference` for `source` as job `id` with `factoryd run`; the result.
@@ -92,16 +87,7 @@ impl Rig {
     }
 
     fn ls(&self) -> Vec<Value> {
-        let out = self.factoryd(&["store", "ls", "--json"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        store_ls(&self.config)
     }
 
     fn references(&self) -> Vec<String> {
@@ -198,14 +184,14 @@ fn retention_keeps_the_newest_per_source_and_the_store_stays_whole() {
     }
 
     // A dry run says what would go and removes nothing.
-    let dry = rig.factoryd(&["store", "gc", "--dry-run"]);
+    let dry = rig.store_cmd(&["gc", "--dry-run"]);
     assert!(dry.status.success());
     let said = String::from_utf8_lossy(&dry.stdout);
     assert!(said.contains("would drop\ta:job-0\t"), "{said}");
     assert!(said.contains("keep_per_source"), "{said}");
     assert_eq!(rig.references().len(), 4);
 
-    let gc = rig.factoryd(&["store", "gc"]);
+    let gc = rig.store_cmd(&["gc"]);
     assert!(
         gc.status.success(),
         "{}",
@@ -215,7 +201,7 @@ fn retention_keeps_the_newest_per_source_and_the_store_stays_whole() {
     rig.assert_whole();
 
     // rm takes an image out, and what only it reached.
-    let rm = rig.factoryd(&["store", "rm", "a:job-1"]);
+    let rm = rig.store_cmd(&["rm", "a:job-1"]);
     assert!(
         rm.status.success(),
         "{}",
@@ -223,7 +209,7 @@ fn retention_keeps_the_newest_per_source_and_the_store_stays_whole() {
     );
     assert_eq!(rig.references(), ["a:job-3", "b:job-2"]);
     rig.assert_whole();
-    let missing = rig.factoryd(&["store", "rm", "a:nope"]);
+    let missing = rig.store_cmd(&["rm", "a:nope"]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no image \"a:nope\""));
 }
@@ -241,7 +227,7 @@ fn max_bytes_drops_the_least_recent_but_never_the_newest_of_a_source() {
             "succeeded"
         );
     }
-    let gc = rig.factoryd(&["store", "gc"]);
+    let gc = rig.store_cmd(&["gc"]);
     assert!(gc.status.success());
     let stderr = String::from_utf8_lossy(&gc.stderr);
     assert!(stderr.contains("over store.max_bytes"), "{stderr}");
@@ -269,7 +255,7 @@ fn collections_beside_running_imports_lose_nothing() {
         std::thread::spawn(move || {
             let mut runs = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let out = rig.factoryd(&["store", "gc"]);
+                let out = rig.store_cmd(&["gc"]);
                 assert!(
                     out.status.success(),
                     "{}",

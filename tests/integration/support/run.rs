@@ -61,3 +61,30 @@ pub fn docker_file_job(id: &str, source_id: &str, details: serde_json::Value) ->
         "origin": {"type": "docker-file", "details": details}
     })
 }
+
+/// `factoryd store ARGS --config CONFIG`, finished.
+pub fn factoryd_store(config: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_factoryd"))
+        .arg("store")
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .output()
+        .expect("spawn factoryd store")
+}
+
+/// The images `factoryd store ls --json` lists for the store of `config`.
+pub fn store_ls(config: &Path) -> Vec<serde_json::Value> {
+    let out = factoryd_store(config, &["ls", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect()
+}
