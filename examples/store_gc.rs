@@ -8,7 +8,7 @@
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use factoryd::store::{collect, Collection, Policy};
 use factoryd::testing::synthetic_store;
@@ -41,12 +41,7 @@ fn collect_phase(root: &Path, tags: usize, sources: usize) {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    let keep_all = Policy {
-        keep_per_source: 0,
-        max_age: None,
-        max_bytes: 0,
-        min_age: Duration::ZERO,
-    };
+    let keep_all = Policy::KEEP_ALL;
     for run in 0..3 {
         let t = Instant::now();
         let report = collect(

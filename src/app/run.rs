@@ -18,7 +18,8 @@ use crate::cli::RunArgs;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::job::{self, EventEnvelope, JobEvent};
-use crate::pipeline::attempt::{Attempt, AttemptRunner, RunnerSettings, StopReason};
+use crate::pipeline::attempt::{Attempt, AttemptRunner, StopReason};
+use crate::worker::WorkerSettings;
 
 /// `factoryd run`.
 pub fn run(args: &RunArgs, env: &HashMap<String, String>) -> ExitCode {
@@ -68,7 +69,7 @@ async fn run_one(job: job::Job, config: Config, context: Option<std::path::PathB
     let clock = crate::clock::system();
     let runner = AttemptRunner::new(
         stages,
-        RunnerSettings::from_config(&config),
+        WorkerSettings::from_config(&config).runner(),
         Arc::clone(&clock),
     );
     let sink = Arc::new(StderrEvents {

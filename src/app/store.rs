@@ -80,13 +80,7 @@ pub fn store(args: &StoreArgs, env: &HashMap<String, String>) -> ExitCode {
                 eprintln!("store: no image {reference:?} in {}", root.display());
             }
             // Only what the removed images alone reached goes; no retention rule applies.
-            let keep_all = Policy {
-                keep_per_source: 0,
-                max_age: None,
-                max_bytes: 0,
-                min_age: std::time::Duration::ZERO,
-            };
-            let report = match collect(&root, keep_all, false, now_ms) {
+            let report = match collect(&root, Policy::KEEP_ALL, false, now_ms) {
                 Ok(r) => r,
                 Err(e) => return failed(e),
             };

@@ -153,18 +153,8 @@ pub struct RunnerSettings {
     pub abort_after: Duration,
 }
 
-impl RunnerSettings {
-    pub fn from_config(config: &crate::config::Config) -> Self {
-        let w = &config.worker;
-        RunnerSettings {
-            worker: w.name.clone(),
-            work_root: w.work_root.clone(),
-            default_job_timeout: w.default_job_timeout,
-            max_job_timeout: w.max_job_timeout,
-            abort_after: Duration::from_secs(60),
-        }
-    }
-}
+/// The default of [`RunnerSettings::abort_after`].
+pub const ABORT_AFTER: Duration = Duration::from_secs(60);
 
 /// How an attempt ended.
 pub struct Ran {
@@ -433,7 +423,7 @@ mod tests {
             work_root: work_root.path().to_owned(),
             default_job_timeout: Duration::from_secs(600),
             max_job_timeout: Duration::from_secs(3600),
-            abort_after: Duration::from_secs(60),
+            abort_after: ABORT_AFTER,
         };
         let runner = AttemptRunner::new(
             stages.stages(work_root.path().join("store")),

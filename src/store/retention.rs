@@ -23,6 +23,16 @@ pub struct Policy {
     pub min_age: Duration,
 }
 
+impl Policy {
+    /// Drops nothing: a collection under it removes only what no tag reaches.
+    pub const KEEP_ALL: Policy = Policy {
+        keep_per_source: 0,
+        max_age: None,
+        max_bytes: 0,
+        min_age: Duration::ZERO,
+    };
+}
+
 /// Why an image was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Rule {
@@ -156,12 +166,7 @@ mod tests {
     }
 
     fn policy() -> Policy {
-        Policy {
-            keep_per_source: 0,
-            max_age: None,
-            max_bytes: 0,
-            min_age: Duration::ZERO,
-        }
+        Policy::KEEP_ALL
     }
 
     /// A row: source, hours ago, blobs.

@@ -8,15 +8,6 @@ use crate::manifest::{OCI_CONFIG, OCI_LAYER_GZIP, OCI_MANIFEST};
 
 const DAY_MS: u64 = 24 * 3_600_000;
 
-fn keep_all() -> Policy {
-    Policy {
-        keep_per_source: 0,
-        max_age: None,
-        max_bytes: 0,
-        min_age: Duration::ZERO,
-    }
-}
-
 fn now_ms() -> u64 {
     crate::clock::Clock::now_ms(&crate::clock::SystemClock)
 }
@@ -78,20 +69,20 @@ async fn an_unreachable_blob_goes_and_everything_a_tag_reaches_stays() {
     tokio::time::sleep(CLOCK_SLACK_FOR_TESTS).await;
     let before = blob_count(&root);
 
-    let dry = collect_now(&root, keep_all(), true);
+    let dry = collect_now(&root, Policy::KEEP_ALL, true);
     assert_eq!(
         (dry.blobs_removed, dry.bytes_freed),
         (1, orphan.len() as u64)
     );
     assert_eq!(blob_count(&root), before, "a dry run removes nothing");
 
-    let report = collect_now(&root, keep_all(), false);
+    let report = collect_now(&root, Policy::KEEP_ALL, false);
     assert_eq!(report.blobs_removed, 1);
     assert_eq!(blob_count(&root), before - 1);
     for image in list(&root).unwrap() {
         assert!(image.missing.is_empty(), "{image:?}");
     }
-    assert_eq!(collect_now(&root, keep_all(), false).blobs_removed, 0);
+    assert_eq!(collect_now(&root, Policy::KEEP_ALL, false).blobs_removed, 0);
 }
 
 #[tokio::test]
@@ -106,7 +97,7 @@ async fn retention_drops_images_then_their_own_blobs_but_not_shared_ones() {
 
     let policy = Policy {
         keep_per_source: 1,
-        ..keep_all()
+        ..Policy::KEEP_ALL
     };
     let report = collect_now(&root, policy, false);
     assert_eq!(report.dropped.len(), 1);
@@ -140,7 +131,7 @@ async fn blobs_a_running_writer_touched_stay_until_its_lease_ends() {
     // Meanwhile a:1 is dropped, so nothing tagged reaches the shared layer.
     let policy = Policy {
         max_age: Some(Duration::from_millis(1)),
-        ..keep_all()
+        ..Policy::KEEP_ALL
     };
     assert!(store.has_blob(&shared, 6).await);
     store
@@ -169,7 +160,7 @@ async fn blobs_a_running_writer_touched_stay_until_its_lease_ends() {
     // Once the lease ends, what nothing reaches goes.
     drop(lease);
     tokio::time::sleep(CLOCK_SLACK_FOR_TESTS).await;
-    let report = collect_now(&root, keep_all(), false);
+    let report = collect_now(&root, Policy::KEEP_ALL, false);
     assert_eq!(report.blobs_removed, 2, "{report:?}");
     assert_eq!(blob_count(&root), 0);
 }
@@ -189,7 +180,7 @@ async fn a_lease_of_a_dead_process_is_ignored_and_removed() {
     std::fs::create_dir_all(dead.parent().unwrap()).unwrap();
     std::fs::write(&dead, "0").unwrap();
     tokio::time::sleep(CLOCK_SLACK_FOR_TESTS).await;
-    let report = collect_now(&root, keep_all(), false);
+    let report = collect_now(&root, Policy::KEEP_ALL, false);
     assert_eq!(report.blobs_removed, 1);
     assert!(!dead.exists());
 }

@@ -88,7 +88,7 @@ impl WorkerSettings {
             work_root: self.work_root.clone(),
             default_job_timeout: self.default_job_timeout,
             max_job_timeout: self.max_job_timeout,
-            abort_after: Duration::from_secs(60),
+            abort_after: crate::pipeline::attempt::ABORT_AFTER,
         }
     }
 
