@@ -464,7 +464,7 @@ pub fn limit(message: String) -> JobError {
     JobError::permanent(Stage::Seal, ErrorCode::LimitExceeded, message)
 }
 
-fn write_error(e: io::Error) -> JobError {
+pub(crate) fn write_error(e: io::Error) -> JobError {
     let (code, class) = crate::error::classify_io(&e);
     JobError::new(
         Stage::Seal,

@@ -1,18 +1,20 @@
 //! `factoryd source-worker`: the child side of [`super::ConfinedFetcher`]. Reads its request
 //! from stdin, confines itself, fetches and seals the source with the same adapters the worker
-//! would use in-process, writes the context into the job's workspace, and reports on stdout.
+//! would use in-process, reports on stdout, then streams the context each time the parent
+//! asks (`stream.rs`).
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{confine, context_file, Message, Request, Settings};
+use super::{confine, stream, Message, Request, Settings};
 use crate::adapters::sources::SourceFetcher;
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::job::{JobEvent, Origin, Redactor};
-use crate::ports::{EventSink, Fetcher, StageContext};
+use crate::ports::{EventSink, Fetcher, SealedContext, StageContext};
 
 /// Largest request read (the source settings and a job; a job is at most 1 MiB).
 const MAX_REQUEST_BYTES: u64 = 8 << 20;
@@ -51,7 +53,7 @@ pub fn source_worker_main() -> ExitCode {
     let mut input = std::io::BufReader::new(std::io::stdin().take(MAX_REQUEST_BYTES));
     let mut read_line = |what: &str| {
         let mut line = Vec::new();
-        match std::io::BufRead::read_until(&mut input, b'\n', &mut line) {
+        match input.read_until(b'\n', &mut line) {
             Ok(n) if n > 0 => Some(line),
             Ok(_) => None, // the parent went away (a child started ahead, at shutdown)
             Err(e) => {
@@ -88,23 +90,44 @@ pub fn source_worker_main() -> ExitCode {
             return ExitCode::from(70);
         }
     };
+    // The context goes to stdout unbuffered, past `Out`'s line buffer (which every message
+    // flushes).
+    let frames = match std::io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => std::fs::File::from(fd),
+        Err(e) => {
+            eprintln!("source-worker: cannot open stdout for the context: {e}");
+            return ExitCode::from(71);
+        }
+    };
     let confined = confine::confine(&config.sources.child, &request.workspace);
     out.send(&Message::Confined(confined));
 
     let result = fetcher.and_then(|fetcher| run(&fetcher, &request, &out));
-    if let Err(e) = result {
-        out.send(&Message::Failed {
-            stage: e.stage,
-            class: e.class,
-            code: e.code,
-            message: e.message,
-        });
+    match result {
+        Ok((context, runtime)) => {
+            // Inside the runtime, for a writer that needs it; serve exits the process.
+            let _runtime = runtime.enter();
+            stream::serve(&context, Box::new(input), frames, |m| out.send(m))
+        }
+        Err(e) => {
+            out.send(&Message::Failed {
+                stage: e.stage,
+                class: e.class,
+                code: e.code,
+                message: e.message,
+            });
+            ExitCode::SUCCESS
+        }
     }
-    ExitCode::SUCCESS
 }
 
-/// Fetches and seals on a runtime started after the confinement, so every thread is under it.
-fn run(fetcher: &SourceFetcher, request: &Request, out: &Out) -> Result<(), JobError> {
+/// Fetches on a runtime started after the confinement, so every thread is under it; sends
+/// `done` and returns the sealed context, to be streamed, with the runtime it was made on.
+fn run(
+    fetcher: &SourceFetcher,
+    request: &Request,
+    out: &Out,
+) -> Result<(SealedContext, tokio::runtime::Runtime), JobError> {
     let internal = |what: String| JobError::transient(Stage::Fetch, ErrorCode::Internal, what);
     let job = crate::job::decode_value(&request.job)
         .map_err(|problems| internal(format!("the source request does not decode: {problems}")))?;
@@ -122,7 +145,7 @@ fn run(fetcher: &SourceFetcher, request: &Request, out: &Out) -> Result<(), JobE
         .enable_all()
         .build()
         .map_err(|e| internal(format!("cannot start a runtime: {e}")))?;
-    runtime.block_on(async {
+    let fetched = runtime.block_on(async {
         let cx = StageContext {
             job_id: job.id.clone(),
             attempt: request.attempt,
@@ -132,39 +155,14 @@ fn run(fetcher: &SourceFetcher, request: &Request, out: &Out) -> Result<(), JobE
             redactor: Arc::new(Redactor::for_job(&job)),
             workspace: request.workspace.clone(),
         };
-        let fetched = fetcher.fetch(origin, &cx).await?;
-        let path = context_file(&request.workspace);
-        let context = fetched.context;
-        let written = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::create(&path).map_err(|e| (e, "create"))?;
-            let mut writer = std::io::BufWriter::with_capacity(256 << 10, file);
-            let result = context.write_tar(&mut writer);
-            // Not synced: the file lives as long as the job's workspace, and a crash of the
-            // node ends the job anyway.
-            writer.into_inner().map_err(|e| (e.into_error(), "write"))?;
-            Ok::<_, (std::io::Error, &str)>((result, context))
-        })
-        .await
-        .map_err(|e| internal(format!("the sealing task failed: {e}")))?;
-        let (result, context) = written.map_err(|(e, what)| {
-            let (code, class) = crate::error::classify_io(&e);
-            JobError::new(
-                Stage::Seal,
-                code,
-                format!("cannot {what} the sealed context: {e}"),
-            )
-            .with_class(class)
-        })?;
-        result?;
-        out.send(&Message::Done {
-            dockerfile: context.dockerfile().to_owned(),
-            revision: fetched.revision,
-            fetched_bytes: fetched.fetched_bytes,
-        });
-        // The context file is complete and the parent has the answer: end here, without
-        // tearing the runtime down (the parent reaps the process).
-        std::process::exit(0)
-    })
+        fetcher.fetch(origin, &cx).await
+    })?;
+    out.send(&Message::Done {
+        dockerfile: fetched.context.dockerfile().to_owned(),
+        revision: fetched.revision,
+        fetched_bytes: fetched.fetched_bytes,
+    });
+    Ok((fetched.context, runtime))
 }
 
 /// Test builds only (`test-util`): a way to make the child die as a hostile input cannot make

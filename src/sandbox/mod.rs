@@ -8,19 +8,24 @@
 //!
 //! ```text
 //! worker ──request (JSON on stdin: the source, its credentials, settings)──▶ source-worker
-//!        ◀──events, then "done" or "failed" (JSON lines on stdout)──────────  confine(); fetch;
-//!        ◀──context tar (a file in the job's workspace)─────────────────────  seal → file
+//!        ◀──events, then "done" or "failed" (JSON lines on stdout)──────────  confine(); fetch
+//!        ──"seal" (each time the builder reads the context)────────────────▶
+//!        ◀──the context tar in frames, then "sealed" or "failed"───────────  seal → stdout
 //! ```
 //!
 //! Credentials travel only over the pipe, never in argv or the environment (the child's
 //! environment is emptied). The child confines itself before it touches the source
-//! (`confine.rs`). Cancellation and the job timeout kill it. A child that dies or hits a limit
-//! fails the job permanently, naming the limit ([`crash_error`]).
+//! (`confine.rs`). It lives until the build has read its context (the fetched source stays in
+//! the job's workspace, and the child seals it again for each read: `stream.rs`); nothing of
+//! the context is written to disk on the way. Cancellation and the job timeout kill it. A
+//! child that dies or hits a limit fails the job permanently, naming the limit
+//! ([`crash_error`]).
 
 mod child;
 pub mod confine;
+mod stream;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 
@@ -31,16 +36,14 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use crate::config::{ChildLimits, EgressConfig, GitConfig, SourcesConfig};
 use crate::error::{ErrorClass, ErrorCode, JobError, Stage};
 use crate::job::{BuildSource, DockerFile, GitAuth, JobEvent, Revision};
-use crate::ports::{ContextWriter, FetchedSource, Fetcher, SealedContext, StageContext};
+use crate::ports::{FetchedSource, Fetcher, SealedContext, StageContext};
 
 pub use child::{probe_main, source_worker_main};
 
 /// The hidden subcommand the child runs.
 pub const SUBCOMMAND: &str = "source-worker";
-/// The sealed context the child writes, inside the job's workspace.
-const CONTEXT_FILE: &str = ".sealed-context.tar";
 /// Longest line the child may send (an event with a batch of log lines is far below).
-const MAX_LINE_BYTES: usize = 1 << 20;
+pub(super) const MAX_LINE_BYTES: usize = 1 << 20;
 /// What is kept of the child's stderr, for a crash's message.
 const STDERR_TAIL_BYTES: usize = 8 * 1024;
 /// Environment variables the child keeps (TLS trust settings); everything else is dropped.
@@ -84,6 +87,10 @@ enum Message {
         dockerfile: String,
         revision: Option<Revision>,
         fetched_bytes: u64,
+    },
+    /// After a context stream: the bytes it held.
+    Sealed {
+        bytes: u64,
     },
     Failed {
         stage: Stage,
@@ -255,13 +262,12 @@ impl ConfinedFetcher {
             serde_json::to_vec(request).map_err(|e| local("cannot encode", e.into()))?;
         payload.push(b'\n');
 
+        let mut reader = BufReader::new(stdout);
         let talk = async {
-            // The request, then EOF; a child that died before reading it is seen below.
+            // The request; a child that died before reading it is seen below. Its stdin
+            // stays open: the context is asked for on it.
             let _ = stdin.write_all(&payload).await;
-            drop(stdin);
-            let mut reader = BufReader::new(stdout);
             let mut line = Vec::new();
-            let mut outcome = None;
             loop {
                 line.clear();
                 let n = (&mut reader)
@@ -270,7 +276,7 @@ impl ConfinedFetcher {
                     .await
                     .unwrap_or(0);
                 if n == 0 {
-                    break;
+                    return Ok(None);
                 }
                 if line.len() > MAX_LINE_BYTES {
                     return Err(JobError::permanent(
@@ -282,15 +288,12 @@ impl ConfinedFetcher {
                 match serde_json::from_slice::<Message>(&line) {
                     Ok(Message::Confined(c)) => self.log_confinement(&c),
                     Ok(Message::Event(event)) => cx.events.emit(event),
-                    // The last message: the child ends after it.
                     Ok(done @ (Message::Done { .. } | Message::Failed { .. })) => {
-                        outcome = Some(done);
-                        break;
+                        return Ok(Some(done))
                     }
-                    Err(_) => {}
+                    Ok(Message::Sealed { .. }) | Err(_) => {}
                 }
             }
-            Ok(outcome)
         };
         let outcome = tokio::select! {
             outcome = talk => outcome?,
@@ -299,38 +302,61 @@ impl ConfinedFetcher {
                 return Err(JobError::cancelled(Stage::Fetch));
             }
         };
-        // Done: the context file is complete; the child exits on its own, reaped meanwhile.
-        if let Some(Message::Done {
-            dockerfile,
-            revision,
-            fetched_bytes,
-        }) = outcome
-        {
-            tokio::spawn(async move {
-                let _ = child.wait().await;
-            });
-            return Ok(FetchedSource {
-                context: SealedContext::new(
-                    dockerfile,
-                    Box::new(FileContext(context_file(&cx.workspace))),
-                ),
+        match outcome {
+            Some(Message::Done {
+                dockerfile,
                 revision,
                 fetched_bytes,
-            });
-        }
-        let status = child
-            .wait()
-            .await
-            .map_err(|e| local("cannot wait for", e))?;
-        let stderr = stderr_tail.await.unwrap_or_default();
-        match outcome {
+            }) => {
+                // The child waits for "seal" and has sent nothing after "done".
+                if !reader.buffer().is_empty() {
+                    return Err(JobError::permanent(
+                        Stage::Fetch,
+                        ErrorCode::UnsafeSource,
+                        "the source process sent data after its result",
+                    ));
+                }
+                let blocking = |what: &str, e: std::io::Error| local(what, e);
+                let commands = stdin
+                    .into_owned_fd()
+                    .map_err(|e| blocking("cannot take over the stdin of", e))?;
+                let replies = reader
+                    .into_inner()
+                    .into_owned_fd()
+                    .map_err(|e| blocking("cannot take over the stdout of", e))?;
+                let context = stream::PipeContext::start(
+                    child,
+                    stderr_tail,
+                    commands.into(),
+                    replies.into(),
+                    cx.cancel.clone(),
+                    self.limits(),
+                );
+                Ok(FetchedSource {
+                    context: SealedContext::new(dockerfile, Box::new(context)),
+                    revision,
+                    fetched_bytes,
+                })
+            }
             Some(Message::Failed {
                 stage,
                 class,
                 code,
                 message,
-            }) => Err(JobError::new(stage, code, message).with_class(class)),
-            _ => Err(crash_error(&status, &stderr, &self.limits())),
+            }) => {
+                drop(stdin);
+                let _ = child.wait().await;
+                Err(JobError::new(stage, code, message).with_class(class))
+            }
+            _ => {
+                drop(stdin);
+                let status = child
+                    .wait()
+                    .await
+                    .map_err(|e| local("cannot wait for", e))?;
+                let stderr = stderr_tail.await.unwrap_or_default();
+                Err(crash_error(Stage::Fetch, &status, &stderr, &self.limits()))
+            }
         }
     }
 
@@ -394,9 +420,14 @@ fn wire_job(origin: &DockerFile, job_id: &str) -> serde_json::Value {
 
 /// The error of a child that ended without a result: permanent, naming the limit it hit
 /// when that can be told.
-fn crash_error(status: &std::process::ExitStatus, stderr: &str, limits: &ChildLimits) -> JobError {
+fn crash_error(
+    stage: Stage,
+    status: &std::process::ExitStatus,
+    stderr: &str,
+    limits: &ChildLimits,
+) -> JobError {
     use std::os::unix::process::ExitStatusExt;
-    let limit = |what: String| JobError::permanent(Stage::Fetch, ErrorCode::LimitExceeded, what);
+    let limit = |what: String| JobError::permanent(stage, ErrorCode::LimitExceeded, what);
     if stderr.contains("has overflowed its stack") {
         return limit("the source process overflowed its stack".to_owned());
     }
@@ -418,7 +449,7 @@ fn crash_error(status: &std::process::ExitStatus, stderr: &str, limits: &ChildLi
             limits.file_size_bytes >> 20
         )),
         Some(libc::SIGSYS) => JobError::permanent(
-            Stage::Fetch,
+            stage,
             ErrorCode::UnsafeSource,
             "the source process made a system call its sandbox forbids",
         ),
@@ -433,36 +464,12 @@ fn crash_error(status: &std::process::ExitStatus, stderr: &str, limits: &ChildLi
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("");
             JobError::permanent(
-                Stage::Fetch,
+                stage,
                 ErrorCode::UnsafeSource,
                 format!("the source process died ({how}) handling this source: {last}"),
             )
         }
     }
-}
-
-/// The sealed context the child wrote.
-struct FileContext(PathBuf);
-
-impl ContextWriter for FileContext {
-    fn write_tar(&self, out: &mut dyn std::io::Write) -> Result<u64, JobError> {
-        let local = |e: std::io::Error| {
-            let (code, class) = crate::error::classify_io(&e);
-            JobError::new(
-                Stage::Seal,
-                code,
-                format!("reading the sealed context failed: {e}"),
-            )
-            .with_class(class)
-        };
-        let mut file = std::fs::File::open(&self.0).map_err(local)?;
-        std::io::copy(&mut file, out).map_err(local)
-    }
-}
-
-/// Where the child writes the context in `workspace`.
-fn context_file(workspace: &Path) -> PathBuf {
-    workspace.join(CONTEXT_FILE)
 }
 
 #[cfg(test)]
@@ -553,7 +560,7 @@ mod tests {
             (exited(3), "", refused, "exit code 3"),
         ];
         for (status, stderr, code, says) in cases {
-            let err = crash_error(&status, stderr, &limits);
+            let err = crash_error(Stage::Fetch, &status, stderr, &limits);
             assert_eq!(
                 (err.class, err.code),
                 (ErrorClass::Permanent, code),

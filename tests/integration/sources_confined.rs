@@ -106,6 +106,123 @@ async fn a_tarball_sealed_in_the_child_streams_exactly_what_the_worker_would_sea
     );
 }
 
+/// Fails after `limit` bytes, as a builder that goes away in the middle of the context.
+struct Stops {
+    taken: usize,
+    limit: usize,
+}
+
+impl std::io::Write for Stops {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.taken >= self.limit {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the reader went away",
+            ));
+        }
+        let n = buf.len().min(self.limit - self.taken);
+        self.taken += n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The context comes over the child's pipe as often as the builder reads it (the build file
+/// first, then the whole stream), a reader that stops in the middle included; nothing of it
+/// is written into the workspace; the job's cancellation ends the child and its stream.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_context_streams_from_the_child_each_time_it_is_read_until_the_job_is_cancelled() {
+    let big = "0123456789abcdef".repeat(256 << 10); // 4 MiB: many frames
+    let server = FileServer::start();
+    let url = server.route(
+        "/src.tar.gz",
+        Route::Body(Arc::new(targz(&[
+            ("a-big-file.bin", big.as_str()),
+            ("Dockerfile", "FROM scratch\nCOPY . /\n"),
+            ("z.txt", "last\n"),
+        ]))),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let config = test_config("");
+    let details = json!({"targz_url": url});
+    let confined = ConfinedFetcher::new(factoryd(), &config);
+    let cancel = CancellationToken::new();
+    let (result, _, workspace) = fetch_details(
+        &confined,
+        root.path(),
+        "job-child",
+        details.clone(),
+        cancel.clone(),
+    )
+    .await;
+    let child = Arc::new(result.expect("the child seals the tarball"));
+    let (here, _, _ws2) = fetch(
+        &SourceFetcher::new(&config).unwrap(),
+        root.path(),
+        "job-here",
+        details,
+        None,
+    )
+    .await;
+    let expected = context_bytes(&here.unwrap());
+
+    let reads = Arc::clone(&child);
+    let (dockerfile, whole, stopped, again) = tokio::task::spawn_blocking(move || {
+        let dockerfile = reads
+            .context
+            .read_build_file(1 << 20)
+            .expect("the build file");
+        let whole = context_bytes(&reads);
+        let mut stops = Stops {
+            taken: 0,
+            limit: 300 << 10,
+        };
+        let stopped = reads.context.write_tar(&mut stops);
+        let again = context_bytes(&reads);
+        (dockerfile, whole, stopped, again)
+    })
+    .await
+    .unwrap();
+    assert_eq!(dockerfile, b"FROM scratch\nCOPY . /\n");
+    assert!(whole == expected, "the same context stream as in-process");
+    let err = stopped.expect_err("a reader that stops fails that read");
+    assert!(err.message.contains("went away"), "{err}");
+    assert!(again == expected, "and the next read is whole again");
+    let files: Vec<_> = walk_files(workspace.path());
+    assert!(
+        !files.iter().any(|f| f.ends_with(".tar")),
+        "no context file in the workspace: {files:?}"
+    );
+
+    cancel.cancel();
+    let started = Instant::now();
+    let after = tokio::task::spawn_blocking(move || child.context.write_tar(&mut Vec::new()))
+        .await
+        .unwrap();
+    let err = after.expect_err("the child is gone once the job is cancelled");
+    assert_eq!(err.code, ErrorCode::Cancelled, "{err}");
+    assert_within(started, Duration::from_secs(10));
+}
+
+/// Every file below `dir`.
+fn walk_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn git_over_https_in_the_child_gives_the_same_revision_and_context() {
     let root = tempfile::tempdir().unwrap();
