@@ -44,6 +44,9 @@ pub use child::{probe_main, source_worker_main};
 pub const SUBCOMMAND: &str = "source-worker";
 /// Longest line the child may send (an event with a batch of log lines is far below).
 pub(super) const MAX_LINE_BYTES: usize = 1 << 20;
+/// The capacity asked for the child's stdout pipe (the kernel's default maximum for a user
+/// is 1 MiB: `/proc/sys/fs/pipe-max-size`).
+const PIPE_BYTES: libc::c_int = 1 << 20;
 /// What is kept of the child's stderr, for a crash's message.
 const STDERR_TAIL_BYTES: usize = 8 * 1024;
 /// Environment variables the child keeps (TLS trust settings); everything else is dropped.
@@ -185,6 +188,7 @@ impl ConfinedFetcher {
         let mut child = command.spawn()?;
         let mut stdin = child.stdin.take().expect("piped stdin");
         let stdout = child.stdout.take().expect("piped stdout");
+        widen_pipe(&stdout);
         let mut stderr = child.stderr.take().expect("piped stderr");
         let stderr_tail = tokio::spawn(async move {
             let mut tail: Vec<u8> = Vec::new();
@@ -380,6 +384,17 @@ impl ConfinedFetcher {
                 "Source processes run with only part of their confinement."
             );
         }
+    }
+}
+
+/// Gives the child's stdout pipe room for a few frames of the context stream (the kernel's
+/// 64 KiB default wakes both sides four times per frame); where the kernel refuses, the
+/// default stays.
+fn widen_pipe(pipe: &impl std::os::fd::AsRawFd) {
+    #[allow(unsafe_code)]
+    // SAFETY: fcntl on a pipe this process owns; it only changes the pipe's capacity.
+    unsafe {
+        libc::fcntl(pipe.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_BYTES);
     }
 }
 
