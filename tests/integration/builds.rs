@@ -31,7 +31,7 @@ use crate::support::http::FaultProxy;
 use crate::support::http_files::{FileServer, Route};
 use crate::support::registry::{Auth, Registry};
 use crate::support::run::{docker_file_job, factoryd_run as factoryd_run_in, Ran};
-use crate::support::sources::{tar_entries, targz, Recorder};
+use crate::support::sources::{tar_entries, targz, targz_with_links, Recorder};
 use crate::support::{assert_success, assert_within};
 
 const USER: &str = "builder";
@@ -818,6 +818,73 @@ backend_tests! {
     a_host_link_stays_a_link =>
     a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
     buildkitd_a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_absolute_symlink_in_a_git_context_is_built_as_that_link() {
+    let engine = Engine::shared();
+    let host = host_file();
+    let links = absolute_links(&host);
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("src");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("Dockerfile"), COPY_CONTEXT).unwrap();
+    for (name, target) in links {
+        std::os::unix::fs::symlink(target, work.join(name)).unwrap();
+    }
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "links"]);
+    let repos = root.path().join("repos");
+    clone_bare(&work, &repos.join("links.git"));
+    let server = GitHttpServer::start(&repos, "gituser", "git-pass-1234");
+    let layout = root.path().join("store");
+    let config = test_config(&format!(
+        "[git]\ninsecure_hosts = [\"127.0.0.1:{}\"]\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n",
+        server.port,
+        layout.display()
+    ));
+    let job = docker_file_job(
+        "job-git-links",
+        "src-links",
+        json!({
+            "repo": {"url": server.url("links.git"), "branch": "main",
+                     "auth": {"type": "http", "credentials": {"username": "gituser", "password": "git-pass-1234"}}},
+            "context_dir": "/", "build_file": "/Dockerfile",
+        }),
+    );
+    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
+    assert_links_kept_and_host_files_absent(&layout, "src-links:job-git-links", &links, &host);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_absolute_symlink_in_a_targz_context_is_built_as_that_link() {
+    let engine = Engine::shared();
+    let host = host_file();
+    let links = absolute_links(&host);
+    let server = FileServer::start();
+    let url = server.route(
+        "/links.tar.gz",
+        Route::Body(Arc::new(targz_with_links(
+            &[("Dockerfile", COPY_CONTEXT)],
+            &links,
+        ))),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let layout = root.path().join("store");
+    let config = test_config(&format!(
+        "[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n",
+        layout.display()
+    ));
+    let job = docker_file_job(
+        "job-targz-links",
+        "src-links",
+        json!({"targz_url": url, "context_dir": "/", "build_file": "/Dockerfile"}),
+    );
+    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
+    assert_links_kept_and_host_files_absent(&layout, "src-links:job-targz-links", &links, &host);
 }
 
 /// Builds `FROM <a private base>`, `ARG TOKEN`, then `run` with the build arg `TOKEN` set to
