@@ -64,8 +64,15 @@ pub fn seal(
         repo.find_tree(entry.id()).map_err(internal)?
     };
 
+    // Only a regular file is read, as for archives and local directories: a symlink's blob is
+    // its target, not patterns, and a link is never followed (it is sent as a link).
     let ignore_blob = match context_tree.get_name(DOCKERIGNORE) {
-        Some(entry) if entry.filemode() != MODE_TREE => {
+        Some(entry)
+            if matches!(
+                entry.filemode(),
+                MODE_BLOB | MODE_BLOB_GROUP_WRITABLE | MODE_BLOB_EXECUTABLE
+            ) =>
+        {
             let (size, _) = repo
                 .odb()
                 .and_then(|odb| odb.read_header(entry.id()))
@@ -520,6 +527,57 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
         assert!(err.message.contains("build_file /Dockerfile"), "{err}");
+    }
+
+    /// Regression: a `.dockerignore` symlink's target was read as its patterns (here it
+    /// excluded `secret.txt`). It is sent as a link and not read, as archives and local
+    /// directories do.
+    #[test]
+    fn a_dockerignore_that_is_a_symlink_is_sent_as_a_link_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = flat_repo(
+            dir.path(),
+            &[("Dockerfile", "FROM scratch\n"), ("secret.txt", "s")],
+            &[(DOCKERIGNORE, "secret.txt")],
+        );
+        let sealed = seal_all(dir.path(), commit, LIMITS).expect("seals");
+        let mut out = Vec::new();
+        sealed.write_tar(&mut out).unwrap();
+        let mut archive = tar::Archive::new(&out[..]);
+        let names: Vec<(String, u8)> = archive
+            .entries()
+            .unwrap()
+            .map(Result::unwrap)
+            .map(|e| {
+                let kind = e.header().entry_type().as_byte();
+                (e.path().unwrap().display().to_string(), kind)
+            })
+            .collect();
+        let want = [
+            (DOCKERIGNORE, b'2'),
+            ("Dockerfile", b'0'),
+            ("secret.txt", b'0'),
+        ];
+        assert_eq!(names, want.map(|(n, k)| (n.to_owned(), k)));
+    }
+
+    /// Regression: a `.dockerignore` gitlink made sealing look up a commit the repository does
+    /// not hold, a transient internal error retried for nothing.
+    #[test]
+    fn a_dockerignore_that_is_a_submodule_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path()).unwrap();
+        let mut root = repo.treebuilder(None).unwrap();
+        let dockerfile = repo.blob(b"FROM scratch\n").unwrap();
+        root.insert("Dockerfile", dockerfile, MODE_BLOB).unwrap();
+        let elsewhere = Oid::from_str("1111111111111111111111111111111111111111").unwrap();
+        root.insert(DOCKERIGNORE, elsewhere, MODE_COMMIT).unwrap();
+        let tree = repo.find_tree(root.write().unwrap()).unwrap();
+        let sig = git2::Signature::new("t", "t@example.invalid", &git2::Time::new(1, 0)).unwrap();
+        let commit = repo
+            .commit(None, &sig, &sig, "gitlink", &tree, &[])
+            .unwrap();
+        seal_all(dir.path(), commit, LIMITS).expect("seals");
     }
 
     /// Regression: a tree 100,000 directories deep below an excluded directory overflowed the
