@@ -4,15 +4,17 @@
 //!
 //! 1. **index**: every entry is checked against the archive rules and recorded (kind, link
 //!    target); `.dockerignore` files are kept. Refused, with the entry's name: absolute paths,
-//!    `..` components, names that are not UTF-8, symlinks whose target leaves the archive, hard
-//!    links to anything but an earlier file, devices, FIFOs, sparse and unknown entry kinds,
-//!    entries below a symlink or a file, and a path that appears twice as different kinds.
-//!    Caps: entries, path depth, content bytes, and decompressed bytes (a decompression bomb
-//!    stops at the cap, never at the end of its output).
-//! 2. **check** (in memory): `context_dir` and `build_file` are resolved in the index, and the
-//!    context's entries are judged on the index, so that context-relative rules (a symlink
-//!    leaving the context, a hard link to outside it, the caps on what is sent) fail the seal
-//!    stage without decompressing the archive a second time.
+//!    `..` components, names that are not UTF-8, symlinks with an empty target, hard links to
+//!    anything but an earlier file, devices, FIFOs, sparse and unknown entry kinds, entries
+//!    below a symlink or a file, and a path that appears twice as different kinds. Caps:
+//!    entries, path depth, content bytes, link target length, and decompressed bytes (a
+//!    decompression bomb stops at the cap, never at the end of its output). A symlink is kept
+//!    whatever its target, absolute or leaving the archive: it is never followed here, and
+//!    BuildKit resolves it inside the context (see [`crate::context`]).
+//! 2. **check** (in memory): `context_dir` and `build_file` are resolved in the index (never
+//!    through a link out of the archive), and the context's entries are judged on the index, so
+//!    that context-relative rules (a hard link to outside the context, the caps on what is
+//!    sent) fail the seal stage without decompressing the archive a second time.
 //! 3. **write**: the same walk, writing the tar stream, when the builder asks for it.
 //!
 //! Gzip framing: concatenated members are read as one stream, as `gzip -d` and `tar xz` do.
@@ -33,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::resolve::{self, Node, SourceLookup, Want};
 use crate::context::{
-    self, symlink_escape, unsafe_entry, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE,
+    self, unsafe_entry, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE,
     MAX_DOCKERIGNORE_BYTES,
 };
 use crate::error::{ErrorCode, JobError, Stage};
@@ -247,12 +249,7 @@ impl Index {
                 EntryType::Directory => Kind::Dir,
                 EntryType::Symlink => {
                     let target = link_target(entry, &shown)?;
-                    if let Some(why) = symlink_escape(&parts, &target) {
-                        return Err(unsafe_entry(
-                            &shown,
-                            &format!("it is a symlink to {target:?}, which {why}"),
-                        ));
-                    }
+                    context::check_link_target(&shown, &target)?;
                     Kind::Symlink(target)
                 }
                 EntryType::Link => {
@@ -364,8 +361,8 @@ fn opened_error(over_cap: &Rc<Cell<bool>>, cap: u64, e: io::Error) -> JobError {
 
 impl Index {
     /// The context-relative rules, judged on the index (no second decompression): caps on what
-    /// is sent, symlinks and hard links staying inside the context. The write pass applies the
-    /// same rules again through the [`Sealer`].
+    /// is sent, hard links staying inside the context (symlinks are sent whatever their
+    /// target). The write pass applies the same rules again through the [`Sealer`].
     /// Every entry below the context counts against the entry cap, as in the write walk,
     /// whether `.dockerignore` leaves it out or not.
     fn check_context(
@@ -400,7 +397,7 @@ impl Index {
                 continue;
             }
             match kind {
-                Kind::Dir => {}
+                Kind::Dir | Kind::Symlink(_) => {}
                 Kind::File(size) => {
                     bytes = bytes.saturating_add(*size);
                     if bytes > limits.max_context_bytes {
@@ -409,14 +406,6 @@ impl Index {
                              (sources.max_context_bytes)",
                             limits.max_context_bytes
                         )));
-                    }
-                }
-                Kind::Symlink(target) => {
-                    if let Some(why) = symlink_escape(rel, target) {
-                        return Err(unsafe_entry(
-                            &rel_name,
-                            &format!("it is a symlink to {target:?}, which {why}"),
-                        ));
                     }
                 }
                 Kind::HardLink(target) => {
@@ -585,6 +574,124 @@ impl ContextWriter for ArchiveContext {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LIMITS: Limits = Limits {
+        max_context_bytes: 1 << 20,
+        max_entries: 100,
+        max_path_depth: 16,
+    };
+
+    /// A tar.gz at `dir/source.tar.gz` holding `files` (name, content) and `links` (name,
+    /// target) as symlinks.
+    fn archive(dir: &Path, files: &[(&str, &str)], links: &[(&str, &str)]) -> PathBuf {
+        let mut builder = tar::Builder::new(Vec::new());
+        for (name, body) in files {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(body.len() as u64);
+            header.set_mode(0o644);
+            builder
+                .append_data(&mut header, name, body.as_bytes())
+                .unwrap();
+        }
+        for (name, target) in links {
+            let mut header = tar::Header::new_gnu();
+            header.set_entry_type(EntryType::Symlink);
+            header.set_size(0);
+            builder.append_link(&mut header, name, target).unwrap();
+        }
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&builder.into_inner().unwrap()).unwrap();
+        let path = dir.join("source.tar.gz");
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        path
+    }
+
+    /// (name, link target) of each symlink in the stream of `sealed`.
+    fn stream_symlinks(sealed: &SealedContext) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        sealed.write_tar(&mut out).unwrap();
+        tar::Archive::new(&out[..])
+            .entries()
+            .unwrap()
+            .map(Result::unwrap)
+            .filter(|e| e.header().entry_type() == EntryType::Symlink)
+            .map(|e| {
+                let target = e.link_name().unwrap().unwrap().display().to_string();
+                (e.path().unwrap().display().to_string(), target)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn symlinks_out_of_the_context_or_archive_are_kept_as_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = archive(
+            dir.path(),
+            &[("app/Dockerfile", "FROM scratch\n"), ("secret.txt", "s")],
+            &[
+                ("app/config", "/etc/passwd"),
+                ("app/up", "../secret.txt"),
+                ("app/out", "../../../x"),
+            ],
+        );
+        let sealed = seal(
+            &path,
+            "/app",
+            "/app/Dockerfile",
+            LIMITS,
+            CancellationToken::new(),
+        )
+        .unwrap();
+        let links = stream_symlinks(&sealed);
+        let want = [
+            ("config", "/etc/passwd"),
+            ("up", "../secret.txt"),
+            ("out", "../../../x"),
+        ];
+        assert_eq!(links, want.map(|(n, t)| (n.to_owned(), t.to_owned())));
+    }
+
+    #[test]
+    fn a_build_file_or_context_dir_through_an_absolute_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = archive(
+            dir.path(),
+            &[("app/x", "x")],
+            &[("Dockerfile", "/etc/passwd"), ("ctx", "/etc")],
+        );
+        let cases = [
+            ("/app", "/Dockerfile", "build_file /Dockerfile"),
+            ("/ctx", "/app/x", "context_dir /ctx"),
+        ];
+        for (context_dir, build_file, named) in cases {
+            let err = seal(
+                &path,
+                context_dir,
+                build_file,
+                LIMITS,
+                CancellationToken::new(),
+            )
+            .map(|_| ())
+            .unwrap_err();
+            assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
+            assert!(err.message.contains(named), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_symlink_target_longer_than_path_max_is_a_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "x/".repeat(3000);
+        let path = archive(
+            dir.path(),
+            &[("Dockerfile", "FROM scratch\n")],
+            &[("l", &long)],
+        );
+        let err = seal(&path, "/", "/Dockerfile", LIMITS, CancellationToken::new())
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+    }
 
     #[test]
     fn archive_paths_refuse_absolute_and_parent_components() {

@@ -1,7 +1,9 @@
 //! A local directory as a build source (`factoryd run` on a developer's tree), sealed by the
 //! same rules as fetched sources: `context_dir` and `build_file` resolved without following a
 //! symlink out of the directory, the walk never following symlinks (they are sent as
-//! symlinks), `.dockerignore` applied, devices, FIFOs and sockets refused unless ignored.
+//! symlinks, whatever their target), `.dockerignore` applied (only a regular file: a
+//! `.dockerignore` that is a symlink is not read), devices, FIFOs and sockets refused unless
+//! ignored.
 //!
 //! Must not: change or create anything in the directory.
 

@@ -3,9 +3,14 @@
 //!
 //! A source adapter (git tree, tar.gz archive, local directory) walks the entries below the
 //! resolved context directory and hands each to a [`Sealer`], which applies `.dockerignore`,
-//! the caps (entries, bytes, path depth) and the safety rules (symlinks and hard links stay
-//! inside the context; devices, FIFOs and sockets are refused), sanitises permissions, and —
-//! when writing — appends the entry to an uncompressed tar stream. The same walk runs twice:
+//! the caps (entries, bytes, path depth, link target length) and the safety rules (hard links
+//! stay inside the context; devices, FIFOs and sockets are refused), sanitises permissions,
+//! and — when writing — appends the entry to an uncompressed tar stream.
+//!
+//! A symlink is sent as a symlink whatever its target, absolute or leaving the context, as
+//! `docker build` sends it: nothing here follows a link, nothing untrusted is extracted on the
+//! node, and BuildKit resolves links inside the context. A hard link is different (it carries
+//! content), so one to a file outside the context is refused. The same walk runs twice:
 //! once at seal time without an output, so that an unsafe or oversized source fails the seal
 //! stage with a clear error, and again when the builder asks for the stream.
 //!
@@ -35,6 +40,9 @@ pub const MAX_NAME_BYTES: usize = 255;
 
 /// Longest path of an entry below the context root (PATH_MAX).
 pub const MAX_PATH_BYTES: usize = 4096;
+
+/// Longest symlink target (PATH_MAX); a longer one is refused as a limit.
+pub const MAX_LINK_TARGET_BYTES: usize = 4096;
 
 /// Caps on one build context.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,12 +221,7 @@ impl<'w> Sealer<'w> {
                 )
             }
             Entry::Symlink { target } => {
-                if let Some(why) = symlink_escape(rel, &target) {
-                    return Err(unsafe_entry(
-                        &name,
-                        &format!("it is a symlink to {target:?}, which {why}"),
-                    ));
-                }
+                check_link_target(&name, &target)?;
                 self.append(
                     &name,
                     tar::EntryType::Symlink,
@@ -369,31 +372,26 @@ impl<'w> Sealer<'w> {
     }
 }
 
-/// Why a symlink at `link` (relative to the context root) pointing to `target` leaves the
-/// context, judged lexically from the link's directory; `None` when it stays inside.
-pub fn symlink_escape(link: &[String], target: &str) -> Option<&'static str> {
+/// Checks the target of the symlink `name` before it is sent. Any path is accepted, absolute
+/// or leaving the context: the link is sent as a link and never followed (see the module docs).
+/// Refused: a target that is no path at all (empty, or holding a NUL byte), and one longer than
+/// [`MAX_LINK_TARGET_BYTES`] (a limit).
+pub fn check_link_target(name: &str, target: &str) -> Result<(), JobError> {
     if target.is_empty() {
-        return Some("is empty");
+        return Err(unsafe_entry(name, "it is a symlink with an empty target"));
     }
-    if target.starts_with('/') {
-        return Some("is an absolute path outside the context");
+    if target.contains('\0') {
+        return Err(unsafe_entry(
+            name,
+            "it is a symlink whose target holds a NUL byte",
+        ));
     }
-    let mut base: Vec<&str> = link[..link.len().saturating_sub(1)]
-        .iter()
-        .map(String::as_str)
-        .collect();
-    for part in target.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                if base.pop().is_none() {
-                    return Some("resolves outside the context");
-                }
-            }
-            other => base.push(other),
-        }
+    if target.len() > MAX_LINK_TARGET_BYTES {
+        return Err(limit(format!(
+            "the symlink {name:?} has a target longer than {MAX_LINK_TARGET_BYTES} bytes"
+        )));
     }
-    None
+    Ok(())
 }
 
 /// The `.dockerignore` of a context: read from `found` when the context has one (`None`: it
@@ -536,18 +534,73 @@ mod tests {
         checker().add(&parts(rel), META, entry).unwrap_err()
     }
 
-    #[test]
-    fn symlinks_that_stay_inside_the_context_are_accepted() {
-        assert_eq!(symlink_escape(&parts("a/link"), "../b"), None);
-        assert_eq!(symlink_escape(&parts("link"), "b/c/../d"), None);
+    /// The tar entries of a stream: (path, kind byte, link target).
+    fn stream_links(out: &[u8]) -> Vec<(String, u8, Option<String>)> {
+        tar::Archive::new(out)
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().entry_type().as_byte(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect()
     }
 
     #[test]
-    fn symlinks_that_leave_the_context_are_refused() {
-        assert!(symlink_escape(&parts("link"), "../x").is_some());
-        assert!(symlink_escape(&parts("a/link"), "../../x").is_some());
-        assert!(symlink_escape(&parts("a/link"), "/etc/passwd").is_some());
-        assert!(symlink_escape(&parts("a/link"), "").is_some());
+    fn symlinks_are_sent_as_symlinks_whatever_their_target() {
+        let targets = [
+            ("a/in", "../b"),
+            ("a/up", "../../x"),
+            ("abs", "/etc/passwd"),
+            ("abs-dir", "/etc/"),
+        ];
+        let limits = Limits {
+            max_entries: 10,
+            ..LIMITS
+        };
+        let mut out = Vec::new();
+        let mut s = Sealer::write(DockerIgnore::default(), limits, false, live(), &mut out);
+        for (name, target) in targets {
+            let target = target.to_owned();
+            s.add(&parts(name), META, Entry::Symlink { target })
+                .unwrap();
+        }
+        s.finish().unwrap();
+        let got = stream_links(&out);
+        let want: Vec<_> = targets
+            .iter()
+            .map(|(name, target)| (name.to_string(), b'2', Some(target.to_string())))
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_symlink_without_a_usable_target_is_refused() {
+        for target in ["", "a\0b"] {
+            let err = refusal(
+                "link",
+                Entry::Symlink {
+                    target: target.into(),
+                },
+            );
+            assert_eq!(err.code, ErrorCode::UnsafeSource, "{target:?}: {err}");
+            assert!(err.message.contains("\"link\""), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_symlink_target_longer_than_path_max_is_a_limit() {
+        let target = "t/".repeat(MAX_LINK_TARGET_BYTES / 2) + "t";
+        let err = refusal("link", Entry::Symlink { target });
+        assert_eq!(err.code, ErrorCode::LimitExceeded, "{err}");
+        let target = "t".repeat(MAX_LINK_TARGET_BYTES);
+        checker()
+            .add(&parts("link"), META, Entry::Symlink { target })
+            .unwrap();
     }
 
     #[test]

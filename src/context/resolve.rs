@@ -4,8 +4,11 @@
 //! [`SourceLookup`]; [`resolve`] walks the requested path component by component, follows a
 //! symlink only while its target stays inside the source (relative targets, at most
 //! [`MAX_SYMLINK_HOPS`] of them), and refuses an absolute target or one that climbs above the
-//! root. A missing component is a permanent error naming what was looked for and what the
-//! nearest existing directory holds.
+//! root, naming the field (`context_dir`, `build_file`) and the link. A missing component is a
+//! permanent error naming what was looked for and what the nearest existing directory holds.
+//!
+//! This is the only place a source's symlinks are followed: in the context stream every link
+//! is sent as it is, whatever its target (see [`crate::context`]).
 
 use crate::error::{ErrorCode, JobError, Stage};
 
@@ -78,14 +81,24 @@ pub fn resolve(
     want: Want,
 ) -> Result<Resolved, JobError> {
     let key = want.key();
-    let mut pending: std::collections::VecDeque<String> = components(requested).into();
+    // Components still to walk, each with the symlink whose target it came from (an index
+    // into `links`; `None`: from `requested`), so that a climb above the root names the link.
+    let mut pending: std::collections::VecDeque<(String, Option<usize>)> = components(requested)
+        .into_iter()
+        .map(|part| (part, None))
+        .collect();
+    let mut links: Vec<String> = Vec::new();
     let mut current: Vec<String> = Vec::new();
     let mut node = Node::Dir;
     let mut hops = 0;
-    while let Some(part) = pending.pop_front() {
+    while let Some((part, origin)) = pending.pop_front() {
         if part == ".." {
             if current.pop().is_none() {
-                return Err(escape(key, requested, "it climbs above the source root"));
+                let why = match origin {
+                    Some(link) => format!("{}, which climbs above the source root", links[link]),
+                    None => "it climbs above the source root".to_owned(),
+                };
+                return Err(escape(key, requested, &why));
             }
             node = Node::Dir;
             continue;
@@ -139,9 +152,10 @@ pub fn resolve(
                         ),
                     ));
                 }
+                links.push(format!("{} is a symlink to {target}", display(&current)));
                 current.pop();
                 for part in components(&target).into_iter().rev() {
-                    pending.push_front(part);
+                    pending.push_front((part, Some(links.len() - 1)));
                 }
                 node = Node::Dir;
             }
@@ -246,6 +260,8 @@ mod tests {
                 Node::Symlink("../app-one/Dockerfile".into()),
             ),
             ("fifo", Node::Other("FIFO")),
+            ("app-two/Dockerfile", Node::Symlink("/etc/passwd".into())),
+            ("app-two/up", Node::Symlink("../../outside".into())),
         ])
     }
 
@@ -269,13 +285,56 @@ mod tests {
         assert_eq!(r.path, ["app-one", "Dockerfile"]);
     }
 
+    /// Refused as `unsafe_source`, the message naming the field, the link and its target.
+    fn assert_refused_naming(requested: &str, want: Want, words: &[&str]) {
+        let err = resolve(&source(), requested, want).unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
+        assert!(err.message.contains(want.key()), "{err}");
+        assert!(err.message.contains("leads outside the source"), "{err}");
+        for word in words {
+            assert!(err.message.contains(word), "{word} missing: {err}");
+        }
+    }
+
     #[test]
-    fn a_symlink_out_of_the_source_is_refused() {
-        let err = resolve(&source(), "/escape/x", Want::ContextDir).unwrap_err();
+    fn a_context_dir_through_a_symlink_out_of_the_source_is_refused() {
+        assert_refused_naming("/abs", Want::ContextDir, &["/abs", "/etc"]);
+        assert_refused_naming("/abs/app", Want::ContextDir, &["/abs", "/etc"]);
+        assert_refused_naming("/escape/x", Want::ContextDir, &["/escape", "../outside"]);
+    }
+
+    #[test]
+    fn a_build_file_through_a_symlink_out_of_the_source_is_refused() {
+        assert_refused_naming("/abs/passwd", Want::BuildFile, &["/abs", "/etc"]);
+        assert_refused_naming("/escape/Dockerfile", Want::BuildFile, &["../outside"]);
+        assert_refused_naming(
+            "/app-two/Dockerfile",
+            Want::BuildFile,
+            &["/app-two/Dockerfile", "/etc/passwd"],
+        );
+        assert_refused_naming(
+            "/app-two/up/Dockerfile",
+            Want::BuildFile,
+            &["/app-two/up", "../../outside"],
+        );
+    }
+
+    /// The link whose target climbs is named, not the last one followed on the way.
+    #[test]
+    fn a_climb_above_the_root_names_the_link_that_climbs() {
+        let source = Fake::new(&[
+            ("deep/x/Dockerfile", Node::File),
+            ("a/b/c", Node::Symlink("../../deep".into())),
+            ("top", Node::Symlink("a/b/c/../../../..".into())),
+        ]);
+        let err = resolve(&source, "/top/Dockerfile", Want::BuildFile).unwrap_err();
         assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
-        let err = resolve(&source(), "/abs", Want::ContextDir).unwrap_err();
-        assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
-        assert!(err.message.contains("/etc"), "{err}");
+        assert!(
+            err.message
+                .contains("/top is a symlink to a/b/c/../../../.."),
+            "{err}"
+        );
+        assert!(!err.message.contains("../../deep,"), "{err}");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::support::http::FaultProxy;
 use crate::support::http_files::{FileServer, Route};
 use crate::support::registry::{Auth, Registry};
 use crate::support::run::{docker_file_job, factoryd_run as factoryd_run_in, Ran};
-use crate::support::sources::{targz, Recorder};
+use crate::support::sources::{tar_entries, targz, targz_with_links, Recorder};
 use crate::support::{assert_success, assert_within};
 
 const USER: &str = "builder";
@@ -710,22 +710,181 @@ backend_tests! {
     buildkitd_build_args_target_dockerignore_and_symlinks_reach_the_build_as_given,
 }
 
-#[tokio::test]
-async fn a_symlink_to_a_host_file_never_brings_the_host_file_into_the_build() {
-    let outside = tempfile::tempdir().unwrap();
-    let host_file = outside.path().join("host-only.txt");
-    std::fs::write(&host_file, "host-only-content\n").unwrap();
-    let dir = dir_with(&[("Dockerfile", "FROM scratch\nCOPY . /ctx\n")]);
-    std::os::unix::fs::symlink(&host_file, dir.path().join("host-link")).unwrap();
-    let limits = Limits {
-        max_context_bytes: 1 << 20,
-        max_entries: 100,
-        max_path_depth: 8,
-    };
-    let e = local::seal(dir.path(), "/", "/Dockerfile", limits, Default::default())
-        .expect_err("a link out of the context is refused before anything reaches the engine");
-    assert_failure(&e, ErrorClass::Permanent, ErrorCode::UnsafeSource, &[]);
-    assert!(!e.message.contains("host-only-content"));
+/// A file on the build host that a context links to by its absolute path, holding a text that
+/// must never reach an image.
+struct HostFile {
+    _dir: tempfile::TempDir,
+    path: String,
+    marker: String,
+}
+
+fn host_file() -> HostFile {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // Readable by anyone: only not following the link keeps it out of the image.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let marker = format!("host-only-{}", factoryd::workspace::random_hex(8));
+    let path = dir.path().join("host-only.txt");
+    std::fs::write(&path, format!("{marker}\n")).unwrap();
+    HostFile {
+        path: path.display().to_string(),
+        _dir: dir,
+        marker,
+    }
+}
+
+/// The context of the link tests: `Dockerfile` copies the context into `/ctx` of an empty
+/// image.
+const COPY_CONTEXT: &str = "FROM scratch\nCOPY . /ctx\n";
+
+/// What a link test's image must hold: `config` (the host file) and `passwd` (`/etc/passwd`)
+/// as absolute links in `/ctx`.
+fn absolute_links(host: &HostFile) -> [(&str, &str); 2] {
+    [("config", host.path.as_str()), ("passwd", "/etc/passwd")]
+}
+
+/// The bytes of blob `digest` of the OCI layout at `layout`, decompressed when gzipped.
+fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    let hex = digest.trim_start_matches("sha256:");
+    let bytes = std::fs::read(layout.join("blobs/sha256").join(hex)).expect("blob");
+    decompressed(bytes)
+}
+
+fn decompressed(bytes: Vec<u8>) -> Vec<u8> {
+    use std::io::Read;
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return bytes;
+    }
+    let mut out = Vec::new();
+    flate2::read::MultiGzDecoder::new(&bytes[..])
+        .read_to_end(&mut out)
+        .expect("gzip layer");
+    out
+}
+
+/// Asserts that the image `tag` in the OCI layout at `layout` holds each of `links` (name,
+/// target) as a symlink `/ctx/<name>` to the same target, and that neither the host file's
+/// text nor `/etc/passwd`'s first line is in any blob of the layout (layers decompressed).
+fn assert_links_kept_and_host_files_absent(
+    layout: &Path,
+    tag: &str,
+    links: &[(&str, &str)],
+    host: &HostFile,
+) {
+    let digest = layout_digest(layout, tag).unwrap_or_else(|| panic!("{tag} not in the layout"));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&layout_blob(layout, &digest)).unwrap();
+    let mut found = Vec::new();
+    for layer in manifest["layers"].as_array().expect("an image manifest") {
+        let tar = layout_blob(layout, layer["digest"].as_str().unwrap());
+        for (name, _, kind, link, _) in tar_entries(&tar) {
+            found.push((name.trim_start_matches("./").to_owned(), kind, link));
+        }
+    }
+    for (name, target) in links {
+        let want = (format!("ctx/{name}"), b'2', Some(target.to_string()));
+        assert!(
+            found.contains(&want),
+            "{want:?} not in the image: {found:?}"
+        );
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let passwd_line = passwd.lines().next().expect("a line in /etc/passwd");
+    for entry in std::fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+        let bytes = decompressed(std::fs::read(entry.unwrap().path()).unwrap());
+        for needle in [host.marker.as_str(), passwd_line] {
+            let hit = bytes.windows(needle.len()).any(|w| w == needle.as_bytes());
+            assert!(!hit, "{needle:?} is in the image");
+        }
+    }
+}
+
+/// As `docker build` keeps it: a link to a host file travels as that link and BuildKit never
+/// reads the host file through it (factoryd refused such a context before).
+async fn a_host_link_stays_a_link(backend: Backend) {
+    let engine = Engine::shared();
+    let host = host_file();
+    let dir = dir_with(&[("Dockerfile", COPY_CONTEXT)]);
+    let links = absolute_links(&host);
+    for (name, target) in links {
+        std::os::unix::fs::symlink(target, dir.path().join(name)).unwrap();
+    }
+    let built = build_plain(backend, &engine, dir.path()).await;
+    built.result.unwrap_or_else(|e| panic!("{e}"));
+    assert_links_kept_and_host_files_absent(built.layout.path(), &built.tag, &links, &host);
+}
+
+backend_tests! {
+    a_host_link_stays_a_link =>
+    a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
+    buildkitd_a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_absolute_symlink_in_a_git_context_is_built_as_that_link() {
+    let engine = Engine::shared();
+    let host = host_file();
+    let links = absolute_links(&host);
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("src");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("Dockerfile"), COPY_CONTEXT).unwrap();
+    for (name, target) in links {
+        std::os::unix::fs::symlink(target, work.join(name)).unwrap();
+    }
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "links"]);
+    let repos = root.path().join("repos");
+    clone_bare(&work, &repos.join("links.git"));
+    let server = GitHttpServer::start(&repos, "gituser", "git-pass-1234");
+    let layout = root.path().join("store");
+    let config = test_config(&format!(
+        "[git]\ninsecure_hosts = [\"127.0.0.1:{}\"]\n[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n",
+        server.port,
+        layout.display()
+    ));
+    let job = docker_file_job(
+        "job-git-links",
+        "src-links",
+        json!({
+            "repo": {"url": server.url("links.git"), "branch": "main",
+                     "auth": {"type": "http", "credentials": {"username": "gituser", "password": "git-pass-1234"}}},
+            "context_dir": "/", "build_file": "/Dockerfile",
+        }),
+    );
+    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
+    assert_links_kept_and_host_files_absent(&layout, "src-links:job-git-links", &links, &host);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_absolute_symlink_in_a_targz_context_is_built_as_that_link() {
+    let engine = Engine::shared();
+    let host = host_file();
+    let links = absolute_links(&host);
+    let server = FileServer::start();
+    let url = server.route(
+        "/links.tar.gz",
+        Route::Body(Arc::new(targz_with_links(
+            &[("Dockerfile", COPY_CONTEXT)],
+            &links,
+        ))),
+    );
+    let root = tempfile::tempdir().unwrap();
+    let layout = root.path().join("store");
+    let config = test_config(&format!(
+        "[destination]\nkind = \"oci-layout\"\npath = \"{}\"\n",
+        layout.display()
+    ));
+    let job = docker_file_job(
+        "job-targz-links",
+        "src-links",
+        json!({"targz_url": url, "context_dir": "/", "build_file": "/Dockerfile"}),
+    );
+    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
+    assert_links_kept_and_host_files_absent(&layout, "src-links:job-targz-links", &links, &host);
 }
 
 /// Builds `FROM <a private base>`, `ARG TOKEN`, then `run` with the build arg `TOKEN` set to

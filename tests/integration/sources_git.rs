@@ -353,6 +353,75 @@ async fn the_sealed_stream_equals_git_archive_minus_dockerignored_entries() {
     }
 }
 
+/// As `docker build` (and `git archive`) keep them: a symlink is sent as a symlink whatever its
+/// target, absolute or out of the repository, and never followed; `context_dir` and
+/// `build_file` are still never resolved through a link out of the repository.
+#[tokio::test]
+async fn symlinks_out_of_the_repository_are_kept_as_links_but_never_lead_the_build_there() {
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("work");
+    std::fs::create_dir_all(work.join("app")).unwrap();
+    std::fs::write(work.join("app/Dockerfile"), "FROM scratch\n").unwrap();
+    for (link, target) in [
+        ("app/config", "/etc/passwd"),
+        ("app/up", "../../outside.txt"),
+        ("etc", "/etc"),
+        ("Dockerfile.abs", "/etc/passwd"),
+    ] {
+        std::os::unix::fs::symlink(target, work.join(link)).unwrap();
+    }
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "links"]);
+    let repos = root.path().join("repos");
+    clone_bare(&work, &repos.join("links.git"));
+    let server = GitHttpServer::start(&repos, USER, PASSWORD);
+    let details = |context_dir: &str, build_file: &str| {
+        json!({
+            "repo": {"url": server.url("links.git"),
+                     "auth": {"type": "http", "credentials": {"username": USER, "password": PASSWORD}}},
+            "context_dir": context_dir, "build_file": build_file,
+        })
+    };
+    let work_root = root.path().join("wr");
+
+    let (result, _, _ws) =
+        fetch_with(&fetcher(""), &work_root, details("/app", "/app/Dockerfile")).await;
+    let source = result.unwrap_or_else(|e| panic!("links are kept: {e}"));
+    let entries: Vec<(String, u8, Option<String>)> = tar_entries(&context_bytes(&source))
+        .into_iter()
+        .map(|(name, _, kind, link, _)| (name, kind, link))
+        .collect();
+    let link = |name: &str, target: &str| (name.to_owned(), b'2', Some(target.to_owned()));
+    assert_eq!(
+        entries,
+        [
+            ("Dockerfile".to_owned(), b'0', None),
+            link("config", "/etc/passwd"),
+            link("up", "../../outside.txt"),
+        ]
+    );
+
+    for (context_dir, build_file, words) in [
+        (
+            "/",
+            "/Dockerfile.abs",
+            &["build_file /Dockerfile.abs", "/etc/passwd"][..],
+        ),
+        ("/etc", "/app/Dockerfile", &["context_dir /etc", "/etc"][..]),
+        (
+            "/app/up",
+            "/app/Dockerfile",
+            &["context_dir /app/up", "../../outside.txt"][..],
+        ),
+    ] {
+        let (result, _, _ws) =
+            fetch_with(&fetcher(""), &work_root, details(context_dir, build_file)).await;
+        let err = result.err().expect("must be refused");
+        assert_failure(&err, ErrorClass::Permanent, ErrorCode::UnsafeSource, words);
+    }
+}
+
 #[tokio::test]
 async fn a_build_file_outside_the_context_is_added_under_a_reserved_name() {
     let setup = http_setup();

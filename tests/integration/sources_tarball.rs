@@ -207,21 +207,6 @@ async fn every_unsafe_entry_kind_is_refused_by_name_with_nothing_written_outside
             "/tmp/abs.txt",
         ),
         (
-            "symlink-out",
-            Raw(
-                b"link",
-                EntryType::Symlink,
-                b"",
-                Some(b"../../canary/alive.txt"),
-            ),
-            "link",
-        ),
-        (
-            "symlink-absolute",
-            Raw(b"link", EntryType::Symlink, b"", Some(b"/etc/passwd")),
-            "link",
-        ),
-        (
             "hardlink-out",
             Raw(b"hard", EntryType::Link, b"", Some(b"../canary/alive.txt")),
             "hard",
@@ -275,8 +260,11 @@ async fn an_entry_below_a_symlink_is_refused() {
     assert_code(&err, ErrorCode::UnsafeSource, &["\"d/x\""]);
 }
 
+/// As `docker build` keeps them: a symlink is sent as a symlink whatever its target (absolute,
+/// out of the archive, out of the context dir), never followed, and nothing lands outside the
+/// workspace.
 #[tokio::test]
-async fn a_symlink_leaving_the_context_dir_is_refused_even_inside_the_archive() {
+async fn symlinks_out_of_the_context_are_kept_as_links_whatever_their_target() {
     let setup = setup();
     let archive = gzip(&tar_of(&[
         Raw(
@@ -285,13 +273,74 @@ async fn a_symlink_leaving_the_context_dir_is_refused_even_inside_the_archive() 
             b"FROM scratch\n",
             None,
         ),
+        Raw(b"app/config", EntryType::Symlink, b"", Some(b"/etc/passwd")),
+        Raw(
+            b"app/canary",
+            EntryType::Symlink,
+            b"",
+            Some(b"../../canary/alive.txt"),
+        ),
         Raw(b"app/up", EntryType::Symlink, b"", Some(b"../secret.txt")),
         Raw(b"secret.txt", EntryType::Regular, b"s", None),
     ]));
-    let url = setup.serve("/ctx.tar.gz", archive);
-    let (result, _ws) = fetch(&setup, &url, "/app", "/app/Dockerfile", "").await;
-    let err = result.err().expect("must be refused");
-    assert_code(&err, ErrorCode::UnsafeSource, &["\"up\""]);
+    let url = setup.serve("/links.tar.gz", archive);
+    let (result, ws) = fetch(&setup, &url, "/app", "/app/Dockerfile", "").await;
+    let source = result.unwrap_or_else(|e| panic!("links are kept: {e}"));
+    let mut out = Vec::new();
+    source.context.write_tar(&mut out).unwrap();
+    let entries: Vec<(String, u8, Option<String>)> = tar_entries(&out)
+        .into_iter()
+        .map(|(name, _, kind, link, _)| (name, kind, link))
+        .collect();
+    let link = |name: &str, target: &str| (name.to_owned(), b'2', Some(target.to_owned()));
+    assert_eq!(
+        entries,
+        [
+            ("Dockerfile".to_owned(), b'0', None),
+            link("config", "/etc/passwd"),
+            link("canary", "../../canary/alive.txt"),
+            link("up", "../secret.txt"),
+        ]
+    );
+    assert_canary_untouched(&setup, &ws);
+}
+
+/// Links are never followed out of the archive to find `context_dir` or `build_file`: each is
+/// refused naming the field and the link.
+#[tokio::test]
+async fn a_context_dir_or_build_file_through_a_link_out_of_the_archive_is_refused() {
+    let setup = setup();
+    let archive = gzip(&tar_of(&[
+        Raw(b"app/x", EntryType::Regular, b"x", None),
+        Raw(b"Dockerfile", EntryType::Symlink, b"", Some(b"/etc/passwd")),
+        Raw(b"etc", EntryType::Symlink, b"", Some(b"/etc")),
+        Raw(b"up", EntryType::Symlink, b"", Some(b"../..")),
+    ]));
+    let url = setup.serve("/through.tar.gz", archive);
+    let cases = [
+        (
+            "/app",
+            "/Dockerfile",
+            &["build_file /Dockerfile", "/etc/passwd"][..],
+        ),
+        (
+            "/app",
+            "/etc/passwd",
+            &["build_file /etc/passwd", "/etc"][..],
+        ),
+        ("/etc", "/app/x", &["context_dir /etc", "/etc"][..]),
+        (
+            "/up/tmp",
+            "/app/x",
+            &["context_dir /up/tmp", "/up", "../.."][..],
+        ),
+    ];
+    for (context_dir, build_file, words) in cases {
+        let (result, ws) = fetch(&setup, &url, context_dir, build_file, "").await;
+        let err = result.err().expect("must be refused");
+        assert_code(&err, ErrorCode::UnsafeSource, words);
+        assert_canary_untouched(&setup, &ws);
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
-//! Sealing a fetched git commit: `context_dir` and `build_file` resolved in its tree, and the
-//! context stream read straight from the object database (like `git archive`), never from a
-//! checkout.
+//! Sealing a fetched git commit: `context_dir` and `build_file` resolved in its tree (never
+//! through a link out of it), and the context stream read straight from the object database
+//! (like `git archive`), never from a checkout. A symlink blob is sent as a symlink whatever
+//! its target, as `git archive` writes it; only its length is bounded before it is read.
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -10,7 +11,9 @@ use git2::{ObjectType, Oid, Repository, Tree};
 use tokio_util::sync::CancellationToken;
 
 use crate::context::resolve::{self, Node, SourceLookup, Want};
-use crate::context::{self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE};
+use crate::context::{
+    self, DockerIgnore, Entry, Limits, Meta, Sealer, DOCKERIGNORE, MAX_LINK_TARGET_BYTES,
+};
 use crate::error::{ErrorCode, JobError, Stage};
 use crate::ports::{ContextWriter, SealedContext};
 
@@ -24,9 +27,6 @@ const MODE_COMMIT: i32 = 0o160000;
 /// Fetches one submodule: given its path from the superproject's root and the commit its
 /// gitlink pins, returns the bare repository holding that commit.
 pub type SubmoduleFetch<'a> = dyn FnMut(&str, Oid) -> Result<PathBuf, JobError> + 'a;
-
-/// Largest symlink target read from a blob (PATH_MAX); a longer one is refused.
-const MAX_LINK_TARGET_BYTES: usize = 4096;
 
 /// Resolves and checks the context of `commit` in the bare repository at `repo_path`, and
 /// returns the sealed context that streams it. With `submodules`, each gitlink inside the
@@ -64,8 +64,15 @@ pub fn seal(
         repo.find_tree(entry.id()).map_err(internal)?
     };
 
+    // Only a regular file is read, as for archives and local directories: a symlink's blob is
+    // its target, not patterns, and a link is never followed (it is sent as a link).
     let ignore_blob = match context_tree.get_name(DOCKERIGNORE) {
-        Some(entry) if entry.filemode() != MODE_TREE => {
+        Some(entry)
+            if matches!(
+                entry.filemode(),
+                MODE_BLOB | MODE_BLOB_GROUP_WRITABLE | MODE_BLOB_EXECUTABLE
+            ) =>
+        {
             let (size, _) = repo
                 .odb()
                 .and_then(|odb| odb.read_header(entry.id()))
@@ -459,6 +466,118 @@ mod tests {
             CancellationToken::new(),
             None,
         )
+    }
+
+    /// A bare repository whose one commit holds `files` (name, content) and `links` (name,
+    /// target) as symlinks, all at the root.
+    fn flat_repo(dir: &Path, files: &[(&str, &str)], links: &[(&str, &str)]) -> Oid {
+        let repo = Repository::init_bare(dir).unwrap();
+        let mut root = repo.treebuilder(None).unwrap();
+        for (name, body) in files {
+            let blob = repo.blob(body.as_bytes()).unwrap();
+            root.insert(name, blob, MODE_BLOB).unwrap();
+        }
+        for (name, target) in links {
+            let blob = repo.blob(target.as_bytes()).unwrap();
+            root.insert(name, blob, MODE_LINK).unwrap();
+        }
+        let tree = repo.find_tree(root.write().unwrap()).unwrap();
+        let sig = git2::Signature::new("t", "t@example.invalid", &git2::Time::new(1, 0)).unwrap();
+        repo.commit(None, &sig, &sig, "flat", &tree, &[]).unwrap()
+    }
+
+    const LIMITS: Limits = Limits {
+        max_context_bytes: 1 << 20,
+        max_entries: 100,
+        max_path_depth: 16,
+    };
+
+    #[test]
+    fn symlinks_out_of_the_repository_are_kept_as_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = flat_repo(
+            dir.path(),
+            &[("Dockerfile", "FROM scratch\n")],
+            &[("config", "/etc/passwd"), ("up", "../outside")],
+        );
+        let sealed = seal_all(dir.path(), commit, LIMITS).expect("seals");
+        let mut out = Vec::new();
+        sealed.write_tar(&mut out).unwrap();
+        let mut archive = tar::Archive::new(&out[..]);
+        let links: Vec<(String, String)> = archive
+            .entries()
+            .unwrap()
+            .map(Result::unwrap)
+            .filter(|e| e.header().entry_type() == tar::EntryType::Symlink)
+            .map(|e| {
+                let target = e.link_name().unwrap().unwrap().display().to_string();
+                (e.path().unwrap().display().to_string(), target)
+            })
+            .collect();
+        let want = [("config", "/etc/passwd"), ("up", "../outside")];
+        assert_eq!(links, want.map(|(n, t)| (n.to_owned(), t.to_owned())));
+    }
+
+    #[test]
+    fn a_build_file_that_is_a_link_out_of_the_repository_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = flat_repo(dir.path(), &[], &[("Dockerfile", "/etc/passwd")]);
+        let err = seal_all(dir.path(), commit, LIMITS)
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnsafeSource, "{err}");
+        assert!(err.message.contains("build_file /Dockerfile"), "{err}");
+    }
+
+    /// Regression: a `.dockerignore` symlink's target was read as its patterns (here it
+    /// excluded `secret.txt`). It is sent as a link and not read, as archives and local
+    /// directories do.
+    #[test]
+    fn a_dockerignore_that_is_a_symlink_is_sent_as_a_link_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = flat_repo(
+            dir.path(),
+            &[("Dockerfile", "FROM scratch\n"), ("secret.txt", "s")],
+            &[(DOCKERIGNORE, "secret.txt")],
+        );
+        let sealed = seal_all(dir.path(), commit, LIMITS).expect("seals");
+        let mut out = Vec::new();
+        sealed.write_tar(&mut out).unwrap();
+        let mut archive = tar::Archive::new(&out[..]);
+        let names: Vec<(String, u8)> = archive
+            .entries()
+            .unwrap()
+            .map(Result::unwrap)
+            .map(|e| {
+                let kind = e.header().entry_type().as_byte();
+                (e.path().unwrap().display().to_string(), kind)
+            })
+            .collect();
+        let want = [
+            (DOCKERIGNORE, b'2'),
+            ("Dockerfile", b'0'),
+            ("secret.txt", b'0'),
+        ];
+        assert_eq!(names, want.map(|(n, k)| (n.to_owned(), k)));
+    }
+
+    /// Regression: a `.dockerignore` gitlink made sealing look up a commit the repository does
+    /// not hold, a transient internal error retried for nothing.
+    #[test]
+    fn a_dockerignore_that_is_a_submodule_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repository::init_bare(dir.path()).unwrap();
+        let mut root = repo.treebuilder(None).unwrap();
+        let dockerfile = repo.blob(b"FROM scratch\n").unwrap();
+        root.insert("Dockerfile", dockerfile, MODE_BLOB).unwrap();
+        let elsewhere = Oid::from_str("1111111111111111111111111111111111111111").unwrap();
+        root.insert(DOCKERIGNORE, elsewhere, MODE_COMMIT).unwrap();
+        let tree = repo.find_tree(root.write().unwrap()).unwrap();
+        let sig = git2::Signature::new("t", "t@example.invalid", &git2::Time::new(1, 0)).unwrap();
+        let commit = repo
+            .commit(None, &sig, &sig, "gitlink", &tree, &[])
+            .unwrap();
+        seal_all(dir.path(), commit, LIMITS).expect("seals");
     }
 
     /// Regression: a tree 100,000 directories deep below an excluded directory overflowed the

@@ -174,6 +174,11 @@ pub fn tree_listing(dir: &Path) -> Vec<String> {
 
 /// A tar.gz of `files` (name, text), regular files with mode 0644 and a fixed mtime.
 pub fn targz(files: &[(&str, &str)]) -> Vec<u8> {
+    targz_with_links(files, &[])
+}
+
+/// [`targz`], then `links` (name, target) as symlinks.
+pub fn targz_with_links(files: &[(&str, &str)], links: &[(&str, &str)]) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     for (name, body) in files {
         let mut header = tar::Header::new_gnu();
@@ -184,6 +189,14 @@ pub fn targz(files: &[(&str, &str)]) -> Vec<u8> {
         builder
             .append_data(&mut header, name, body.as_bytes())
             .unwrap();
+    }
+    for (name, target) in links {
+        let mut header = tar::Header::new_gnu();
+        header.set_entry_type(tar::EntryType::Symlink);
+        header.set_size(0);
+        header.set_mode(0o777);
+        header.set_mtime(1_700_000_000);
+        builder.append_link(&mut header, name, target).unwrap();
     }
     let tar = builder.into_inner().unwrap();
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
