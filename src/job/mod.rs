@@ -116,6 +116,9 @@ impl Job {
                 out.extend(o.credentials.iter().map(|c| &c.token));
             }
         }
+        if let Some(build) = &self.build {
+            out.extend(build.secrets.values());
+        }
         out.retain(|s| !s.is_empty());
         out
     }
@@ -340,7 +343,35 @@ pub struct BuildOptions {
     pub platform: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub no_cache: bool,
+    /// Build secrets by id, for `RUN --mount=type=secret,id=ID` (served by the build's session,
+    /// never in the image, a log or a result; serialized masked).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<String, Secret>,
+    /// `build.ssh: true`: `RUN --mount=type=ssh` gets an agent holding this key, the job's git
+    /// SSH key (serialized as `true`).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_present"
+    )]
+    pub ssh: Option<SshKey>,
 }
+
+/// A private key (PEM or OpenSSH) and its passphrase, for a build's SSH agent.
+#[derive(Debug, Clone)]
+pub struct SshKey {
+    pub private_key: Secret,
+    pub passphrase: Option<Secret>,
+}
+
+fn serialize_present<S: serde::Serializer, T>(
+    value: &Option<T>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_bool(value.is_some())
+}
+
+/// The largest build secret (BuildKit's own limit for a secret is 500 KiB).
+pub const MAX_BUILD_SECRET_BYTES: usize = 500 * 1024;
 
 /// A job's own choice of destination; the worker's configured default otherwise. Credentials
 /// for a destination registry are the worker's, never the job's.

@@ -539,6 +539,92 @@ fn build_options_rules() {
 }
 
 #[test]
+fn build_secrets_are_checked_masked_and_redacted() {
+    let with_build = |b: Value| {
+        let mut v = file_job(json!({"targz_url": "https://h.example/a.tgz"}));
+        v["build"] = b;
+        v
+    };
+    let job = decode_value(&with_build(
+        json!({"secrets": {"npm_token": "tok-4471", "pip.conf": "[global]\nindex-url=x\n"}}),
+    ))
+    .unwrap();
+    let build = job.build.as_ref().unwrap();
+    assert_eq!(build.secrets["npm_token"].expose(), "tok-4471");
+    assert!(job.secrets().iter().any(|s| s.expose() == "tok-4471"));
+    let shown = serde_json::to_string(&job).unwrap();
+    assert!(!shown.contains("tok-4471"), "{shown}");
+    assert!(shown.contains("npm_token"), "{shown}");
+
+    assert_problem(
+        with_build(json!({"secrets": {"bad id": "x"}})),
+        "build.secrets.bad id",
+        "1-64 of",
+    );
+    assert_problem(
+        with_build(json!({"secrets": {"a": ""}})),
+        "build.secrets.a",
+        "must not be empty",
+    );
+    assert_problem(
+        with_build(json!({"secrets": {"a": 7}})),
+        "build.secrets.a",
+        "expected a string",
+    );
+    assert_problem(
+        with_build(json!({"secrets": ["a"]})),
+        "build.secrets",
+        "expected an object",
+    );
+    let big = "x".repeat(crate::job::MAX_BUILD_SECRET_BYTES + 1);
+    let problems = problems_of(with_build(json!({"secrets": {"big": big}})));
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("build.secrets.big: ") && p.contains("at most")),
+        "{problems:?}"
+    );
+    assert!(
+        !problems.iter().any(|p| p.contains("xxxx")),
+        "no value shown"
+    );
+}
+
+#[test]
+fn build_ssh_forwards_the_jobs_ssh_key_only() {
+    let mut ssh = fixture("docker-file-git-ssh.json");
+    ssh["build"] = json!({"ssh": true});
+    let job = decode_value(&ssh).unwrap();
+    let Origin::DockerFile(DockerFile {
+        source:
+            BuildSource::Repo(GitRepo {
+                auth: Some(GitAuth::Ssh { private_key, .. }),
+                ..
+            }),
+        ..
+    }) = &job.origin
+    else {
+        panic!("an ssh job")
+    };
+    let key = job.build.as_ref().unwrap().ssh.as_ref().expect("the key");
+    assert_eq!(key.private_key.expose(), private_key.expose());
+    let shown = serde_json::to_value(&job).unwrap();
+    assert_eq!(shown["build"]["ssh"], json!(true));
+    assert!(!shown.to_string().contains("PRIVATE KEY-----\n"));
+
+    let mut off = fixture("docker-file-git-ssh.json");
+    off["build"] = json!({"ssh": false});
+    assert!(decode_value(&off).unwrap().build.unwrap().ssh.is_none());
+
+    let mut https = file_job(json!({"repo": {"url": "https://h.example/r.git"}}));
+    https["build"] = json!({"ssh": true});
+    assert_problem(https, "build.ssh", "auth of type \"ssh\"");
+    let mut targz = file_job(json!({"targz_url": "https://h.example/a.tgz"}));
+    targz["build"] = json!({"ssh": true});
+    assert_problem(targz, "build.ssh", "auth of type \"ssh\"");
+}
+
+#[test]
 fn destination_rules() {
     let mut v = hub_job(json!({"target": "a"}));
     v["destination"] = json!({"kind": "s3"});

@@ -25,15 +25,19 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{JobError, Stage};
+use crate::job::BuildOptions;
 use crate::ports::BasicAuth;
 
 /// Which credentials a build carries, without holding them: a SHA-256 over the sorted
-/// (host, user, password) triples.
+/// (host, user, password) triples, the build secrets (id, value) and the SSH key forwarded.
+/// Secrets and keys count because BuildKit merges a `RUN` step of two concurrent builds whose
+/// inputs are the same, and a secret or SSH mount is not among those inputs: the merged step
+/// would run with one build's secret for both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct CredentialSet([u8; 32]);
 
 impl CredentialSet {
-    pub(super) fn of(auth: &[(String, BasicAuth)]) -> CredentialSet {
+    pub(super) fn of(auth: &[(String, BasicAuth)], options: &BuildOptions) -> CredentialSet {
         let mut entries: Vec<(&str, &str, &str)> = auth
             .iter()
             .map(|(host, basic)| {
@@ -47,11 +51,24 @@ impl CredentialSet {
         entries.sort_unstable();
         entries.dedup();
         let mut hasher = Sha256::new();
+        let mut part = |bytes: &str| {
+            hasher.update((bytes.len() as u64).to_be_bytes());
+            hasher.update(bytes.as_bytes());
+        };
         for (host, user, password) in entries {
-            for part in [host, user, password] {
-                hasher.update((part.len() as u64).to_be_bytes());
-                hasher.update(part.as_bytes());
+            for p in [host, user, password] {
+                part(p);
             }
+        }
+        // Each kind after a marker no host name can be, so no two kinds are confused.
+        part("\0secrets");
+        for (id, value) in &options.secrets {
+            part(id);
+            part(value.expose());
+        }
+        if let Some(key) = &options.ssh {
+            part("\0ssh");
+            part(key.private_key.expose());
         }
         CredentialSet(hasher.finalize().into())
     }
@@ -192,6 +209,10 @@ impl Drop for Pass {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn none_else() -> BuildOptions {
+        BuildOptions::default()
+    }
     use crate::secret::Secret;
 
     fn auth(entries: &[(&str, &str, &str)]) -> Vec<(String, BasicAuth)> {
@@ -213,14 +234,59 @@ mod tests {
     fn a_credential_set_ignores_order_and_tells_passwords_apart() {
         let a = auth(&[("r1", "u", "p"), ("r2", "v", "q")]);
         let b = auth(&[("r2", "v", "q"), ("r1", "u", "p")]);
-        assert_eq!(CredentialSet::of(&a), CredentialSet::of(&b));
+        assert_eq!(
+            CredentialSet::of(&a, &none_else()),
+            CredentialSet::of(&b, &none_else())
+        );
         let other_password = auth(&[("r1", "u", "p2"), ("r2", "v", "q")]);
-        assert_ne!(CredentialSet::of(&a), CredentialSet::of(&other_password));
-        assert_ne!(CredentialSet::of(&a), CredentialSet::of(&[]));
+        assert_ne!(
+            CredentialSet::of(&a, &none_else()),
+            CredentialSet::of(&other_password, &none_else())
+        );
+        assert_ne!(
+            CredentialSet::of(&a, &none_else()),
+            CredentialSet::of(&[], &none_else())
+        );
         // No ambiguity from joining the parts.
         assert_ne!(
-            CredentialSet::of(&auth(&[("ab", "c", "")])),
-            CredentialSet::of(&auth(&[("a", "bc", "")]))
+            CredentialSet::of(&auth(&[("ab", "c", "")]), &none_else()),
+            CredentialSet::of(&auth(&[("a", "bc", "")]), &none_else())
+        );
+    }
+
+    #[test]
+    fn build_secrets_and_the_ssh_key_count_as_credentials() {
+        let with = |secrets: &[(&str, &str)], key: Option<&str>| BuildOptions {
+            secrets: secrets
+                .iter()
+                .map(|(id, v)| ((*id).to_owned(), Secret::new(*v)))
+                .collect(),
+            ssh: key.map(|k| crate::job::SshKey {
+                private_key: Secret::new(k),
+                passphrase: None,
+            }),
+            ..BuildOptions::default()
+        };
+        let of = |options: &BuildOptions| CredentialSet::of(&[], options);
+        assert_eq!(
+            of(&with(&[("a", "1")], None)),
+            of(&with(&[("a", "1")], None))
+        );
+        assert_ne!(
+            of(&with(&[("a", "1")], None)),
+            of(&with(&[("a", "2")], None))
+        );
+        assert_ne!(
+            of(&with(&[("a", "1")], None)),
+            of(&with(&[("b", "1")], None))
+        );
+        assert_ne!(of(&with(&[], None)), of(&with(&[("a", "1")], None)));
+        assert_ne!(of(&with(&[], Some("k1"))), of(&with(&[], Some("k2"))));
+        assert_ne!(of(&with(&[], None)), of(&with(&[], Some("k1"))));
+        // A registry whose name looks like the secrets' marker is still told apart.
+        assert_ne!(
+            CredentialSet::of(&auth(&[("\0secrets", "a", "1")]), &none_else()),
+            of(&with(&[("a", "1")], None))
         );
     }
 
@@ -228,8 +294,8 @@ mod tests {
     async fn builds_with_other_credentials_wait_and_same_ones_share() {
         let gate = Arc::new(Gate::default());
         let cancel = CancellationToken::new();
-        let none = CredentialSet::of(&[]);
-        let private = CredentialSet::of(&auth(&[("r", "u", "p")]));
+        let none = CredentialSet::of(&[], &none_else());
+        let private = CredentialSet::of(&auth(&[("r", "u", "p")]), &none_else());
 
         let first = gate.enter(none, &cancel).await.unwrap();
         let second = gate.enter(none, &cancel).await.unwrap();
@@ -275,8 +341,8 @@ mod tests {
     async fn later_builds_with_the_running_credentials_do_not_overtake_a_waiting_build() {
         let gate = Arc::new(Gate::default());
         let never = CancellationToken::new();
-        let none = CredentialSet::of(&[]);
-        let private = CredentialSet::of(&auth(&[("r", "u", "p")]));
+        let none = CredentialSet::of(&[], &none_else());
+        let private = CredentialSet::of(&auth(&[("r", "u", "p")]), &none_else());
         let (release_first, release_private, release_later) = (
             CancellationToken::new(),
             CancellationToken::new(),
@@ -316,8 +382,8 @@ mod tests {
     async fn a_waiting_build_that_is_cancelled_leaves_the_queue_and_lets_later_ones_in() {
         let gate = Arc::new(Gate::default());
         let never = CancellationToken::new();
-        let none = CredentialSet::of(&[]);
-        let private = CredentialSet::of(&auth(&[("r", "u", "p")]));
+        let none = CredentialSet::of(&[], &none_else());
+        let private = CredentialSet::of(&auth(&[("r", "u", "p")]), &none_else());
         let (release_first, release_later) = (CancellationToken::new(), CancellationToken::new());
         let cancel_private = CancellationToken::new();
 
@@ -350,10 +416,13 @@ mod tests {
     async fn a_dropped_wait_leaves_the_queue() {
         let gate = Arc::new(Gate::default());
         let never = CancellationToken::new();
-        let running = gate.enter(CredentialSet::of(&[]), &never).await.unwrap();
+        let running = gate
+            .enter(CredentialSet::of(&[], &none_else()), &never)
+            .await
+            .unwrap();
         let waiting = spawn_build(
             &gate,
-            CredentialSet::of(&auth(&[("r", "u", "p")])),
+            CredentialSet::of(&auth(&[("r", "u", "p")]), &none_else()),
             &never,
             &never,
         );
@@ -371,7 +440,7 @@ mod tests {
         let gate = Arc::new(Gate::default());
         let _running = gate
             .enter(
-                CredentialSet::of(&auth(&[("r", "u", "p")])),
+                CredentialSet::of(&auth(&[("r", "u", "p")]), &none_else()),
                 &CancellationToken::new(),
             )
             .await
@@ -379,7 +448,7 @@ mod tests {
         let cancelled = CancellationToken::new();
         cancelled.cancel();
         let err = gate
-            .enter(CredentialSet::of(&[]), &cancelled)
+            .enter(CredentialSet::of(&[], &none_else()), &cancelled)
             .await
             .err()
             .expect("cancelled while waiting");

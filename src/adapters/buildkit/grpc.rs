@@ -23,32 +23,17 @@ use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bollard::health::health_check_response::ServingStatus;
-use bollard::health::health_server::{Health, HealthServer};
-use bollard::health::{
-    HealthCheckRequest, HealthCheckResponse, HealthListRequest, HealthListResponse,
-};
-use bollard::moby::buildkit::v1::control_client::ControlClient;
-use bollard::moby::buildkit::v1::{
+use bollard_buildkit_proto::moby::buildkit::v1::control_client::ControlClient;
+use bollard_buildkit_proto::moby::buildkit::v1::{
     BytesMessage, DiskUsageRequest, ListWorkersRequest, PruneRequest, SolveRequest, SolveResponse,
     StatusRequest, StatusResponse,
 };
-use bollard::moby::filesync::v1::auth_server::{Auth, AuthServer};
-use bollard::moby::filesync::v1::file_send_server::{FileSend, FileSendServer};
-use bollard::moby::filesync::v1::BytesMessage as FileBytes;
-use bollard::moby::filesync::v1::{
-    CredentialsRequest, CredentialsResponse, FetchTokenRequest, FetchTokenResponse,
-    GetTokenAuthorityRequest, GetTokenAuthorityResponse, VerifyTokenAuthorityRequest,
-    VerifyTokenAuthorityResponse,
-};
-use bollard::moby::upload::v1::upload_server::{Upload, UploadServer};
-use bollard::moby::upload::v1::BytesMessage as UploadBytes;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt, TryFutureExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream};
 use tokio_util::io::StreamReader;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -57,28 +42,18 @@ use tracing::debug;
 
 use super::cache::{signed_limit, unshared_bytes};
 use super::log_events::{follow, BuildLog, Followed};
+use super::session::{ContextUpload, FileReceiver, SessionServices};
+use super::ssh_agent::Agent;
 use super::{
     auth_by_host, context_body, context_written, engine_unavailable, progress, BuildInput,
 };
 use crate::config::DaemonAddr;
 use crate::error::{error_chain, ErrorCode, JobError, Stage};
 use crate::job::BuildOptions;
-use crate::ports::{BasicAuth, CachePrune, StageContext};
+use crate::ports::{CachePrune, StageContext};
 use crate::workspace::random_hex;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The session methods we serve, announced to BuildKit in the `Session` call's metadata.
-/// FetchToken is not offered: BuildKit then asks for Credentials and fetches a registry's token
-/// itself.
-const SESSION_METHODS: [&str; 3] = [
-    "/grpc.health.v1.Health/Check",
-    "/moby.upload.v1.Upload/Pull",
-    "/moby.filesync.v1.Auth/Credentials",
-];
-
-/// Announced too when the exporter sends its output to us.
-const FILE_SEND_METHOD: &str = "/moby.filesync.v1.FileSend/DiffCopy";
 
 /// The context URL that makes BuildKit pull the context from the session's Upload service,
 /// before the build's unique name. Unique because BuildKit merges and caches HTTP sources by
@@ -242,16 +217,20 @@ pub(super) async fn solve(
         ..SolveRequest::default()
     };
 
-    let (body, writer) = context_body(input.context);
-    let services = SessionServices {
-        upload: ContextUpload {
-            body: Mutex::new(Some(body.boxed())),
-        },
-        auth: SessionAuth {
-            by_host: auth_by_host(input.registry_auth),
-        },
-        file: exporter.file.map(FileReceiver),
+    let agent = match &input.options.ssh {
+        Some(key) => Some(Agent::start(key, &cx.workspace).await?),
+        None => None,
     };
+    let (body, writer) = context_body(input.context);
+    let mut services = SessionServices::new(
+        auth_by_host(input.registry_auth),
+        &input.options.secrets,
+        agent,
+    );
+    services.upload = Some(ContextUpload {
+        body: Mutex::new(Some(body.boxed())),
+    });
+    services.file = exporter.file.map(FileReceiver);
     let session = open_session(channel.clone(), &session_id, services)
         .await
         .map_err(|e| {
@@ -389,16 +368,37 @@ async fn control_channel(host: &DaemonAddr) -> Result<Channel, JobError> {
 }
 
 async fn upgraded_grpc(host: DaemonAddr) -> Result<Upgraded, BoxError> {
-    match &host {
-        DaemonAddr::Unix(path) => upgrade(tokio::net::UnixStream::connect(path).await?).await,
+    upgraded(&host, "/grpc", &[]).await
+}
+
+/// `POST path` on the engine at `host` with `Upgrade: h2c` and `headers`; the stream after
+/// the engine's 101.
+pub(super) async fn upgraded(
+    host: &DaemonAddr,
+    path: &str,
+    headers: &[(&'static str, String)],
+) -> Result<Upgraded, BoxError> {
+    match host {
+        DaemonAddr::Unix(socket) => {
+            upgrade(
+                tokio::net::UnixStream::connect(socket).await?,
+                path,
+                headers,
+            )
+            .await
+        }
         DaemonAddr::Tcp { host, port } => {
-            upgrade(tokio::net::TcpStream::connect((host.as_str(), *port)).await?).await
+            let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            upgrade(stream, path, headers).await
         }
     }
 }
 
-/// `POST /grpc` with `Upgrade: h2c`; the stream after the engine's 101.
-async fn upgrade<S>(stream: S) -> Result<Upgraded, BoxError>
+async fn upgrade<S>(
+    stream: S,
+    path: &str,
+    headers: &[(&'static str, String)],
+) -> Result<Upgraded, BoxError>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -406,30 +406,26 @@ where
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.with_upgrades().await {
-            debug!(error = %e, "The engine's /grpc connection ended.");
+            debug!(error = %e, "An upgraded engine connection ended.");
         }
     });
-    let request = hyper::Request::post("/grpc")
+    let mut request = hyper::Request::post(path)
         .header(hyper::header::HOST, "docker-engine")
         .header(hyper::header::CONNECTION, "Upgrade")
-        .header(hyper::header::UPGRADE, "h2c")
-        .body(http_body_util::Empty::<Bytes>::new())?;
+        .header(hyper::header::UPGRADE, "h2c");
+    for (name, value) in headers {
+        request = request.header(*name, value.as_str());
+    }
+    let request = request.body(http_body_util::Empty::<Bytes>::new())?;
     let response = sender.send_request(request).await?;
     if response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
         return Err(format!(
-            "POST /grpc answered {} (an engine without BuildKit's control API?)",
+            "POST {path} answered {} (an engine without BuildKit?)",
             response.status()
         )
         .into());
     }
     Ok(hyper::upgrade::on(response).await?)
-}
-
-/// The services BuildKit calls back through the session.
-struct SessionServices {
-    upload: ContextUpload,
-    auth: SessionAuth,
-    file: Option<FileReceiver>,
 }
 
 /// Opens `Control/Session` and serves `services` on it until the returned handle is dropped.
@@ -455,8 +451,7 @@ async fn open_session(
         .parse()
         .map_err(|_| Status::internal("session id is not ASCII"))?;
     metadata.insert("x-docker-expose-session-uuid", id);
-    let file_send = services.file.is_some().then_some(FILE_SEND_METHOD);
-    for method in SESSION_METHODS.into_iter().chain(file_send) {
+    for method in services.methods() {
         metadata.append(
             "x-docker-expose-session-grpc-method",
             tonic::metadata::MetadataValue::from_static(method),
@@ -470,17 +465,7 @@ async fn open_session(
         incoming: StreamReader::new(incoming_bytes(incoming)),
         outgoing: ours,
     };
-    let server = tonic::transport::Server::builder()
-        .add_service(HealthServer::new(Healthy))
-        .add_service(UploadServer::new(services.upload))
-        .add_service(AuthServer::new(services.auth))
-        .add_optional_service(services.file.map(FileSendServer::new))
-        .serve_with_incoming(futures_util::stream::iter([Ok::<_, io::Error>(transport)]));
-    Ok(AbortOnDropHandle::new(tokio::spawn(async move {
-        if let Err(e) = server.await {
-            debug!(error = %e, "The build session ended.");
-        }
-    })))
+    Ok(services.serve(transport))
 }
 
 fn incoming_bytes(incoming: Streaming<BytesMessage>) -> BoxStream<'static, io::Result<Bytes>> {
@@ -532,131 +517,6 @@ impl tonic::transport::server::Connected for SessionTransport {
     fn connect_info(&self) {}
 }
 
-struct Healthy;
-
-#[tonic::async_trait]
-impl Health for Healthy {
-    async fn check(
-        &self,
-        _: Request<HealthCheckRequest>,
-    ) -> Result<Response<HealthCheckResponse>, Status> {
-        Ok(Response::new(HealthCheckResponse {
-            status: ServingStatus::Serving as i32,
-        }))
-    }
-
-    async fn list(
-        &self,
-        _: Request<HealthListRequest>,
-    ) -> Result<Response<HealthListResponse>, Status> {
-        Err(Status::unimplemented("not offered"))
-    }
-
-    type WatchStream = BoxStream<'static, Result<HealthCheckResponse, Status>>;
-
-    async fn watch(
-        &self,
-        _: Request<HealthCheckRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("not offered"))
-    }
-}
-
-/// The build context, sent once, as it is written.
-struct ContextUpload {
-    body: Mutex<Option<BoxStream<'static, Bytes>>>,
-}
-
-#[tonic::async_trait]
-impl Upload for ContextUpload {
-    type PullStream = BoxStream<'static, Result<UploadBytes, Status>>;
-
-    async fn pull(
-        &self,
-        _: Request<Streaming<UploadBytes>>,
-    ) -> Result<Response<Self::PullStream>, Status> {
-        let body = self
-            .body
-            .lock()
-            .map_err(|_| Status::internal("upload state poisoned"))?
-            .take()
-            .ok_or_else(|| Status::failed_precondition("the build context was already sent"))?;
-        let chunks = body.map(|chunk| {
-            Ok(UploadBytes {
-                data: chunk.to_vec(),
-            })
-        });
-        Ok(Response::new(chunks.boxed()))
-    }
-}
-
-/// The exporter's output (one tar stream), written to a file as it arrives.
-struct FileReceiver(PathBuf);
-
-#[tonic::async_trait]
-impl FileSend for FileReceiver {
-    /// Nothing goes back to BuildKit.
-    type DiffCopyStream = futures_util::stream::Empty<Result<FileBytes, Status>>;
-
-    async fn diff_copy(
-        &self,
-        request: Request<Streaming<FileBytes>>,
-    ) -> Result<Response<Self::DiffCopyStream>, Status> {
-        let local = |e: io::Error| Status::internal(format!("cannot write the export: {e}"));
-        let mut file = tokio::fs::File::create(&self.0).await.map_err(local)?;
-        let mut input = request.into_inner();
-        while let Some(message) = input.next().await {
-            file.write_all(&message?.data).await.map_err(local)?;
-        }
-        file.sync_all().await.map_err(local)?;
-        Ok(Response::new(futures_util::stream::empty()))
-    }
-}
-
-/// Registry credentials by host, as BuildKit asks for them. Never logs what it answers.
-struct SessionAuth {
-    by_host: HashMap<String, BasicAuth>,
-}
-
-#[tonic::async_trait]
-impl Auth for SessionAuth {
-    async fn credentials(
-        &self,
-        request: Request<CredentialsRequest>,
-    ) -> Result<Response<CredentialsResponse>, Status> {
-        let answer = match self.by_host.get(&request.get_ref().host) {
-            Some(basic) => CredentialsResponse {
-                username: basic.username.clone(),
-                secret: basic.password.expose().to_owned(),
-            },
-            // Anonymous.
-            None => CredentialsResponse::default(),
-        };
-        Ok(Response::new(answer))
-    }
-
-    async fn fetch_token(
-        &self,
-        _: Request<FetchTokenRequest>,
-    ) -> Result<Response<FetchTokenResponse>, Status> {
-        Err(Status::unimplemented("not offered"))
-    }
-
-    async fn get_token_authority(
-        &self,
-        _: Request<GetTokenAuthorityRequest>,
-    ) -> Result<Response<GetTokenAuthorityResponse>, Status> {
-        Err(Status::unimplemented("not offered"))
-    }
-
-    async fn verify_token_authority(
-        &self,
-        _: Request<VerifyTokenAuthorityRequest>,
-    ) -> Result<Response<VerifyTokenAuthorityResponse>, Status> {
-        Err(Status::unimplemented("not offered"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -682,6 +542,7 @@ mod tests {
             target: Some("final".to_owned()),
             platform: Some("linux/amd64".to_owned()),
             no_cache: true,
+            ..BuildOptions::default()
         };
         let attrs = frontend_attrs("sub/Dockerfile", "http://buildkit-session/x", &options);
         assert_eq!(attrs["filename"], "sub/Dockerfile");

@@ -4,7 +4,7 @@
 use std::ops::ControlFlow;
 use std::time::Duration;
 
-use bollard::moby::buildkit::v1::StatusResponse;
+use bollard_buildkit_proto::moby::buildkit::v1::StatusResponse;
 use futures_util::{Stream, StreamExt};
 
 use super::progress::LogAssembler;

@@ -26,6 +26,8 @@ mod gate;
 pub mod grpc;
 mod log_events;
 pub mod progress;
+mod session;
+mod ssh_agent;
 pub mod standalone;
 
 use std::collections::HashMap;
@@ -35,7 +37,6 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bollard::auth::DockerCredentials;
 use bollard::models::BuildInfo;
 use bollard::models::BuildInfoAux;
 use bollard::query_parameters::{BuildImageOptions, BuilderVersion, RemoveImageOptions};
@@ -155,7 +156,10 @@ impl Builder for EngineBuilder {
 
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError> {
         let _pass = gate::Gate::for_address(&self.host.to_string())
-            .enter(gate::CredentialSet::of(&request.registry_auth), &cx.cancel)
+            .enter(
+                gate::CredentialSet::of(&request.registry_auth, &request.options),
+                &cx.cancel,
+            )
             .await?;
         let (host, stores, via) = (self.host.clone(), self.stores.clone(), self.via);
         on_build_thread(cx, move |cx| async move {
@@ -264,7 +268,7 @@ async fn build_and_export(
         registry_auth: &registry_auth,
     };
     let built = match via {
-        Via::Build => build_image(&docker, &image, input, cx).await,
+        Via::Build => build_image(&docker, &host, &image, input, cx).await,
         Via::ControlApi => grpc::build_image(&host, &image, input, cx).await,
     };
     let result = match built {
@@ -336,22 +340,6 @@ fn auth_by_host(auth: &[(String, BasicAuth)]) -> HashMap<String, BasicAuth> {
     map
 }
 
-/// [`auth_by_host`] in bollard's form.
-fn session_credentials(auth: &[(String, BasicAuth)]) -> HashMap<String, DockerCredentials> {
-    auth_by_host(auth)
-        .into_iter()
-        .map(|(host, basic)| {
-            let creds = DockerCredentials {
-                username: Some(basic.username.clone()),
-                password: Some(basic.password.expose().to_owned()),
-                serveraddress: Some(host.clone()),
-                ..DockerCredentials::default()
-            };
-            (host, creds)
-        })
-        .collect()
-}
-
 /// What a backend's build step builds: the request's build half.
 struct BuildInput<'a> {
     context: SealedContext,
@@ -361,6 +349,7 @@ struct BuildInput<'a> {
 
 async fn build_image(
     docker: &Docker,
+    host: &DaemonAddr,
     image: &str,
     input: BuildInput<'_>,
     cx: &StageContext,
@@ -370,6 +359,7 @@ async fn build_image(
         options,
         registry_auth,
     } = input;
+    let session_id = format!("factoryd-{}", random_hex(12));
     let build_options = BuildImageOptions {
         dockerfile: context.dockerfile().to_owned(),
         t: Some(image.to_owned()),
@@ -381,17 +371,21 @@ async fn build_image(
         target: options.target.clone().unwrap_or_default(),
         platform: options.platform.clone().unwrap_or_default(),
         version: BuilderVersion::BuilderBuildKit,
-        session: Some(format!("factoryd-{}", random_hex(12))),
+        session: Some(session_id.clone()),
         ..BuildImageOptions::default()
     };
 
+    // Our own session (registry credentials, build secrets, SSH), open before `/build` names
+    // it; dropping it (the build's end, or cancel) closes it.
+    let agent = match &options.ssh {
+        Some(key) => Some(ssh_agent::Agent::start(key, &cx.workspace).await?),
+        None => None,
+    };
+    let services =
+        session::SessionServices::new(auth_by_host(registry_auth), &options.secrets, agent);
+    let _session = session::open_engine_session(host, &session_id, services).await?;
     let (body, writer) = context_body(context);
-    let credentials = session_credentials(registry_auth);
-    let stream = docker.build_image(
-        build_options,
-        Some(credentials),
-        Some(bollard::body_stream(body)),
-    );
+    let stream = docker.build_image(build_options, None, Some(bollard::body_stream(body)));
 
     let mut log = BuildLog::new(cx);
     // Dropping the stream (cancel) closes the /build request: the engine cancels the solve.
@@ -658,15 +652,13 @@ mod tests {
                 },
             ),
         ];
-        let map = session_credentials(&auth);
+        let map = auth_by_host(&auth);
         assert_eq!(
-            map.get(DOCKER_HUB_AUTH_HOST)
-                .and_then(|c| c.username.as_deref()),
+            map.get(DOCKER_HUB_AUTH_HOST).map(|c| c.username.as_str()),
             Some("u")
         );
         assert_eq!(
-            map.get("127.0.0.1:5000")
-                .and_then(|c| c.password.as_deref()),
+            map.get("127.0.0.1:5000").map(|c| c.password.expose()),
             Some("q")
         );
     }

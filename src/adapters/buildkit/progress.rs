@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use bollard::moby::buildkit::v1::StatusResponse;
+use bollard_buildkit_proto::moby::buildkit::v1::StatusResponse;
 
 use crate::error::{ErrorCode, JobError, Stage};
 
@@ -236,7 +236,7 @@ pub fn classify_build_error(message: &str, failed_step: Option<(String, Vec<Stri
 mod tests {
     use super::*;
     use crate::error::ErrorClass;
-    use bollard::moby::buildkit::v1::{Vertex, VertexLog};
+    use bollard_buildkit_proto::moby::buildkit::v1::{Vertex, VertexLog};
 
     fn vertex(digest: &str, name: &str, started: bool, completed: bool, error: &str) -> Vertex {
         Vertex {

@@ -75,7 +75,10 @@ impl Builder for StandaloneBuilder {
 
     async fn build(&self, request: BuildRequest, cx: &StageContext) -> Result<ImageInfo, JobError> {
         let _pass = Gate::for_address(&self.addr.to_string())
-            .enter(CredentialSet::of(&request.registry_auth), &cx.cancel)
+            .enter(
+                CredentialSet::of(&request.registry_auth, &request.options),
+                &cx.cancel,
+            )
             .await?;
         let (addr, stores) = (self.addr.clone(), self.stores.clone());
         on_build_thread(cx, move |cx| async move {

@@ -116,6 +116,38 @@ fn read_job(value: &Value, p: &mut Problems) -> Option<Job> {
             read_build_options(b, p)
         }
     });
+    // `build.ssh` forwards the job's git SSH key.
+    let build = build.map(|(mut build, ssh)| {
+        if ssh {
+            match &origin {
+                Some(Origin::DockerFile(DockerFile {
+                    source:
+                        BuildSource::Repo(GitRepo {
+                            auth:
+                                Some(GitAuth::Ssh {
+                                    private_key,
+                                    passphrase,
+                                    ..
+                                }),
+                            ..
+                        }),
+                    ..
+                })) => {
+                    build.ssh = Some(SshKey {
+                        private_key: private_key.clone(),
+                        passphrase: passphrase.clone(),
+                    })
+                }
+                // An origin with problems has them reported already.
+                None => {}
+                Some(_) => p.push(
+                    "build.ssh",
+                    "forwards the job's git SSH key: it needs a repo with auth of type \"ssh\"",
+                ),
+            }
+        }
+        build
+    });
     let destination = f.get("destination").and_then(|d| read_destination(d, p));
     let timeout_secs = f.opt_u64("timeout_secs", p);
     if timeout_secs == Some(0) {
@@ -199,7 +231,9 @@ fn check_http_url(path: &str, raw: &str, p: &mut Problems) -> Option<String> {
     }
 }
 
-fn read_build_options(value: &Value, p: &mut Problems) -> Option<BuildOptions> {
+/// The build options, and whether `build.ssh` asks for the job's SSH key (set by the caller,
+/// which knows the origin).
+fn read_build_options(value: &Value, p: &mut Problems) -> Option<(BuildOptions, bool)> {
     let mut f = Fields::new(value, "build", p)?;
     let mut args = BTreeMap::new();
     if let Some(a) = f.get("args") {
@@ -254,13 +288,64 @@ fn read_build_options(value: &Value, p: &mut Problems) -> Option<BuildOptions> {
         }
     });
     let no_cache = f.opt_bool("no_cache", p).unwrap_or(false);
+    let secrets = f
+        .get("secrets")
+        .map(|v| read_build_secrets(v, p))
+        .unwrap_or_default();
+    let ssh = f.opt_bool("ssh", p).unwrap_or(false);
     f.finish(p);
-    Some(BuildOptions {
-        args,
-        target,
-        platform,
-        no_cache,
-    })
+    Some((
+        BuildOptions {
+            args,
+            target,
+            platform,
+            no_cache,
+            secrets,
+            ssh: None,
+        },
+        ssh,
+    ))
+}
+
+/// `build.secrets`: id → value. Ids are what a Dockerfile can name in `--mount=type=secret,id=`
+/// (1-64 of `[A-Za-z0-9_.-]`); values are non-empty strings of at most 500 KiB, never shown
+/// in a problem.
+fn read_build_secrets(value: &Value, p: &mut Problems) -> BTreeMap<String, Secret> {
+    let mut secrets = BTreeMap::new();
+    let Value::Object(map) = value else {
+        p.push(
+            "build.secrets",
+            format!("expected an object of id → value, got {}", kind_of(value)),
+        );
+        return secrets;
+    };
+    for (id, v) in map {
+        let path = format!("build.secrets.{id}");
+        let id_ok = (1..=64).contains(&id.len())
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+        if !id_ok {
+            p.push(path, "a secret id is 1-64 of [A-Za-z0-9_.-]");
+            continue;
+        }
+        match v {
+            Value::String(s) if s.is_empty() => p.push(path, "must not be empty"),
+            Value::String(s) if s.len() > crate::job::MAX_BUILD_SECRET_BYTES => p.push(
+                path,
+                format!(
+                    "is {} bytes; a build secret is at most {} bytes",
+                    s.len(),
+                    crate::job::MAX_BUILD_SECRET_BYTES
+                ),
+            ),
+            Value::String(s) => {
+                secrets.insert(id.clone(), Secret::new(s.clone()));
+            }
+            other => p.push(path, format!("expected a string, got {}", kind_of(other))),
+        }
+    }
+    secrets
 }
 
 /// `os/arch` or `os/arch/variant`, lowercase.
