@@ -23,6 +23,10 @@ status=${PIPESTATUS[0]}
 set -e
 
 # One closing line over every test binary (cargo's own last line is a target without tests).
+# Skipped are the ignored tests (the standalone buildkitd ones without FACTORYD_TEST_BUILDKITD,
+# see build.rs): each is named, with its reason, above that line.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i; if ($(i+1) ~ /^ignored;/) s += $i } }
-     END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+     /^test .* \.\.\. ignored/ { why = $0; sub(/^.* \.\.\. ignored(, )?/, "", why); names[++n] = $2 (why == "" ? "" : " (" why ")") }
+     END { for (i = 1; i <= n; i++) printf "skipped: %s\n", names[i]
+           printf "tests: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
 exit "$status"

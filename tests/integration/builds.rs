@@ -2,12 +2,15 @@
 //! private socket) and `docker-registry` with htpasswd auth: sources, private base images,
 //! options, the context's rules, failures, secrets in logs, cancellation, export to an OCI
 //! layout and to a registry. Base images are made here from busybox-static; no internet.
+//! The `standalone_buildkitd_*` tests run the same on the standalone buildkitd that
+//! `FACTORYD_TEST_BUILDKITD` names, and are ignored without it (`build.rs`).
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use factoryd::adapters::buildkit::standalone::StandaloneBuilder;
 use factoryd::adapters::buildkit::EngineBuilder;
 use factoryd::adapters::credentials::OriginCredentials;
 use factoryd::adapters::local;
@@ -57,60 +60,94 @@ enum Backend {
     /// `builder.backend = "buildkitd"` with `buildkitd_addr = "docker-engine"`: BuildKit's
     /// control API on the engine's `/grpc`.
     Buildkitd,
+    /// `builder.backend = "buildkitd"` with `buildkitd_addr` = the standalone buildkitd that
+    /// `FACTORYD_TEST_BUILDKITD` names: the image goes from BuildKit straight to the
+    /// destination. The engine still makes the base images and runs what was built.
+    Standalone,
 }
 
-/// Two tests running the async fn `$body` (which takes a [`Backend`]): the first name with
-/// [`Backend::Docker`], the second with [`Backend::Buildkitd`]; each name's doc comments go to
-/// its test. Both under the test attribute given first, by default
-/// `#[tokio::test(flavor = "multi_thread")]`.
+/// One test per `Backend: name` given, each running the async fn `$body` (which takes a
+/// [`Backend`]) with that backend; each name's doc comments go to its test. All under the test
+/// attribute given first, by default `#[tokio::test(flavor = "multi_thread")]`. A `Standalone`
+/// test is ignored, and so counted as skipped, unless `FACTORYD_TEST_BUILDKITD` named a
+/// buildkitd when it was compiled (`build.rs`).
 macro_rules! backend_tests {
     (
         $body:ident =>
-        $(#[$docker_doc:meta])* $docker:ident,
-        $(#[$buildkitd_doc:meta])* $buildkitd:ident $(,)?
+        $($(#[$doc:meta])* $backend:ident: $name:ident),+ $(,)?
     ) => {
         backend_tests! {
             #[tokio::test(flavor = "multi_thread")]
             $body =>
-            $(#[$docker_doc])* $docker,
-            $(#[$buildkitd_doc])* $buildkitd,
+            $($(#[$doc])* $backend: $name),+
         }
     };
     (
         #[$test:meta]
         $body:ident =>
-        $(#[$docker_doc:meta])* $docker:ident,
-        $(#[$buildkitd_doc:meta])* $buildkitd:ident $(,)?
+        $($(#[$doc:meta])* $backend:ident: $name:ident),+ $(,)?
     ) => {
+        $(backend_tests!(@one #[$test] $body, $backend, $name, $(#[$doc])*);)+
+    };
+    (@one #[$test:meta] $body:ident, Standalone, $name:ident, $(#[$doc:meta])*) => {
         #[$test]
-        $(#[$docker_doc])*
-        async fn $docker() {
-            $body(Backend::Docker).await;
+        #[cfg_attr(
+            not(factoryd_test_buildkitd),
+            ignore = "needs FACTORYD_TEST_BUILDKITD=unix:///… naming a standalone buildkitd"
+        )]
+        $(#[$doc])*
+        async fn $name() {
+            $body(Backend::Standalone).await;
         }
-
+    };
+    (@one #[$test:meta] $body:ident, $backend:ident, $name:ident, $(#[$doc:meta])*) => {
         #[$test]
-        $(#[$buildkitd_doc])*
-        async fn $buildkitd() {
-            $body(Backend::Buildkitd).await;
+        $(#[$doc])*
+        async fn $name() {
+            $body(Backend::$backend).await;
         }
     };
 }
 
+/// The builder of `backend` at `host`.
 fn builder_at(backend: Backend, host: DaemonAddr) -> Arc<dyn Builder> {
     match backend {
         Backend::Docker => Arc::new(EngineBuilder::docker(host)),
         Backend::Buildkitd => Arc::new(EngineBuilder::buildkitd(host)),
+        Backend::Standalone => Arc::new(StandaloneBuilder::new(host)),
     }
 }
 
-fn builder(engine: &Engine) -> Arc<dyn Builder> {
-    builder_at(Backend::Docker, DaemonAddr::Unix(engine.socket.clone()))
+/// The standalone buildkitd's address, `FACTORYD_TEST_BUILDKITD`, as `builder.buildkitd_addr`
+/// takes it.
+fn standalone_addr() -> String {
+    std::env::var("FACTORYD_TEST_BUILDKITD")
+        .ok()
+        .filter(|addr| !addr.is_empty())
+        .expect("FACTORYD_TEST_BUILDKITD names the buildkitd the standalone tests build on")
 }
 
-fn stages(engine: &Engine, config: &Config) -> Stages {
+/// The builder of `backend`: on `engine`, or on the standalone buildkitd, made from a config
+/// naming it as an operator's would.
+fn builder_for(backend: Backend, engine: &Engine) -> Arc<dyn Builder> {
+    match backend {
+        Backend::Docker | Backend::Buildkitd => {
+            builder_at(backend, DaemonAddr::Unix(engine.socket.clone()))
+        }
+        Backend::Standalone => {
+            let config = test_config(&format!(
+                "[builder]\nbackend = \"buildkitd\"\nbuildkitd_addr = \"{}\"\n",
+                standalone_addr()
+            ));
+            factoryd::adapters::buildkit::from_config(&config).expect("the standalone builder")
+        }
+    }
+}
+
+fn stages(backend: Backend, engine: &Engine, config: &Config) -> Stages {
     Stages {
         fetcher: Arc::new(SourceFetcher::new(config).expect("fetcher")),
-        builder: builder(engine),
+        builder: builder_for(backend, engine),
         // Build jobs never reach these; the production ones are cheap to make.
         resolver: Arc::new(OriginCredentials::from_config(config).expect("resolver")),
         importer: Arc::new(RegistryImporter::from_config(config).expect("importer")),
@@ -140,7 +177,9 @@ fn context_for(
     (cx, ws)
 }
 
+/// `run_job` of `job` with `config`'s stages, building through `backend`.
 async fn run(
+    backend: Backend,
     engine: &Engine,
     config: &Config,
     job: serde_json::Value,
@@ -149,7 +188,10 @@ async fn run(
     let job = factoryd::job::decode(job.to_string().as_bytes()).expect("job decodes");
     let recorder = Arc::new(Recorder::default());
     let (cx, _ws) = context_for(&job, work, recorder.clone(), CancellationToken::new());
-    (run_job(&job, &stages(engine, config), &cx).await, recorder)
+    (
+        run_job(&job, &stages(backend, engine, config), &cx).await,
+        recorder,
+    )
 }
 
 fn log_lines(recorder: &Recorder) -> Vec<String> {
@@ -164,6 +206,20 @@ fn log_lines(recorder: &Recorder) -> Vec<String> {
         })
         .flatten()
         .collect()
+}
+
+/// The bytes an image takes where it is stored: its manifest `manifest`, its config and its
+/// layers, as the manifest gives their sizes.
+fn stored_size(manifest: &[u8]) -> u64 {
+    let parsed: serde_json::Value = serde_json::from_slice(manifest).expect("manifest JSON");
+    let size = |descriptor: &serde_json::Value| descriptor["size"].as_u64().expect("size");
+    let layers: u64 = parsed["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(size)
+        .sum();
+    manifest.len() as u64 + size(&parsed["config"]) + layers
 }
 
 fn app_one_dockerfile(base_host: &str) -> String {
@@ -191,8 +247,7 @@ fn run_from_layout(engine: &Engine, layout: &Path, tag: &str, paths: &[&str]) ->
     text
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_runs() {
+async fn targz_build_is_stored_in_the_layout(backend: Backend) {
     let engine = Engine::shared();
     let base = base_registry(&engine, "marker-targz");
     let server = FileServer::start();
@@ -217,10 +272,11 @@ async fn targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_run
             "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
         }),
     );
-    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    let (result, recorder) = run(backend, &engine, &config, job, &root.path().join("work")).await;
     let out = result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
     assert!(out.image.digest.starts_with("sha256:"), "{:?}", out.image);
     assert_eq!(out.image.platforms, ["linux/amd64"]);
+    assert!(out.image.size_bytes > 0, "{:?}", out.image);
     assert!(out.image.reference.starts_with("oci:"), "{:?}", out.image);
     let lines = log_lines(&recorder);
     assert!(
@@ -235,6 +291,11 @@ async fn targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_run
         .output()
         .unwrap();
     assert_success(&inspect, "skopeo inspect");
+    assert_eq!(
+        out.image.size_bytes,
+        stored_size(&inspect.stdout),
+        "the result's size is the stored image's"
+    );
     let text = run_from_layout(&engine, &layout, tag, &["/app/hello.txt", "/app/built.txt"]);
     assert_eq!(text, "hello from the tarball\nbuilt-by-run\n");
     // The build's own image left the engine (by its id, the config digest: other tests'
@@ -245,8 +306,13 @@ async fn targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_run
     assert!(!images.contains(&image_id), "{image_id} still in {images}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn git_source_is_pushed_to_the_destination_registry_and_runs() {
+backend_tests! {
+    targz_build_is_stored_in_the_layout =>
+    Docker: targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_runs,
+    Standalone: standalone_buildkitd_targz_with_build_file_in_a_subdirectory_is_stored_in_the_layout_and_runs,
+}
+
+async fn git_build_is_pushed(backend: Backend) {
     let engine = Engine::shared();
     let base = base_registry(&engine, "marker-git");
     let dest = Registry::start(Auth::user("pusher", "push-pass-55aa"));
@@ -284,10 +350,12 @@ async fn git_source_is_pushed_to_the_destination_registry_and_runs() {
             "credentials": [{"url": base.host, "username": USER, "token": PASSWORD}]
         }),
     );
-    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    let (result, recorder) = run(backend, &engine, &config, job, &root.path().join("work")).await;
     let out = result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
     let reference = format!("{}/built/src-git:job-git", dest.host);
     assert_eq!(out.image.reference, reference);
+    assert_eq!(out.image.platforms, ["linux/amd64"]);
+    assert!(out.image.size_bytes > 0, "{:?}", out.image);
     assert!(out.revision.is_some());
 
     // The registry serves that digest.
@@ -299,6 +367,14 @@ async fn git_source_is_pushed_to_the_destination_registry_and_runs() {
         crate::support::registry::digest_of(&manifest),
         out.image.digest
     );
+    if let Backend::Standalone = backend {
+        // The `docker` backend reports the engine's (uncompressed) size instead.
+        assert_eq!(
+            out.image.size_bytes,
+            stored_size(&manifest),
+            "the result's size is the pushed image's"
+        );
+    }
 
     let client = engine.login(&dest.host, "pusher", "push-pass-55aa");
     engine.docker_ok_in(client.path(), &["pull", "-q", &reference]);
@@ -314,6 +390,12 @@ async fn git_source_is_pushed_to_the_destination_registry_and_runs() {
     ]);
     assert_eq!(text, "hello from git\nbuilt-by-run\n");
     engine.docker_ok(&["rmi", &reference]);
+}
+
+backend_tests! {
+    git_build_is_pushed =>
+    Docker: git_source_is_pushed_to_the_destination_registry_and_runs,
+    Standalone: standalone_buildkitd_git_source_is_pushed_to_the_destination_registry_and_runs,
 }
 
 /// A local directory sealed as `factoryd run --context` does.
@@ -416,9 +498,7 @@ impl<'a> DirBuild<'a> {
                 source_id: "src".into(),
             },
         };
-        let result = builder_at(backend, DaemonAddr::Unix(engine.socket.clone()))
-            .build(request, &cx)
-            .await;
+        let result = builder_for(backend, engine).build(request, &cx).await;
         LocalBuild {
             result,
             recorder,
@@ -460,8 +540,9 @@ async fn private_base_needs_the_jobs_credentials(backend: Backend) {
 
 backend_tests! {
     private_base_needs_the_jobs_credentials =>
-    private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cached,
-    buildkitd_private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cached,
+    Docker: private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cached,
+    Buildkitd: buildkitd_private_base_needs_the_jobs_credentials_even_when_the_engine_has_it_cached,
+    Standalone: standalone_buildkitd_private_base_needs_the_jobs_credentials_even_when_it_has_it_cached,
 }
 
 /// A base image on a registry with token auth (a token service issuing bearer tokens, as
@@ -473,10 +554,11 @@ async fn token_auth_base(backend: Backend) {
 
 backend_tests! {
     token_auth_base =>
-    a_private_base_behind_token_auth_builds_with_the_jobs_credentials_only,
+    Docker: a_private_base_behind_token_auth_builds_with_the_jobs_credentials_only,
     /// The `buildkitd` backend's session answers `Credentials` only (no `FetchToken`): BuildKit
     /// then fetches the bearer token from the registry's token service itself, with them.
-    buildkitd_a_private_base_behind_token_auth_builds_with_the_jobs_credentials_only,
+    Buildkitd: buildkitd_a_private_base_behind_token_auth_builds_with_the_jobs_credentials_only,
+    Standalone: standalone_buildkitd_a_private_base_behind_token_auth_builds_with_the_jobs_credentials_only,
 }
 
 /// A build from a private base on `base` is refused without the job's credentials, builds
@@ -592,12 +674,12 @@ async fn concurrent_pull_shares_no_credentials(backend: Backend) {
 
 backend_tests! {
     concurrent_pull_shares_no_credentials =>
-    a_build_without_credentials_gets_nothing_from_a_concurrent_pull_of_the_same_private_base,
-    buildkitd_a_build_without_credentials_gets_nothing_from_a_concurrent_pull_of_the_same_private_base,
+    Docker: a_build_without_credentials_gets_nothing_from_a_concurrent_pull_of_the_same_private_base,
+    Buildkitd: buildkitd_a_build_without_credentials_gets_nothing_from_a_concurrent_pull_of_the_same_private_base,
+    Standalone: standalone_buildkitd_a_build_without_credentials_gets_nothing_from_a_concurrent_pull_of_the_same_private_base,
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn multi_stage_build_from_two_private_registries_uses_both_credentials() {
+async fn multi_stage_build_uses_both_credentials(backend: Backend) {
     let engine = Engine::shared();
     let one = base_registry(&engine, "marker-one");
     let two = Registry::start(Auth::user("second", "second-pass-9"));
@@ -624,7 +706,7 @@ async fn multi_stage_build_from_two_private_registries_uses_both_credentials() {
             password: Secret::new("second-pass-9"),
         },
     ));
-    let built = DirBuild::new(Backend::Docker, &engine, dir.path())
+    let built = DirBuild::new(backend, &engine, dir.path())
         .auth(auth)
         .run()
         .await;
@@ -636,6 +718,12 @@ async fn multi_stage_build_from_two_private_registries_uses_both_credentials() {
         &["/tools-marker", "/etc/base-marker"],
     );
     assert_eq!(text, "marker-two\nmarker-one\n");
+}
+
+backend_tests! {
+    multi_stage_build_uses_both_credentials =>
+    Docker: multi_stage_build_from_two_private_registries_uses_both_credentials,
+    Standalone: standalone_buildkitd_multi_stage_build_from_two_private_registries_uses_both_credentials,
 }
 
 async fn options_and_context_reach_the_build(backend: Backend) {
@@ -704,10 +792,11 @@ async fn options_and_context_reach_the_build(backend: Backend) {
 
 backend_tests! {
     options_and_context_reach_the_build =>
-    build_args_target_dockerignore_and_symlinks_reach_the_build_as_given,
+    Docker: build_args_target_dockerignore_and_symlinks_reach_the_build_as_given,
     /// Also the `buildkitd` backend's plain success: COPY and RUN from a directory, stored in the
     /// layout, and the stored image runs.
-    buildkitd_build_args_target_dockerignore_and_symlinks_reach_the_build_as_given,
+    Buildkitd: buildkitd_build_args_target_dockerignore_and_symlinks_reach_the_build_as_given,
+    Standalone: standalone_buildkitd_build_args_target_dockerignore_and_symlinks_reach_the_build_as_given,
 }
 
 /// A file on the build host that a context links to by its absolute path, holding a text that
@@ -816,8 +905,9 @@ async fn a_host_link_stays_a_link(backend: Backend) {
 
 backend_tests! {
     a_host_link_stays_a_link =>
-    a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
-    buildkitd_a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
+    Docker: a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
+    Buildkitd: buildkitd_a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
+    Standalone: standalone_buildkitd_a_symlink_to_a_host_file_is_built_as_that_link_never_as_the_host_file,
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -853,7 +943,14 @@ async fn an_absolute_symlink_in_a_git_context_is_built_as_that_link() {
             "context_dir": "/", "build_file": "/Dockerfile",
         }),
     );
-    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    let (result, recorder) = run(
+        Backend::Docker,
+        &engine,
+        &config,
+        job,
+        &root.path().join("work"),
+    )
+    .await;
     result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
     assert_links_kept_and_host_files_absent(&layout, "src-links:job-git-links", &links, &host);
 }
@@ -882,7 +979,14 @@ async fn an_absolute_symlink_in_a_targz_context_is_built_as_that_link() {
         "src-links",
         json!({"targz_url": url, "context_dir": "/", "build_file": "/Dockerfile"}),
     );
-    let (result, recorder) = run(&engine, &config, job, &root.path().join("work")).await;
+    let (result, recorder) = run(
+        Backend::Docker,
+        &engine,
+        &config,
+        job,
+        &root.path().join("work"),
+    )
+    .await;
     result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
     assert_links_kept_and_host_files_absent(&layout, "src-links:job-targz-links", &links, &host);
 }
@@ -934,14 +1038,14 @@ async fn failing_run_fails_permanently(backend: Backend) {
 
 backend_tests! {
     failing_run_fails_permanently =>
-    failing_run_fails_permanently_with_the_steps_output_and_secrets_masked,
-    buildkitd_failing_run_fails_permanently_with_the_steps_output_and_secrets_masked,
+    Docker: failing_run_fails_permanently_with_the_steps_output_and_secrets_masked,
+    Buildkitd: buildkitd_failing_run_fails_permanently_with_the_steps_output_and_secrets_masked,
+    Standalone: standalone_buildkitd_failing_run_fails_permanently_with_the_steps_output_and_secrets_masked,
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn buildkitd_log_lines_arrive_while_the_step_runs_with_secrets_masked() {
+async fn log_lines_arrive_while_the_step_runs(backend: Backend) {
     let built = build_with_secret_arg(
-        Backend::Buildkitd,
+        backend,
         "marker-live-logs",
         "RUN echo \"echoed $TOKEN\" && sleep 2 && echo after-the-pause",
     )
@@ -975,10 +1079,15 @@ async fn buildkitd_log_lines_arrive_while_the_step_runs_with_secrets_masked() {
     assert!(!lines.iter().any(|l| l.contains(PASSWORD)), "{lines:?}");
 }
 
+backend_tests! {
+    log_lines_arrive_while_the_step_runs =>
+    Buildkitd: buildkitd_log_lines_arrive_while_the_step_runs_with_secrets_masked,
+    Standalone: standalone_buildkitd_log_lines_arrive_while_the_step_runs_with_secrets_masked,
+}
+
 /// Regression: one context URL for every build let BuildKit hand a build the context of
 /// another build in flight (it merges HTTP sources by URL).
-#[tokio::test(flavor = "multi_thread")]
-async fn buildkitd_each_build_gets_its_own_context() {
+async fn each_build_gets_its_own_context(backend: Backend) {
     let engine = Engine::shared();
     let base = base_registry(&engine, "marker-own-context");
     let first = dir_with(&[
@@ -998,25 +1107,36 @@ async fn buildkitd_each_build_gets_its_own_context() {
     // The second starts while the first is still running: BuildKit reuses the steps of a
     // build in flight.
     let (one, two) = tokio::join!(
-        DirBuild::new(Backend::Buildkitd, &engine, first.path())
+        DirBuild::new(backend, &engine, first.path())
             .auth(base_auth(&base.host))
             .run(),
         async {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            build_plain(Backend::Buildkitd, &engine, second.path()).await
+            build_plain(backend, &engine, second.path()).await
         },
     );
     one.result.unwrap_or_else(|e| panic!("first: {e}"));
     two.result.unwrap_or_else(|e| panic!("second: {e}"));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn dockerfile_syntax_error_is_permanent() {
+backend_tests! {
+    each_build_gets_its_own_context =>
+    Buildkitd: buildkitd_each_build_gets_its_own_context,
+    Standalone: standalone_buildkitd_each_build_gets_its_own_context,
+}
+
+async fn dockerfile_syntax_error(backend: Backend) {
     let engine = Engine::shared();
     let dir = dir_with(&[("Dockerfile", "FROM scratch\nFRM nothing\n")]);
-    let built = build_plain(Backend::Docker, &engine, dir.path()).await;
+    let built = build_plain(backend, &engine, dir.path()).await;
     let e = built.result.expect_err("syntax error");
     assert_failure(&e, ErrorClass::Permanent, ErrorCode::DockerfileError, &[]);
+}
+
+backend_tests! {
+    dockerfile_syntax_error =>
+    Docker: dockerfile_syntax_error_is_permanent,
+    Standalone: standalone_buildkitd_dockerfile_syntax_error_is_permanent,
 }
 
 async fn cancel_stops_the_step(backend: Backend) {
@@ -1026,6 +1146,7 @@ async fn cancel_stops_the_step(backend: Backend) {
     let seconds = match backend {
         Backend::Docker => 300,
         Backend::Buildkitd => 1300,
+        Backend::Standalone => 2300,
     } + (std::process::id() % 97);
     let needle = format!("sleep {seconds}");
     let dir = dir_with(&[(
@@ -1079,8 +1200,9 @@ async fn cancel_stops_the_step(backend: Backend) {
 
 backend_tests! {
     cancel_stops_the_step =>
-    cancel_during_a_long_run_stops_the_step_in_buildkit,
-    buildkitd_cancel_during_a_long_run_stops_the_step_in_buildkit,
+    Docker: cancel_during_a_long_run_stops_the_step_in_buildkit,
+    Buildkitd: buildkitd_cancel_during_a_long_run_stops_the_step_in_buildkit,
+    Standalone: standalone_buildkitd_cancel_during_a_long_run_stops_the_step_in_buildkit,
 }
 
 async fn unreachable_engine_is_transient(backend: Backend) {
@@ -1116,8 +1238,8 @@ async fn unreachable_engine_is_transient(backend: Backend) {
 backend_tests! {
     #[tokio::test]
     unreachable_engine_is_transient =>
-    an_unreachable_engine_is_a_transient_failure,
-    buildkitd_an_unreachable_engine_is_a_transient_failure,
+    Docker: an_unreachable_engine_is_a_transient_failure,
+    Buildkitd: buildkitd_an_unreachable_engine_is_a_transient_failure,
 }
 
 /// `factoryd run` with a config for `engine`, an OCI layout under `root` and `job`.
@@ -1238,8 +1360,8 @@ fn factoryd_run_with_builder_backend_buildkitd_builds_into_the_layout() {
     assert!(root.path().join("store/index.json").exists());
 }
 
-/// The standalone buildkitd path is not exercised here (no buildkitd); this only shows that
-/// the config reaches it.
+/// Without a buildkitd at the address: the config reaches the standalone backend, which fails
+/// `unavailable` (the builds themselves are the `standalone_buildkitd_*` tests).
 #[test]
 fn factoryd_run_with_a_standalone_buildkitd_that_is_not_there_fails_unavailable() {
     let engine = Engine::shared();
@@ -1321,10 +1443,37 @@ fn factoryd_run_interrupted_during_a_build_exits_cancelled() {
     );
 }
 
-#[test]
-fn factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout() {
+/// [`factoryd_run`] building through `backend`.
+fn factoryd_run_on(
+    backend: Backend,
+    engine: &Engine,
+    root: &Path,
+    job: &serde_json::Value,
+    context: &Path,
+) -> std::process::Command {
+    let mut cmd = factoryd_run(engine, root, job, context);
+    match backend {
+        Backend::Docker => {}
+        Backend::Buildkitd => {
+            cmd.env("FACTORYD__BUILDER__BACKEND", "buildkitd")
+                .env("FACTORYD__BUILDER__BUILDKITD_ADDR", "docker-engine");
+        }
+        Backend::Standalone => {
+            cmd.env("FACTORYD__BUILDER__BACKEND", "buildkitd")
+                .env("FACTORYD__BUILDER__BUILDKITD_ADDR", standalone_addr());
+        }
+    }
+    cmd
+}
+
+async fn job_timeout_stops_the_step(backend: Backend) {
     let engine = Engine::shared();
-    let seconds = 500 + (std::process::id() % 97);
+    // A number no other process (nor the other backend's test) has on its command line.
+    let seconds = match backend {
+        Backend::Docker => 500,
+        Backend::Buildkitd => 1500,
+        Backend::Standalone => 2500,
+    } + (std::process::id() % 97);
     let needle = format!("/bin/busybox sleep {seconds}");
     let dir = dir_with(&[(
         "Dockerfile",
@@ -1341,7 +1490,7 @@ fn factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout() {
     );
     job["timeout_secs"] = json!(4);
     let started = Instant::now();
-    let out = factoryd_run(&engine, root.path(), &job, dir.path())
+    let out = factoryd_run_on(backend, &engine, root.path(), &job, dir.path())
         .output()
         .unwrap();
     assert_within(started, Duration::from_secs(30));
@@ -1360,6 +1509,14 @@ fn factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout() {
         Duration::from_secs(10),
         "the RUN step outlived the job's timeout",
     );
+}
+
+backend_tests! {
+    // Blocking waits for `factoryd run`: its own runtime, one thread, nothing else on it.
+    #[tokio::test]
+    job_timeout_stops_the_step =>
+    Docker: factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout,
+    Standalone: standalone_buildkitd_factoryd_run_job_timeout_stops_the_build_step_and_fails_with_timeout,
 }
 
 #[test]
@@ -1439,25 +1596,30 @@ async fn builds_leave_nothing_open(backend: Backend) {
 
 backend_tests! {
     builds_leave_nothing_open =>
-    builds_leave_no_session_or_connection_open_in_the_engine,
-    buildkitd_builds_leave_no_session_or_connection_open_in_the_engine,
+    Docker: builds_leave_no_session_or_connection_open_in_the_engine,
+    Buildkitd: buildkitd_builds_leave_no_session_or_connection_open_in_the_engine,
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_missing_base_image_is_a_permanent_not_found() {
+async fn missing_base_image_is_not_found(backend: Backend) {
     let engine = Engine::shared();
     let base = base_registry(&engine, "marker-missing");
     let dir = dir_with(&[(
         "Dockerfile",
         &format!("FROM {}/base/no-such-image:1\n", base.host),
     )]);
-    let built = DirBuild::new(Backend::Docker, &engine, dir.path())
+    let built = DirBuild::new(backend, &engine, dir.path())
         .auth(base_auth(&base.host))
         .secrets(&[PASSWORD])
         .run()
         .await;
     let e = built.result.expect_err("no such image");
     assert_failure(&e, ErrorClass::Permanent, ErrorCode::NotFound, &[]);
+}
+
+backend_tests! {
+    missing_base_image_is_not_found =>
+    Docker: a_missing_base_image_is_a_permanent_not_found,
+    Standalone: standalone_buildkitd_a_missing_base_image_is_a_permanent_not_found,
 }
 
 /// Issue 14: `# syntax=` makes BuildKit pull and run the frontend image a job names. One not
@@ -1499,7 +1661,14 @@ async fn a_frontend_not_allowed_is_refused_before_buildkit_pulls_it() {
         },
     ];
     for job in jobs {
-        let (result, _) = run(&engine, &config, job, &root.path().join("work")).await;
+        let (result, _) = run(
+            Backend::Docker,
+            &engine,
+            &config,
+            job,
+            &root.path().join("work"),
+        )
+        .await;
         let err = result.expect_err("a frontend not allowed must be refused");
         assert_failure(
             &err,
@@ -1551,7 +1720,7 @@ async fn a_destination_override_cannot_replace_another_sources_image() {
     let work = root.path().join("work");
 
     let job = docker_file_job("job-web", "web", json!({"targz_url": web}));
-    let (result, _) = run(&engine, &config, job, &work).await;
+    let (result, _) = run(Backend::Docker, &engine, &config, job, &work).await;
     let own = result.expect("the owner's build").image.digest;
     assert_eq!(
         layout_digest(&layout, "tenants/web:job-web").as_deref(),
@@ -1561,7 +1730,7 @@ async fn a_destination_override_cannot_replace_another_sources_image() {
     for (repository, tag) in [("tenants/web", "job-web"), ("tenants/web/x", "job-web")] {
         let mut job = docker_file_job("job-evil", "evil", json!({"targz_url": evil}));
         job["destination"] = json!({"kind": "oci-layout", "repository": repository, "tag": tag});
-        let (result, _) = run(&engine, &config, job, &work).await;
+        let (result, _) = run(Backend::Docker, &engine, &config, job, &work).await;
         let err = result.expect_err("another source's repository must be refused");
         assert_eq!(
             (err.class, err.code, err.stage),
@@ -1580,7 +1749,7 @@ async fn a_destination_override_cannot_replace_another_sources_image() {
     let mut job = docker_file_job("job-evil-2", "evil", json!({"targz_url": evil}));
     job["destination"] =
         json!({"kind": "oci-layout", "repository": "tenants/evil/tools", "tag": "v1"});
-    let (result, _) = run(&engine, &config, job, &work).await;
+    let (result, _) = run(Backend::Docker, &engine, &config, job, &work).await;
     let theirs = result
         .expect("an override in the job's own namespace")
         .image
@@ -1725,12 +1894,27 @@ async fn the_docker_backend_leaves_no_image_in_the_engine_whatever_the_outcome()
         json!({"v": 1, "id": id, "source_id": "src-images",
             "origin": {"type": "docker-file", "details": {"targz_url": url}}})
     };
-    let (result, _) = run(&engine, &good, job("job-ok", &builds), &work).await;
+    let (result, _) = run(
+        Backend::Docker,
+        &engine,
+        &good,
+        job("job-ok", &builds),
+        &work,
+    )
+    .await;
     result.unwrap_or_else(|e| panic!("the build that succeeds: {e}"));
-    let (result, _) = run(&engine, &good, job("job-run-fails", &fails), &work).await;
+    let (result, _) = run(
+        Backend::Docker,
+        &engine,
+        &good,
+        job("job-run-fails", &fails),
+        &work,
+    )
+    .await;
     let e = result.expect_err("RUN of a missing program");
     assert_eq!(e.stage, Stage::Build, "{e}");
     let (result, _) = run(
+        Backend::Docker,
         &engine,
         &unwritable,
         job("job-export-fails", &builds),

@@ -7,9 +7,13 @@
 //!
 //! The build itself (session, Solve, Status, cancellation) is [`grpc::solve`]'s.
 //!
-//! Not exercised by any test on this project's machine (Debian 12 ships no buildkitd): only the
-//! archive ingest and the exporter attributes have unit tests. Must not: write or follow a path
-//! named in the archive; log or put in an error any credential.
+//! BuildKit reports only the manifest's digest; the result's size (manifest, config and layers)
+//! and platform (the config's) are read from the image as stored: the archive's manifest and
+//! config, or the pushed ones, read back from the registry.
+//!
+//! Tested against BuildKit v0.11.6 (`tests/integration/builds.rs`, `standalone_buildkitd_*`,
+//! with `FACTORYD_TEST_BUILDKITD`). Must not: write or follow a path named in the archive; log
+//! or put in an error any credential.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -25,16 +29,21 @@ use super::export::local_io;
 use super::gate::{CredentialSet, Gate};
 use super::grpc::{self, Exporter};
 use super::{answer_within, cache, on_build_thread, redacted, BuildInput};
+use crate::adapters::oci::client::{read_capped, RegistryClient};
 use crate::adapters::oci_layout::{OciLayoutStore, OciLayoutStores};
 use crate::config::DaemonAddr;
 use crate::error::{error_chain, ErrorCode, JobError, Stage};
 use crate::job::{ImageInfo, JobEvent};
-use crate::manifest::{Descriptor, Digest};
-use crate::ports::{BuildRequest, Builder, CachePrune, Destination, StageContext};
+use crate::manifest::{config_platform, Algorithm, Descriptor, Digest, Hasher, Kind, Manifest};
+use crate::ports::{BasicAuth, BuildRequest, Builder, CachePrune, Destination, StageContext};
 use crate::workspace::random_hex;
 
 /// Cap on the archive's `index.json`.
 const MAX_INDEX_BYTES: u64 = 1024 * 1024;
+
+/// Caps on the image manifest and config read for the result (BuildKit writes a few KiB).
+const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Builds on a standalone buildkitd. Cheap to share; each build opens its own connection.
 #[derive(Debug, Clone)]
@@ -103,10 +112,15 @@ async fn build_to_destination(
         mut registry_auth,
         destination,
     } = request;
-    let platforms: Vec<String> = options.platform.iter().cloned().collect();
     let reference = destination.reference();
     match &destination {
-        Destination::Registry { registry, auth, .. } => {
+        Destination::Registry {
+            registry,
+            plain_http,
+            repository,
+            auth,
+            ..
+        } => {
             if let Some(auth) = auth {
                 // First wins: the destination's own credentials are the ones that may push.
                 registry_auth.insert(0, (registry.clone(), auth.clone()));
@@ -132,13 +146,20 @@ async fn build_to_destination(
                         "buildkitd pushed the image but reported no digest",
                     )
                 })?;
+            let pushed = PushedImage {
+                registry,
+                plain_http: *plain_http,
+                repository,
+                auth: auth.as_ref(),
+                digest: &digest,
+            };
+            let facts = pushed.read_back(cx).await?;
             Ok(ImageInfo {
                 reference,
                 digest,
                 source_digest: None,
-                // BuildKit does not report what it pushed.
-                size_bytes: 0,
-                platforms,
+                size_bytes: facts.size_bytes,
+                platforms: facts.platforms,
             })
         }
         Destination::OciLayout {
@@ -174,7 +195,7 @@ async fn build_to_destination(
             let _lease = store.lease().map_err(|e| e.into_job_error(Stage::Export))?;
             let stored = ingest_oci_archive(&store, &archive, &cx.workspace).await;
             let _ = tokio::fs::remove_file(&archive).await;
-            let (descriptor, size_bytes) = stored?;
+            let (descriptor, facts) = stored?;
             store
                 .tag(&descriptor, tag, source_id)
                 .await
@@ -183,8 +204,8 @@ async fn build_to_destination(
                 reference,
                 digest: descriptor.digest,
                 source_digest: None,
-                size_bytes,
-                platforms,
+                size_bytes: facts.size_bytes,
+                platforms: facts.platforms,
             })
         }
     }
@@ -203,6 +224,150 @@ fn push_attrs(destination: &Destination) -> HashMap<String, String> {
         attrs.insert("registry.insecure".to_owned(), "true".to_owned());
     }
     attrs
+}
+
+/// What a result says of an image besides its digest.
+#[derive(Debug, PartialEq)]
+struct ImageFacts {
+    /// The manifest, the config and the layers, as stored (layers compressed as exported).
+    size_bytes: u64,
+    /// The platform the config declares; none when it declares none.
+    platforms: Vec<String>,
+}
+
+impl ImageFacts {
+    fn of(manifest: &Manifest, config: &[u8]) -> ImageFacts {
+        let config_size = manifest.config.as_ref().map_or(0, |c| c.size);
+        let layers: u64 = manifest.layers.iter().map(|l| l.size).sum();
+        ImageFacts {
+            size_bytes: manifest.bytes.len() as u64 + config_size + layers,
+            platforms: config_platform(config)
+                .map(|p| p.display())
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+/// `bytes` as the image manifest `digest` names: a single image (a build for one platform
+/// exports no index), whose bytes have that digest.
+fn image_manifest(
+    bytes: Vec<u8>,
+    media_type: Option<&str>,
+    digest: &str,
+) -> Result<Manifest, String> {
+    let manifest = Manifest::parse(bytes, media_type, Algorithm::Sha256)
+        .map_err(|e| format!("the image {digest}: {e}"))?;
+    if manifest.digest.as_str() != digest {
+        return Err(format!(
+            "the image {digest} read back has the digest {}",
+            manifest.digest
+        ));
+    }
+    if manifest.kind != Kind::Image {
+        return Err(format!("the image {digest} is an index, not one image"));
+    }
+    Ok(manifest)
+}
+
+/// The config digest of an image manifest (one [`image_manifest`] accepted).
+fn config_digest(manifest: &Manifest) -> Result<Digest, String> {
+    manifest
+        .config
+        .as_ref()
+        .ok_or_else(|| "an image manifest without config".to_owned())?
+        .checked_digest()
+        .map_err(|e| e.to_string())
+}
+
+/// An image BuildKit pushed to the destination registry.
+struct PushedImage<'a> {
+    registry: &'a str,
+    plain_http: bool,
+    repository: &'a str,
+    auth: Option<&'a BasicAuth>,
+    digest: &'a str,
+}
+
+impl PushedImage<'_> {
+    /// Its manifest and config, read back from the registry with the destination's
+    /// credentials, as BuildKit reached it (see [`plain_http_for_buildkit`]).
+    async fn read_back(&self, cx: &StageContext) -> Result<ImageFacts, JobError> {
+        let scheme = if plain_http_for_buildkit(self.registry, self.plain_http) {
+            "http"
+        } else {
+            "https"
+        };
+        let not_read = |why: String| {
+            JobError::transient(
+                Stage::Export,
+                ErrorCode::Internal,
+                format!(
+                    "buildkitd pushed {}@{}, but reading it back failed: {why}",
+                    self.repository, self.digest
+                ),
+            )
+        };
+        let base = url::Url::parse(&format!("{scheme}://{}/", self.registry))
+            .map_err(|e| not_read(format!("the registry is not a valid host: {e}")))?;
+        // A client of this build's own: each build runs on a runtime that ends with it, and
+        // pooled connections must not outlive that.
+        let http = crate::adapters::oci::destination_http_client()
+            .map_err(|e| not_read(format!("cannot build the HTTP client: {e}")))?;
+        let client = RegistryClient::new(http, base, self.auth.cloned(), None, cx.redactor.clone())
+            .map_err(in_export)?;
+        let (bytes, media_type, _) = client
+            .get_manifest(self.repository, self.digest, MAX_MANIFEST_BYTES as usize)
+            .await
+            .map_err(in_export)?;
+        let manifest =
+            image_manifest(bytes, media_type.as_deref(), self.digest).map_err(not_read)?;
+        let config_digest = config_digest(&manifest).map_err(not_read)?;
+        let response = client
+            .get_blob(self.repository, &config_digest)
+            .await
+            .map_err(in_export)?;
+        let config = read_capped(response, MAX_CONFIG_BYTES as usize, client.host())
+            .await
+            .map_err(in_export)?;
+        if digest_of(&config, &config_digest) != config_digest {
+            return Err(not_read(format!(
+                "its config does not match {config_digest}"
+            )));
+        }
+        Ok(ImageFacts::of(&manifest, &config))
+    }
+}
+
+/// Whether BuildKit reaches `registry` over plain HTTP: when the destination is configured
+/// so (then it is pushed with `registry.insecure`), and for a loopback registry, which
+/// BuildKit's resolver speaks plain HTTP to by default (containerd's `MatchLocalhost`).
+fn plain_http_for_buildkit(registry: &str, plain_http: bool) -> bool {
+    if plain_http {
+        return true;
+    }
+    let Ok(url) = url::Url::parse(&format!("http://{registry}/")) else {
+        return false;
+    };
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        Some(url::Host::Domain(name)) => name == "localhost",
+        None => false,
+    }
+}
+
+/// The digest of `bytes` with the algorithm of `named`.
+fn digest_of(bytes: &[u8], named: &Digest) -> Digest {
+    let mut hasher = Hasher::new(named.algorithm());
+    hasher.update(bytes);
+    hasher.finish()
+}
+
+/// A registry client's error, which names the import stage, as this export's.
+fn in_export(mut e: JobError) -> JobError {
+    e.stage = Stage::Export;
+    e
 }
 
 /// A gRPC channel straight to buildkitd (plain HTTP/2; no TLS).
@@ -249,12 +414,13 @@ struct ArchiveIndex {
 }
 
 /// Stores the blobs of an OCI archive (the `oci` exporter's tar) in `store`, each verified
-/// against its name; returns the archive's image (the first of its index) and the bytes stored.
+/// against its name; returns the archive's image (the first of its index) and what its
+/// manifest and config tell.
 async fn ingest_oci_archive(
     store: &OciLayoutStore,
     archive: &Path,
     workspace: &Path,
-) -> Result<(Descriptor, u64), JobError> {
+) -> Result<(Descriptor, ImageFacts), JobError> {
     let dir = workspace.join(format!("oci-{}", random_hex(8)));
     let (archive, unpack_dir) = (archive.to_path_buf(), dir.clone());
     let unpacked = tokio::task::spawn_blocking(move || unpack_blobs(&archive, &unpack_dir))
@@ -262,7 +428,6 @@ async fn ingest_oci_archive(
         .map_err(|e| archive_malformed(format!("the unpacking thread failed: {e}")));
     let stored = async {
         let (index, blobs) = unpacked??;
-        let mut total = 0;
         for (digest, size, path) in &blobs {
             let file = tokio::fs::File::open(path)
                 .await
@@ -271,7 +436,6 @@ async fn ingest_oci_archive(
                 .put_blob(file, digest, *size)
                 .await
                 .map_err(|e| e.into_job_error(Stage::Export))?;
-            total += size;
         }
         let index: ArchiveIndex = serde_json::from_slice(&index)
             .map_err(|e| archive_malformed(format!("index.json: {e}")))?;
@@ -280,20 +444,41 @@ async fn ingest_oci_archive(
             .into_iter()
             .next()
             .ok_or_else(|| archive_malformed("index.json names no image".to_owned()))?;
-        if !blobs
-            .iter()
-            .any(|(digest, _, _)| digest.as_str() == image.digest)
-        {
-            return Err(archive_malformed(format!(
-                "the image {} is not in the archive",
-                image.digest
-            )));
-        }
-        Ok((image, total))
+        // Stored, so each blob matched its name.
+        let blob = |digest: &str| {
+            blobs
+                .iter()
+                .find(|(d, _, _)| d.as_str() == digest)
+                .map(|(_, _, path)| path.clone())
+                .ok_or_else(|| {
+                    archive_malformed(format!("the blob {digest} is not in the archive"))
+                })
+        };
+        let manifest_bytes = read_small(&blob(&image.digest)?, MAX_MANIFEST_BYTES).await?;
+        let media_type = Some(image.media_type.as_str()).filter(|m| !m.is_empty());
+        let manifest =
+            image_manifest(manifest_bytes, media_type, &image.digest).map_err(archive_malformed)?;
+        let config_digest = config_digest(&manifest).map_err(archive_malformed)?;
+        let config = read_small(&blob(config_digest.as_str())?, MAX_CONFIG_BYTES).await?;
+        Ok((image, ImageFacts::of(&manifest, &config)))
     }
     .await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     stored
+}
+
+/// The file at `path`, refused when it is larger than `cap`.
+async fn read_small(path: &Path, cap: u64) -> Result<Vec<u8>, JobError> {
+    let size = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| local_io(path, &e))?
+        .len();
+    if size > cap {
+        return Err(archive_malformed(format!(
+            "a manifest or config of {size} bytes; at most {cap} are read"
+        )));
+    }
+    tokio::fs::read(path).await.map_err(|e| local_io(path, &e))
 }
 
 /// The archive's `index.json` and its `blobs/sha256/*` files, copied into `dir` under their
@@ -347,7 +532,7 @@ fn archive_malformed(message: String) -> JobError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::OCI_MANIFEST;
+    use crate::manifest::{OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST};
 
     fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut builder = tar::Builder::new(Vec::new());
@@ -372,7 +557,7 @@ mod tests {
     ) -> (
         tempfile::TempDir,
         OciLayoutStore,
-        Result<(Descriptor, u64), JobError>,
+        Result<(Descriptor, ImageFacts), JobError>,
     ) {
         let dir = tempfile::tempdir().unwrap();
         let store = OciLayoutStore::open(dir.path().join("store"))
@@ -384,31 +569,134 @@ mod tests {
         (dir, store, result)
     }
 
+    fn descriptor_json(media_type: &str, bytes: &[u8]) -> String {
+        format!(
+            r#"{{"mediaType":"{media_type}","digest":"{}","size":{}}}"#,
+            Digest::sha256_of(bytes),
+            bytes.len()
+        )
+    }
+
+    const CONFIG: &[u8] =
+        br#"{"architecture":"arm64","os":"linux","variant":"v8","rootfs":{"type":"layers"}}"#;
+    const LAYER: &[u8] = b"layer bytes";
+
+    /// An image manifest over [`CONFIG`] and [`LAYER`].
+    fn manifest() -> Vec<u8> {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{},"layers":[{}]}}"#,
+            descriptor_json(OCI_CONFIG, CONFIG),
+            descriptor_json(OCI_LAYER_GZIP, LAYER)
+        )
+        .into_bytes()
+    }
+
+    /// An `index.json` naming `top` (of `media_type`).
+    fn index_of(media_type: &str, top: &[u8]) -> Vec<u8> {
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{}]}}"#,
+            descriptor_json(media_type, top)
+        )
+        .into_bytes()
+    }
+
     #[tokio::test]
     async fn an_oci_archive_is_stored_blob_by_blob_and_its_image_is_returned() {
-        let layer = b"layer bytes".as_slice();
-        let manifest = br#"{"schemaVersion":2}"#.as_slice();
-        let manifest_digest = Digest::sha256_of(manifest);
-        let index = format!(
-            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":{}}}]}}"#,
-            manifest_digest.as_str(),
-            manifest.len()
-        );
+        let manifest = manifest();
+        let index = index_of(OCI_MANIFEST, &manifest);
         let (_dir, store, result) = ingest(&[
             ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#),
-            (&blob_name(layer), layer),
-            (&blob_name(manifest), manifest),
-            ("index.json", index.as_bytes()),
+            (&blob_name(LAYER), LAYER),
+            (&blob_name(CONFIG), CONFIG),
+            (&blob_name(&manifest), &manifest),
+            ("index.json", &index),
         ])
         .await;
-        let (image, size) = result.unwrap();
-        assert_eq!(image.digest, manifest_digest.as_str());
-        assert_eq!(size, (layer.len() + manifest.len()) as u64);
+        let (image, facts) = result.unwrap();
+        assert_eq!(image.digest, Digest::sha256_of(&manifest).as_str());
         assert!(
             store
-                .has_blob(&Digest::sha256_of(layer), layer.len() as u64)
+                .has_blob(&Digest::sha256_of(LAYER), LAYER.len() as u64)
                 .await
         );
+        assert_eq!(
+            facts,
+            ImageFacts {
+                size_bytes: (manifest.len() + CONFIG.len() + LAYER.len()) as u64,
+                platforms: vec!["linux/arm64/v8".to_owned()],
+            }
+        );
+    }
+
+    /// Regression: the result of a build exported by a standalone buildkitd said
+    /// `platforms: []` (and, pushed, `size_bytes: 0`); both come from the image's manifest and
+    /// config now, whichever way the manifest reached us.
+    #[test]
+    fn facts_are_the_manifest_config_and_layers_and_the_configs_platform() {
+        let bytes = manifest();
+        let digest = Digest::sha256_of(&bytes).to_string();
+        let parsed = image_manifest(bytes.clone(), None, &digest).unwrap();
+        assert_eq!(config_digest(&parsed).unwrap(), Digest::sha256_of(CONFIG));
+        assert_eq!(
+            ImageFacts::of(&parsed, CONFIG),
+            ImageFacts {
+                size_bytes: (bytes.len() + CONFIG.len() + LAYER.len()) as u64,
+                platforms: vec!["linux/arm64/v8".to_owned()],
+            }
+        );
+        // A config without a platform: none reported, never an invented one.
+        assert_eq!(
+            ImageFacts::of(&parsed, b"{}").platforms,
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn a_manifest_read_back_must_be_the_image_buildkit_named() {
+        let bytes = manifest();
+        let other = Digest::sha256_of(b"another manifest").to_string();
+        let why = image_manifest(bytes, None, &other).unwrap_err();
+        assert!(why.contains("has the digest"), "{why}");
+        let index = index_of(OCI_MANIFEST, &manifest());
+        let digest = Digest::sha256_of(&index).to_string();
+        let why = image_manifest(index, Some(OCI_INDEX), &digest).unwrap_err();
+        assert!(why.contains("is an index"), "{why}");
+    }
+
+    #[tokio::test]
+    async fn an_archive_whose_image_has_no_config_blob_is_refused() {
+        let manifest = manifest();
+        let index = index_of(OCI_MANIFEST, &manifest);
+        let (_dir, _store, result) = ingest(&[
+            (&blob_name(LAYER), LAYER),
+            (&blob_name(&manifest), &manifest),
+            ("index.json", &index),
+        ])
+        .await;
+        let e = result.unwrap_err();
+        assert!(
+            e.message.contains(&format!(
+                "{} is not in the archive",
+                Digest::sha256_of(CONFIG)
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn loopback_registries_are_read_back_over_plain_http_as_buildkit_pushes_to_them() {
+        for registry in [
+            "127.0.0.1:5000",
+            "localhost:5000",
+            "[::1]:5000",
+            "127.0.0.1",
+        ] {
+            assert!(plain_http_for_buildkit(registry, false), "{registry}");
+        }
+        for registry in ["registry.example:5000", "10.0.0.1:5000", "registry.example"] {
+            assert!(!plain_http_for_buildkit(registry, false), "{registry}");
+            assert!(plain_http_for_buildkit(registry, true), "{registry}");
+        }
     }
 
     #[tokio::test]

@@ -100,15 +100,26 @@ pub struct RegistryImporter {
     stores: OciLayoutStores,
 }
 
+/// The HTTP client settings of every registry request.
+fn http_client_builder() -> reqwest::ClientBuilder {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(15))
+        .read_timeout(Duration::from_secs(120))
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(64)
+}
+
+/// An HTTP client for the operator's destination registry: no proxy, redirects as configured,
+/// not under the egress policy (the operator named it).
+pub fn destination_http_client() -> Result<reqwest::Client, reqwest::Error> {
+    http_client_builder()
+        .no_proxy()
+        .redirect(crate::egress::configured_redirects())
+        .build()
+}
+
 impl RegistryImporter {
     pub fn new(settings: ImporterSettings, egress: EgressPolicy) -> Result<Self, JobError> {
-        let builder = || {
-            reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(15))
-                .read_timeout(Duration::from_secs(120))
-                .tcp_nodelay(true)
-                .pool_max_idle_per_host(64)
-        };
         let build_error = |e: reqwest::Error| {
             JobError::transient(
                 STAGE,
@@ -117,12 +128,11 @@ impl RegistryImporter {
             )
         };
         Ok(RegistryImporter {
-            source_http: egress.http_client(builder()).build().map_err(build_error)?,
-            destination_http: builder()
-                .no_proxy()
-                .redirect(crate::egress::configured_redirects())
+            source_http: egress
+                .http_client(http_client_builder())
                 .build()
                 .map_err(build_error)?,
+            destination_http: destination_http_client().map_err(build_error)?,
             egress,
             settings,
             stores: OciLayoutStores::default(),
