@@ -1935,3 +1935,177 @@ async fn the_docker_backend_leaves_no_image_in_the_engine_whatever_the_outcome()
         "images left in the engine: {images}"
     );
 }
+
+/// Every blob of the OCI layout at `layout`, layers decompressed, as one lossy string per
+/// blob: what a secret must be in none of.
+fn layout_texts(layout: &Path) -> Vec<String> {
+    std::fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .map(|entry| {
+            let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+            String::from_utf8_lossy(&decompressed(bytes)).into_owned()
+        })
+        .collect()
+}
+
+/// Asserts `needle` is in no blob of `layout` and no event of `recorder`.
+fn assert_nowhere(needle: &str, layout: &Path, recorder: &Recorder) {
+    for text in layout_texts(layout) {
+        assert!(
+            !text.contains(needle),
+            "{needle:?} is in a blob of the image"
+        );
+    }
+    let events = format!("{:?}", recorder.events.lock().unwrap());
+    assert!(!events.contains(needle), "{needle:?} is in an event");
+}
+
+const BUILD_SECRET: &str = "build-secret-5b1e-not-in-the-image";
+
+/// Issue 11: `build.secrets` reach `RUN --mount=type=secret` through the session; the step
+/// proves it read the value (its SHA-256 is in the image), while no blob of the image (layers,
+/// config with its history, manifest), no event and no result holds the value. A step that
+/// needs a secret the job lacks fails the build, naming it.
+async fn a_build_secret_reaches_run_and_nothing_else(backend: Backend) {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-secret");
+    let dockerfile = format!(
+        "FROM {}/base/busybox:1\n\
+         RUN --mount=type=secret,id=token,required=true sha256sum /run/secrets/token | cut -d' ' -f1 > /token.sha\n",
+        base.host
+    );
+    let dir = dir_with(&[("Dockerfile", &dockerfile)]);
+    let with_secret = BuildOptions {
+        secrets: [("token".to_owned(), Secret::new(BUILD_SECRET))].into(),
+        no_cache: true,
+        ..BuildOptions::default()
+    };
+    let built = DirBuild::new(backend, &engine, dir.path())
+        .options(with_secret)
+        .auth(base_auth(&base.host))
+        .secrets(&[BUILD_SECRET])
+        .run()
+        .await;
+    let image = built.result.as_ref().expect("the build with its secret");
+    assert!(!format!("{image:?}").contains(BUILD_SECRET));
+    let sha = run_from_layout(&engine, built.layout.path(), &built.tag, &["/token.sha"]);
+    let want = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+        BUILD_SECRET.as_bytes(),
+    ));
+    assert_eq!(sha.trim(), want, "the step read the job's secret");
+    assert_nowhere(BUILD_SECRET, built.layout.path(), &built.recorder);
+
+    let without = DirBuild::new(backend, &engine, dir.path())
+        .options(BuildOptions {
+            no_cache: true,
+            ..BuildOptions::default()
+        })
+        .auth(base_auth(&base.host))
+        .run()
+        .await;
+    let Err(err) = without.result else {
+        panic!("a step whose secret the job lacks must fail")
+    };
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert!(err.message.contains("token"), "names the secret: {err}");
+}
+
+backend_tests! {
+    a_build_secret_reaches_run_and_nothing_else =>
+    Docker: a_build_secret_reaches_run_and_is_in_no_layer_history_event_or_result,
+    Buildkitd: buildkitd_a_build_secret_reaches_run_and_is_in_no_layer_history_event_or_result,
+    Standalone: standalone_buildkitd_a_build_secret_reaches_run_and_is_in_no_layer_history_event_or_result,
+}
+
+/// The host's `ssh-add` with the libraries it loads, as files of a context under `tools/`
+/// (copied to the same paths in the image), so a `RUN` in the busybox base can ask the
+/// forwarded agent what it holds.
+fn add_ssh_add_tools(dir: &Path) {
+    let ldd = std::process::Command::new("ldd")
+        .arg("/usr/bin/ssh-add")
+        .output()
+        .expect("ldd");
+    assert_success(&ldd, "ldd /usr/bin/ssh-add");
+    let mut files = vec!["/usr/bin/ssh-add".to_owned()];
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line
+            .split_whitespace()
+            .find(|part| part.starts_with('/'))
+            .map(str::to_owned);
+        files.extend(path);
+    }
+    for file in files {
+        let to = dir.join("tools").join(file.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&file, &to).unwrap_or_else(|e| panic!("copy {file}: {e}"));
+    }
+}
+
+/// Issue 11: with `build.ssh`, `RUN --mount=type=ssh` gets an agent holding the job's key (a
+/// passphrase-protected one: the passphrase opens it in the agent), and the key itself is in
+/// no blob of the image and no event; without it there is no agent and such a step fails.
+async fn build_ssh_forwards_the_jobs_key_only(backend: Backend) {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-ssh");
+    let keys = tempfile::tempdir().unwrap();
+    let passphrase = "ssh-pass-77e1";
+    let key = crate::support::git_servers::ssh_key(keys.path(), "buildkey", "ed25519", passphrase);
+    let dockerfile = format!(
+        "FROM {}/base/busybox:1\n\
+         COPY tools/ /\n\
+         RUN --mount=type=ssh ssh-add -L > /agent-keys\n",
+        base.host
+    );
+    let dir = dir_with(&[("Dockerfile", &dockerfile)]);
+    add_ssh_add_tools(dir.path());
+    let options = BuildOptions {
+        ssh: Some(factoryd::job::SshKey {
+            private_key: Secret::new(key.private.clone()),
+            passphrase: Some(Secret::new(passphrase)),
+        }),
+        no_cache: true,
+        ..BuildOptions::default()
+    };
+    let key_body = key
+        .private
+        .lines()
+        .nth(1)
+        .expect("a line of the key's body")
+        .to_owned();
+    let built = DirBuild::new(backend, &engine, dir.path())
+        .options(options)
+        .auth(base_auth(&base.host))
+        .secrets(&[passphrase, &key.private])
+        .run()
+        .await;
+    built.result.as_ref().expect("the build with the job's key");
+    let held = run_from_layout(&engine, built.layout.path(), &built.tag, &["/agent-keys"]);
+    let public: Vec<&str> = key.public.split_whitespace().take(2).collect();
+    assert!(
+        held.contains(&public.join(" ")),
+        "the agent holds the job's key: {held:?}"
+    );
+    assert_nowhere(&key_body, built.layout.path(), &built.recorder);
+    assert_nowhere(passphrase, built.layout.path(), &built.recorder);
+
+    let without = DirBuild::new(backend, &engine, dir.path())
+        .options(BuildOptions {
+            no_cache: true,
+            ..BuildOptions::default()
+        })
+        .auth(base_auth(&base.host))
+        .run()
+        .await;
+    let Err(err) = without.result else {
+        panic!("without build.ssh a step that mounts the agent must fail")
+    };
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    assert!(err.message.to_lowercase().contains("ssh"), "{err}");
+}
+
+backend_tests! {
+    build_ssh_forwards_the_jobs_key_only =>
+    Docker: build_ssh_gives_run_an_agent_with_the_jobs_key_and_without_it_none,
+    Buildkitd: buildkitd_build_ssh_gives_run_an_agent_with_the_jobs_key_and_without_it_none,
+    Standalone: standalone_buildkitd_build_ssh_gives_run_an_agent_with_the_jobs_key_and_without_it_none,
+}
