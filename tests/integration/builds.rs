@@ -1960,6 +1960,29 @@ fn assert_nowhere(needle: &str, layout: &Path, recorder: &Recorder) {
     assert!(!events.contains(needle), "{needle:?} is in an event");
 }
 
+/// Builds `dir` with no build secret, no SSH and no cache, only the base's credentials; the
+/// permanent error it must fail with.
+async fn plain_build_fails(
+    backend: Backend,
+    engine: &Engine,
+    dir: &Path,
+    base: &Registry,
+) -> JobError {
+    let built = DirBuild::new(backend, engine, dir)
+        .options(BuildOptions {
+            no_cache: true,
+            ..BuildOptions::default()
+        })
+        .auth(base_auth(&base.host))
+        .run()
+        .await;
+    let Err(err) = built.result else {
+        panic!("the build must fail without the secret or agent its step mounts")
+    };
+    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    err
+}
+
 const BUILD_SECRET: &str = "build-secret-5b1e-not-in-the-image";
 
 /// Issue 11: `build.secrets` reach `RUN --mount=type=secret` through the session; the step
@@ -1995,18 +2018,7 @@ async fn a_build_secret_reaches_run_and_nothing_else(backend: Backend) {
     assert_eq!(sha.trim(), want, "the step read the job's secret");
     assert_nowhere(BUILD_SECRET, built.layout.path(), &built.recorder);
 
-    let without = DirBuild::new(backend, &engine, dir.path())
-        .options(BuildOptions {
-            no_cache: true,
-            ..BuildOptions::default()
-        })
-        .auth(base_auth(&base.host))
-        .run()
-        .await;
-    let Err(err) = without.result else {
-        panic!("a step whose secret the job lacks must fail")
-    };
-    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    let err = plain_build_fails(backend, &engine, dir.path(), &base).await;
     assert!(err.message.contains("token"), "names the secret: {err}");
 }
 
@@ -2088,18 +2100,7 @@ async fn build_ssh_forwards_the_jobs_key_only(backend: Backend) {
     assert_nowhere(&key_body, built.layout.path(), &built.recorder);
     assert_nowhere(passphrase, built.layout.path(), &built.recorder);
 
-    let without = DirBuild::new(backend, &engine, dir.path())
-        .options(BuildOptions {
-            no_cache: true,
-            ..BuildOptions::default()
-        })
-        .auth(base_auth(&base.host))
-        .run()
-        .await;
-    let Err(err) = without.result else {
-        panic!("without build.ssh a step that mounts the agent must fail")
-    };
-    assert_eq!(err.class, ErrorClass::Permanent, "{err}");
+    let err = plain_build_fails(backend, &engine, dir.path(), &base).await;
     assert!(err.message.to_lowercase().contains("ssh"), "{err}");
 }
 
