@@ -100,7 +100,12 @@ fn parse_params(text: &str) -> HashMap<String, String> {
     out
 }
 
-/// Bearer tokens by scope string.
+/// Most tokens one cache keeps: a long-lived client (the node's destination registry) sees one
+/// scope per repository it pushes to, and a fleet has many sources.
+const MAX_TOKENS: usize = 256;
+
+/// Bearer tokens by scope string, at most [`MAX_TOKENS`]: expired ones go first, then the one
+/// that expires soonest.
 #[derive(Debug, Default)]
 pub struct TokenCache {
     tokens: HashMap<String, (Secret, Instant)>,
@@ -118,8 +123,21 @@ impl TokenCache {
     /// margin is not kept at all (it is still used for the request at hand).
     pub fn insert(&mut self, scope: &str, token: Secret, lifetime: Duration) {
         if let Some(keep) = lifetime.checked_sub(EXPIRY_MARGIN).filter(|d| !d.is_zero()) {
-            self.tokens
-                .insert(scope.to_owned(), (token, Instant::now() + keep));
+            let now = Instant::now();
+            if self.tokens.len() >= MAX_TOKENS && !self.tokens.contains_key(scope) {
+                self.tokens.retain(|_, (_, until)| now < *until);
+                if self.tokens.len() >= MAX_TOKENS {
+                    let soonest = self
+                        .tokens
+                        .iter()
+                        .min_by_key(|(_, (_, until))| *until)
+                        .map(|(scope, _)| scope.clone());
+                    if let Some(soonest) = soonest {
+                        self.tokens.remove(&soonest);
+                    }
+                }
+            }
+            self.tokens.insert(scope.to_owned(), (token, now + keep));
         }
     }
 
@@ -179,5 +197,31 @@ mod tests {
         assert!(cache.get("s").is_none());
         cache.insert("short", Secret::new("t"), Duration::from_secs(5));
         assert!(cache.get("short").is_none(), "too short to keep");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_cache_keeps_at_most_its_bound_dropping_expired_then_soonest_to_expire() {
+        let mut cache = TokenCache::default();
+        cache.insert("old", Secret::new("t"), Duration::from_secs(60));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        for i in 1..MAX_TOKENS {
+            cache.insert(
+                &format!("s{i}"),
+                Secret::new("t"),
+                Duration::from_secs(600 + i as u64),
+            );
+        }
+        assert_eq!(cache.tokens.len(), MAX_TOKENS);
+        cache.insert("new1", Secret::new("t"), Duration::from_secs(3600));
+        assert_eq!(cache.tokens.len(), MAX_TOKENS, "the expired one went");
+        assert!(cache.tokens.get("old").is_none());
+        cache.insert("new2", Secret::new("t"), Duration::from_secs(3600));
+        assert_eq!(cache.tokens.len(), MAX_TOKENS);
+        assert!(cache.get("s1").is_none(), "the soonest to expire went");
+        assert!(cache.get("s2").is_some() && cache.get("new1").is_some());
+        // Replacing a scope's token evicts nothing.
+        cache.insert("s2", Secret::new("t2"), Duration::from_secs(3600));
+        assert_eq!(cache.tokens.len(), MAX_TOKENS);
+        assert!(cache.get("s3").is_some());
     }
 }
