@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(cache.tokens.len(), MAX_TOKENS);
         cache.insert("new1", Secret::new("t"), Duration::from_secs(3600));
         assert_eq!(cache.tokens.len(), MAX_TOKENS, "the expired one went");
-        assert!(cache.tokens.get("old").is_none());
+        assert!(!cache.tokens.contains_key("old"));
         cache.insert("new2", Secret::new("t"), Duration::from_secs(3600));
         assert_eq!(cache.tokens.len(), MAX_TOKENS);
         assert!(cache.get("s1").is_none(), "the soonest to expire went");
