@@ -174,6 +174,7 @@ pub(super) fn daemon_addr(p: &mut Problems, path: &str, text: &str, other: &str)
 
 pub(super) fn registry_target(
     p: &mut Problems,
+    path: &str,
     text: &str,
     insecure: &[String],
 ) -> Option<RegistryTarget> {
@@ -189,7 +190,7 @@ pub(super) fn registry_target(
     };
     if let Some(why) = problem {
         p.push(
-            "destination.registry",
+            path,
             format!(
                 "expected host[:port], optionally after http:// or https:// ({why}), got {text:?}"
             ),

@@ -40,12 +40,12 @@ mod types;
 mod validate;
 
 pub use load::{from_toml_str, load, ConfigError, DEFAULT_CONFIG_PATH, ENV_PREFIX, HOSTNAME_PATH};
-pub use raw::RawConfig;
+pub use raw::{RawBuildCache, RawConfig};
 pub use types::{
-    source_scope_matches, BuilderBackend, BuilderConfig, BuildkitdAddr, ChildLimits, Config,
-    DaemonAddr, DestinationConfig, DestinationKind, EgressConfig, GitConfig, Isolation, LogConfig,
-    LogFormat, MetricsConfig, NatsAuth, NatsConfig, NodeLogin, Platform, RegistriesConfig,
-    RegistryCredentials, RegistryTarget, SourcesConfig, StoreConfig, Template, TemplateValues,
-    UnalignedHash, WorkerConfig, TEMPLATE_PLACEHOLDERS,
+    source_scope_matches, BuildCacheConfig, BuilderBackend, BuilderConfig, BuildkitdAddr,
+    ChildLimits, Config, DaemonAddr, DestinationConfig, DestinationKind, EgressConfig, GitConfig,
+    Isolation, LogConfig, LogFormat, MetricsConfig, NatsAuth, NatsConfig, NodeLogin, Platform,
+    RegistriesConfig, RegistryCredentials, RegistryTarget, SourcesConfig, StoreConfig, Template,
+    TemplateValues, UnalignedHash, WorkerConfig, TEMPLATE_PLACEHOLDERS,
 };
 pub use validate::validate;

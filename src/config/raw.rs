@@ -120,6 +120,8 @@ pub struct RawBuilder {
     pub allowed_frontends: Vec<String>,
     /// Size the builder's BuildKit cache is pruned down to; 0: the cache is left alone.
     pub cache_keep_bytes: u64,
+    /// `[builder.cache]`: the build cache the fleet shares through a registry.
+    pub cache: RawBuildCache,
 }
 
 impl Default for RawBuilder {
@@ -130,6 +132,31 @@ impl Default for RawBuilder {
             buildkitd_addr: "docker-engine".to_owned(),
             allowed_frontends: Vec::new(),
             cache_keep_bytes: 10 << 30,
+            cache: RawBuildCache::default(),
+        }
+    }
+}
+
+/// `[builder.cache]`: where builds import their cache from and export it to, shared by every
+/// worker of the fleet. `registry = ""` turns it off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBuildCache {
+    /// `host[:port]`, optionally after `http://` or `https://`; `""`: no shared cache.
+    pub registry: String,
+    /// Repository template, rendered per source; must contain `{source_id}`.
+    pub repository: String,
+    pub username: String,
+    pub password_file: String,
+}
+
+impl Default for RawBuildCache {
+    fn default() -> Self {
+        RawBuildCache {
+            registry: String::new(),
+            repository: "buildcache/{source_id}".to_owned(),
+            username: String::new(),
+            password_file: String::new(),
         }
     }
 }

@@ -130,7 +130,19 @@ fn shipped_file_documents_every_key_in_its_section() {
         let serde_json::Value::Object(keys) = keys else {
             panic!("[{section}] does not serialise to an object");
         };
-        expected.insert(section, keys.keys().cloned().collect());
+        for (key, value) in keys {
+            // A table of its own (`[builder.cache]`) has its keys under its own header; a map
+            // value (`mirrors = {…}`) is one key.
+            let sub = format!("{section}.{key}");
+            match value {
+                serde_json::Value::Object(sub_keys) if documented.contains_key(&sub) => {
+                    expected.insert(sub, sub_keys.keys().cloned().collect());
+                }
+                _ => {
+                    expected.entry(section.clone()).or_default().insert(key);
+                }
+            }
+        }
     }
     for (section, keys) in &expected {
         for key in keys {
@@ -908,6 +920,115 @@ fn builder_cache_keep_bytes_beyond_what_the_engine_takes_is_reported() {
     );
     let found = problems("[builder]\ncache_keep_bytes = -1\n");
     assert_eq!(paths(&found), ["builder.cache_keep_bytes"]);
+}
+
+#[test]
+fn build_cache_is_off_by_default_and_typed_when_a_registry_is_named() {
+    assert_eq!(Config::defaults().builder.cache, None);
+    let config = parse(
+        "[builder.cache]\nregistry = \"cache.example:5000\"\nusername = \"cacher\"\npassword_file = \"/etc/factoryd/cache.pass\"\n",
+    );
+    let cache = config.builder.cache.expect("a cache");
+    assert_eq!(
+        cache.registry,
+        RegistryTarget {
+            authority: "cache.example:5000".to_owned(),
+            plain_http: false
+        }
+    );
+    assert_eq!(cache.repository.as_str(), "buildcache/{source_id}");
+    let credentials = cache.credentials.expect("credentials");
+    assert_eq!(credentials.username, "cacher");
+    assert_eq!(
+        credentials.password_file,
+        Path::new("/etc/factoryd/cache.pass")
+    );
+
+    // Plain HTTP as for a destination: written so, or listed in registries.insecure.
+    let explicit = parse("[builder.cache]\nregistry = \"http://cache.example\"\n");
+    assert!(explicit.builder.cache.unwrap().registry.plain_http);
+    let listed = parse(
+        "[registries]\ninsecure = [\"cache.example:5000\"]\n[builder.cache]\nregistry = \"cache.example:5000\"\n",
+    );
+    assert!(listed.builder.cache.unwrap().registry.plain_http);
+
+    // Every key from the environment, as the systemd drop-in sets password files.
+    let from_env = parse_with_env(
+        "",
+        &[
+            ("FACTORYD__BUILDER__CACHE__REGISTRY", "cache.example"),
+            (
+                "FACTORYD__BUILDER__CACHE__REPOSITORY",
+                "cache/{namespace}/{source_id}",
+            ),
+            ("FACTORYD__DESTINATION__NAMESPACE", "team"),
+        ],
+    );
+    let cache = from_env.builder.cache.unwrap();
+    assert_eq!(cache.registry.authority, "cache.example");
+    assert_eq!(
+        cache.repository.render(&TemplateValues {
+            source_id: "web",
+            job_id: "",
+            namespace: &cache.namespace,
+            kind: "",
+        }),
+        "cache/team/web"
+    );
+}
+
+#[test]
+fn build_cache_mistakes_are_reported_at_their_keys() {
+    for (text, expected) in [
+        (
+            "[builder.cache]\nregistry = \"ftp://cache.example\"\n",
+            &["builder.cache.registry"][..],
+        ),
+        (
+            "[builder.cache]\nusername = \"cacher\"\npassword_file = \"/p\"\n",
+            &["builder.cache.registry"],
+        ),
+        (
+            "[builder.cache]\nregistry = \"c.example\"\nrepository = \"buildcache/shared\"\n",
+            &["builder.cache.repository"],
+        ),
+        (
+            "[builder.cache]\nregistry = \"c.example\"\nrepository = \"cache/{source_id}/{job_id}\"\n",
+            &["builder.cache.repository"],
+        ),
+        (
+            "[builder.cache]\nregistry = \"c.example\"\nrepository = \"Cache/{source_id}\"\n",
+            &["builder.cache.repository"],
+        ),
+        (
+            "[builder.cache]\nregistry = \"c.example\"\nusername = \"cacher\"\n",
+            &["builder.cache.password_file"],
+        ),
+        (
+            "[builder.cache]\nregistry = \"c.example\"\npassword_file = \"/p\"\n",
+            &["builder.cache.username"],
+        ),
+        (
+            "[builder.cache]\nregistry = \"c.example\"\nusername = \"u\"\npassword_file = \"p\"\n",
+            &["builder.cache.password_file"],
+        ),
+        // A registry of its own: not the destination's, not one of the node's logins.
+        (
+            "[destination]\nkind = \"registry\"\nregistry = \"https://r.example\"\n[builder.cache]\nregistry = \"r.example\"\n",
+            &["builder.cache.registry"],
+        ),
+        (
+            "[registries]\ncredentials = { \"r.example:5000\" = { username = \"ci\", password_file = \"/p\" } }\n[builder.cache]\nregistry = \"r.example:5000\"\n",
+            &["builder.cache.registry"],
+        ),
+    ] {
+        let found = problems(text);
+        assert_eq!(paths(&found), expected, "{text}: {found:?}");
+    }
+    // A key the section does not have is named with the section's path.
+    let found = problems("[builder.cache]\nregistry = \"c.example\"\nrepo = \"x\"\n");
+    assert_eq!(paths(&found), ["builder.cache"]);
+    assert!(found[0].message.contains("repo"), "{}", found[0]);
 }
 
 #[test]

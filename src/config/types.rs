@@ -124,6 +124,21 @@ pub struct BuilderConfig {
     /// The builder's BuildKit cache is pruned down to this many bytes, least recently used
     /// first ([`crate::ports::Builder::prune_cache`]); 0: the cache is left alone.
     pub cache_keep_bytes: u64,
+    /// `[builder.cache]`; `None` when `builder.cache.registry` is `""`.
+    pub cache: Option<BuildCacheConfig>,
+}
+
+/// `[builder.cache]`: the registry that holds every source's build cache, shared by the fleet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildCacheConfig {
+    /// A registry of its own: neither `destination.registry` nor a host of
+    /// `registries.credentials` (its credentials must answer for the cache only).
+    pub registry: RegistryTarget,
+    /// Contains `{source_id}` (and at most `{namespace}` besides), so each source has its own.
+    pub repository: Template,
+    /// The value of `{namespace}` (`destination.namespace`).
+    pub namespace: String,
+    pub credentials: Option<RegistryCredentials>,
 }
 
 /// Where the `buildkitd` backend finds BuildKit's control API.

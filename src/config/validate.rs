@@ -16,10 +16,10 @@ use super::checks::{
 };
 use super::raw::{self, RawConfig};
 use super::types::{
-    BuilderBackend, BuilderConfig, BuildkitdAddr, ChildLimits, Config, DestinationConfig,
-    DestinationKind, EgressConfig, GitConfig, Isolation, LogConfig, LogFormat, MetricsConfig,
-    NatsAuth, NatsConfig, NodeLogin, RegistriesConfig, RegistryCredentials, SourcesConfig,
-    StoreConfig, UnalignedHash, WorkerConfig, BUILDKITD_DOCKER_ENGINE,
+    BuildCacheConfig, BuilderBackend, BuilderConfig, BuildkitdAddr, ChildLimits, Config,
+    DestinationConfig, DestinationKind, EgressConfig, GitConfig, Isolation, LogConfig, LogFormat,
+    MetricsConfig, NatsAuth, NatsConfig, NodeLogin, RegistriesConfig, RegistryCredentials,
+    SourcesConfig, StoreConfig, UnalignedHash, WorkerConfig, BUILDKITD_DOCKER_ENGINE,
 };
 use crate::problems::Problems;
 
@@ -50,7 +50,7 @@ pub fn validate(raw: RawConfig) -> Result<Config, Problems> {
     let config = Config {
         nats: validate_nats(&raw.nats, &mut p),
         worker: validate_worker(&raw.worker, &mut p),
-        builder: validate_builder(&raw.builder, &mut p),
+        builder: validate_builder(&raw, &mut p),
         destination: validate_destination(&raw.destination, &raw.registries.insecure, &mut p),
         registries: validate_registries(&raw.registries, &mut p),
         git: GitConfig {
@@ -465,7 +465,8 @@ fn validate_sources(raw: &raw::RawSources, p: &mut Problems) -> SourcesConfig {
     }
 }
 
-fn validate_builder(raw: &raw::RawBuilder, p: &mut Problems) -> BuilderConfig {
+fn validate_builder(whole: &RawConfig, p: &mut Problems) -> BuilderConfig {
+    let raw = &whole.builder;
     BuilderConfig {
         backend: keyword(p, "builder.backend", &raw.backend, BuilderBackend::Docker),
         docker_host: daemon_addr(p, "builder.docker_host", &raw.docker_host, ""),
@@ -504,7 +505,126 @@ fn validate_builder(raw: &raw::RawBuilder, p: &mut Problems) -> BuilderConfig {
             }
             value
         },
+        cache: validate_build_cache(whole, p),
     }
+}
+
+/// `[builder.cache]`. Its registry must be one of its own: the session that carries its
+/// credentials answers them for every image of that host, so it must not be a host a build
+/// pulls from or pushes its product to (README, Builds).
+fn validate_build_cache(whole: &RawConfig, p: &mut Problems) -> Option<BuildCacheConfig> {
+    let raw = &whole.builder.cache;
+    if raw.registry.is_empty() {
+        for (key, value) in [
+            ("username", &raw.username),
+            ("password_file", &raw.password_file),
+        ] {
+            if !value.is_empty() {
+                p.push(
+                    "builder.cache.registry",
+                    format!(
+                        "expected the cache registry, because builder.cache.{key} is set, got an \
+                         empty string"
+                    ),
+                );
+                break;
+            }
+        }
+        return None;
+    }
+    let registry = registry_target(
+        p,
+        "builder.cache.registry",
+        &raw.registry,
+        &whole.registries.insecure,
+    );
+    if let Some(target) = &registry {
+        let host = target.authority.as_str();
+        let destination = whole.destination.registry.as_str();
+        let destination = destination
+            .split_once("://")
+            .map_or(destination, |(_, authority)| authority);
+        if destination.eq_ignore_ascii_case(host) {
+            p.push(
+                "builder.cache.registry",
+                format!(
+                    "expected a registry of its own, not destination.registry ({host:?}): builds \
+                     would be offered the cache's credentials for every image there"
+                ),
+            );
+        }
+        if whole
+            .registries
+            .credentials
+            .keys()
+            .any(|h| h.eq_ignore_ascii_case(host))
+        {
+            p.push(
+                "builder.cache.registry",
+                format!(
+                    "expected a registry of its own, not one of registries.credentials \
+                     ({host:?}): a build offered both would get one of them for either use"
+                ),
+            );
+        }
+    }
+
+    let repository = template(
+        p,
+        "builder.cache.repository",
+        &raw.repository,
+        &whole.destination.namespace,
+        TemplateText::Repository,
+    );
+    if !raw.repository.contains("{source_id}") {
+        p.push(
+            "builder.cache.repository",
+            format!(
+                "expected a template containing {{source_id}}, so that each source has a cache \
+                 of its own, got {:?}",
+                raw.repository
+            ),
+        );
+    }
+    for placeholder in ["{job_id}", "{kind}"] {
+        if raw.repository.contains(placeholder) {
+            p.push(
+                "builder.cache.repository",
+                format!(
+                    "expected a template with only {{source_id}} and {{namespace}}: {placeholder} \
+                     would give every job a cache of its own, got {:?}",
+                    raw.repository
+                ),
+            );
+        }
+    }
+
+    let password_file = secret_file(p, "builder.cache.password_file", &raw.password_file);
+    if !raw.username.is_empty() && raw.password_file.is_empty() {
+        p.push(
+            "builder.cache.password_file",
+            "expected the path of the file holding the cache registry's password, because \
+             builder.cache.username is set",
+        );
+    }
+    if raw.username.is_empty() && !raw.password_file.is_empty() {
+        p.push(
+            "builder.cache.username",
+            "expected the user name that builder.cache.password_file is the password of",
+        );
+    }
+    let credentials = password_file
+        .filter(|_| !raw.username.is_empty())
+        .map(|password_file| RegistryCredentials {
+            username: raw.username.clone(),
+            password_file,
+        });
+    Some(BuildCacheConfig {
+        registry: registry?,
+        repository,
+        namespace: whole.destination.namespace.clone(),
+        credentials,
+    })
 }
 
 fn validate_destination(
@@ -535,7 +655,7 @@ fn validate_destination(
         }
         None
     } else {
-        registry_target(p, &raw.registry, insecure)
+        registry_target(p, "destination.registry", &raw.registry, insecure)
     };
     // The typed config carries a target only for the kind that pushes to one.
     let registry = registry.filter(|_| kind == DestinationKind::Registry);
