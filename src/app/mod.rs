@@ -97,8 +97,19 @@ fn log_style(format: config::LogFormat, env: &HashMap<String, String>) -> LogSty
 /// The stages of a production worker: the real adapters where this build has them.
 pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobError> {
     let node_registry_auth = node_registry_auth(config)?;
+    let build_cache = config
+        .builder
+        .cache
+        .as_ref()
+        .map(crate::pipeline::BuildCacheSettings::load)
+        .transpose()?;
     let mut node_secrets = nats_secrets(&config.nats.auth);
     node_secrets.extend(node_registry_auth.iter().map(|n| n.auth.password.clone()));
+    node_secrets.extend(
+        build_cache
+            .iter()
+            .filter_map(|c| c.auth().map(|a| a.password.clone())),
+    );
     let fetcher: Arc<dyn crate::ports::Fetcher> = match config.sources.isolation {
         config::Isolation::Process => {
             // The running binary itself, even after a package upgrade replaced the file: a
@@ -129,6 +140,7 @@ pub fn production_stages(config: &Config) -> Result<Stages, crate::error::JobErr
         allowed_frontends: config.builder.allowed_frontends.clone(),
         insecure_registries: config.registries.insecure.clone(),
         destinations: DestinationSettings::new(config.destination.clone()),
+        build_cache,
     })
 }
 

@@ -8,6 +8,10 @@ use time::OffsetDateTime;
 use super::{ErrorInfo, Kind, Status};
 use crate::error::Stage;
 
+/// The `code` of the `Warning` a build gets when the fleet's shared build cache could not be
+/// used (unreachable, refused, or no cache for its source); the build goes on without it.
+pub const WARNING_BUILD_CACHE: &str = "build_cache";
+
 /// One event as published: envelope and body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventEnvelope {

@@ -23,7 +23,7 @@ use crate::reference::{Reference, RegistryUrl};
 use crate::secret::Secret;
 
 pub use decode::{decode, decode_value, normalise_source_path, MAX_JOB_BYTES};
-pub use event::{EventEnvelope, JobEvent};
+pub use event::{EventEnvelope, JobEvent, WARNING_BUILD_CACHE};
 pub use redact::{Redactor, MASK};
 pub use result::{DeadLetter, ErrorInfo, ImageInfo, JobResult, Revision, Status, Timings};
 

@@ -15,6 +15,7 @@
 //! handed to a build) join the job's masking set here, before a stage sends them anywhere.
 
 pub mod attempt;
+pub mod build_cache;
 pub mod destination;
 
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use crate::ports::{
 };
 use crate::secret::Secret;
 
+pub use build_cache::BuildCacheSettings;
 pub use destination::DestinationSettings;
 
 /// The adapters the stages run on, chosen by `app.rs` (real) or a test (fakes).
@@ -50,6 +52,8 @@ pub struct Stages {
     /// Hosts reachable over plain HTTP (`registries.insecure`).
     pub insecure_registries: Vec<String>,
     pub destinations: DestinationSettings,
+    /// The fleet's shared build cache (`[builder.cache]`), if configured.
+    pub build_cache: Option<BuildCacheSettings>,
 }
 
 /// One of `registries.credentials`, its password read: offered to the builds of the sources
@@ -79,6 +83,10 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
     for secret in &stages.node_secrets {
         cx.redactor.add(secret, None);
     }
+    if let Some(auth) = stages.build_cache.as_ref().and_then(|c| c.auth()) {
+        // The node's own, offered to every build's session: masked in every job's text.
+        cx.redactor.add(&auth.password, Some(&auth.username));
+    }
     enter(cx, Stage::Resolve)?;
     let destination = stages.destinations.resolve(job)?;
     if let Destination::Registry {
@@ -99,8 +107,15 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
             enter(cx, Stage::Build)?;
             let t = Instant::now();
             let options = job.build.clone().unwrap_or_default();
-            let context =
-                check_frontends(fetched.context, &options, &stages.allowed_frontends).await?;
+            let cache_host = stages.build_cache.as_ref().map(|c| c.host());
+            let context = check_build_file(
+                fetched.context,
+                &options,
+                &stages.allowed_frontends,
+                cache_host,
+            )
+            .await?;
+            let cache = build_cache(stages.build_cache.as_ref(), job, &options, cx);
             let registry_auth =
                 build_registry_auth(&stages.node_registry_auth, &docker_file.credentials, job);
             // The node's `registries.credentials` go to this build's session: mask them too.
@@ -112,6 +127,7 @@ pub async fn run_job(job: &Job, stages: &Stages, cx: &StageContext) -> Result<Jo
                 options,
                 registry_auth,
                 destination,
+                cache,
             };
             let image = stages.builder.build(request, cx).await?;
             timings.build = elapsed_ms(t);
@@ -179,12 +195,15 @@ fn plain_http(origin: &Origin, source: &crate::reference::Reference, insecure: &
 }
 
 /// Refuses a build whose build file or `BUILDKIT_SYNTAX` argument names a frontend the node
-/// does not allow (a frontend is an image BuildKit would pull and run with the job's context).
-/// The build file is read from the sealed context, off the async runtime.
-async fn check_frontends(
+/// does not allow (a frontend is an image BuildKit would pull and run with the job's context),
+/// or whose build file or arguments name the build cache registry `cache_host`
+/// ([`build_cache::check_not_named`]). The build file is read from the sealed context, off the
+/// async runtime.
+async fn check_build_file(
     context: SealedContext,
     options: &BuildOptions,
     allowed: &[String],
+    cache_host: Option<&str>,
 ) -> Result<SealedContext, JobError> {
     let (context, build_file) = tokio::task::spawn_blocking(move || {
         let build_file = context.read_build_file(frontend::MAX_BUILD_FILE_BYTES);
@@ -198,8 +217,33 @@ async fn check_frontends(
             format!("reading the build file failed: {e}"),
         )
     })?;
-    frontend::check(context.dockerfile(), &build_file?, &options.args, allowed)?;
+    let build_file = build_file?;
+    frontend::check(context.dockerfile(), &build_file, &options.args, allowed)?;
+    if let Some(host) = cache_host {
+        build_cache::check_not_named(host, context.dockerfile(), &build_file, &options.args)?;
+    }
     Ok(context)
+}
+
+/// The shared build cache of `job`'s source, if the node has one; a source without one (its
+/// id makes no repository name) builds without, which costs a warning, not the build.
+fn build_cache(
+    settings: Option<&BuildCacheSettings>,
+    job: &Job,
+    options: &BuildOptions,
+    cx: &StageContext,
+) -> Option<crate::ports::BuildCache> {
+    match settings?.for_job(job, options) {
+        Ok(cache) => Some(cache),
+        Err(why) => {
+            tracing::warn!(job.id = %job.id, reason = %why, "Building without the shared build cache.");
+            cx.emit(JobEvent::Warning {
+                code: crate::job::WARNING_BUILD_CACHE.to_owned(),
+                message: why,
+            });
+            None
+        }
+    }
 }
 
 /// The credentials for a build's `FROM` lines: the job's, then the node's for other hosts,

@@ -200,3 +200,172 @@ fn node_registry_logins_are_offered_only_to_the_sources_they_name() {
         ["team.example=b", "shared.example=everyone"]
     );
 }
+
+// ---- the fleet's shared build cache ----
+
+/// A builder that keeps each request's cache and succeeds.
+#[derive(Default)]
+struct CacheRecorder {
+    seen: std::sync::Mutex<Vec<Option<crate::ports::BuildCache>>>,
+}
+
+#[async_trait::async_trait]
+impl Builder for CacheRecorder {
+    async fn build(&self, request: BuildRequest, _: &StageContext) -> Result<ImageInfo, JobError> {
+        self.seen.lock().unwrap().push(request.cache);
+        Ok(ImageInfo {
+            reference: "oci:x".into(),
+            digest: "sha256:00".into(),
+            source_digest: None,
+            size_bytes: 0,
+            platforms: Vec::new(),
+        })
+    }
+}
+
+/// Events, kept.
+#[derive(Default)]
+struct KeptEvents(std::sync::Mutex<Vec<JobEvent>>);
+
+impl crate::ports::EventSink for KeptEvents {
+    fn emit(&self, event: JobEvent) {
+        self.0.lock().unwrap().push(event);
+    }
+}
+
+fn cache_settings(repository: &str) -> BuildCacheSettings {
+    let config = crate::config::from_toml_str(
+        &format!(
+            "[builder.cache]\nregistry = \"cache.example:5000\"\nrepository = \"{repository}\"\n"
+        ),
+        &std::collections::HashMap::new(),
+    )
+    .expect("config");
+    BuildCacheSettings::with_auth(
+        config.builder.cache.expect("a cache"),
+        Some(BasicAuth {
+            username: "cacher".into(),
+            password: crate::secret::Secret::new("cache-pass-3x9"),
+        }),
+    )
+}
+
+fn build_job(source_id: &str, no_cache: bool) -> Job {
+    crate::job::decode_value(&json!({"v": 1, "id": "j1", "source_id": source_id,
+        "build": {"no_cache": no_cache},
+        "origin": {"type": "docker-file", "details": {
+            "targz_url": "https://example.com/src.tar.gz"}}}))
+    .expect("valid job")
+}
+
+#[tokio::test]
+async fn a_build_gets_its_own_sources_cache_and_no_cache_drops_only_the_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Arc::new(CacheRecorder::default());
+    let mut stages = ScriptedStages::new().stages(dir.path().join("store"));
+    stages.builder = recorder.clone();
+    stages.build_cache = Some(cache_settings("buildcache/{source_id}"));
+
+    for (source, no_cache) in [("web", false), ("api", false), ("web", true)] {
+        let job = build_job(source, no_cache);
+        let cx = context(dir.path(), &job);
+        run_job(&job, &stages, &cx).await.expect("build");
+        assert_masked(&cx, "cacher", "cache-pass-3x9");
+    }
+    let seen = recorder.seen.lock().unwrap();
+    let described: Vec<(String, bool, String)> = seen
+        .iter()
+        .map(|c| {
+            let c = c.as_ref().expect("a cache for every build");
+            let user = c
+                .auth
+                .as_ref()
+                .map(|a| a.username.clone())
+                .unwrap_or_default();
+            (c.reference("cache"), c.import, user)
+        })
+        .collect();
+    assert_eq!(
+        described,
+        [
+            (
+                "cache.example:5000/buildcache/web:cache".to_owned(),
+                true,
+                "cacher".to_owned()
+            ),
+            (
+                "cache.example:5000/buildcache/api:cache".to_owned(),
+                true,
+                "cacher".to_owned()
+            ),
+            (
+                "cache.example:5000/buildcache/web:cache".to_owned(),
+                false,
+                "cacher".to_owned()
+            ),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_build_file_naming_the_cache_registry_fails_before_the_builder_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let scripted = ScriptedStages::new()
+        .with_build_file("FROM cache.example:5000/buildcache/other:inline\nRUN true\n");
+    let mut stages = scripted.stages(dir.path().join("store"));
+    stages.build_cache = Some(cache_settings("buildcache/{source_id}"));
+    let job = build_job("web", false);
+    let cx = context(dir.path(), &job);
+
+    let err = run_job(&job, &stages, &cx).await.expect_err("refused");
+    assert_eq!(err.code, crate::error::ErrorCode::UnsafeSource, "{err}");
+    assert!(err.message.contains("cache.example:5000"), "{err}");
+    assert_eq!(scripted.runs(&job.id), 0, "the builder must not be called");
+
+    // Without a shared cache the same build file is any other.
+    stages.build_cache = None;
+    run_job(&job, &stages, &cx)
+        .await
+        .expect("no cache, no rule");
+}
+
+#[tokio::test]
+async fn a_source_whose_id_makes_no_repository_builds_without_the_cache_and_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = Arc::new(CacheRecorder::default());
+    let mut stages = ScriptedStages::new().stages(dir.path().join("store"));
+    stages.builder = recorder.clone();
+    stages.build_cache = Some(cache_settings("buildcache/{source_id}"));
+    // A destination that does not name the source, which would refuse the job first.
+    let destination = crate::config::from_toml_str(
+        &format!(
+            "[destination]\npath = \"{}\"\nrepository = \"images\"\n",
+            dir.path().join("store").display()
+        ),
+        &std::collections::HashMap::new(),
+    )
+    .expect("config")
+    .destination;
+    stages.destinations = DestinationSettings::new(destination);
+    let job = build_job("Web", false);
+    let events = Arc::new(KeptEvents::default());
+    let mut cx = context(dir.path(), &job);
+    cx.events = events.clone();
+
+    run_job(&job, &stages, &cx).await.expect("built anyway");
+    assert!(recorder.seen.lock().unwrap()[0].is_none());
+    let warnings: Vec<String> = events
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Warning { code, message } if code == crate::job::WARNING_BUILD_CACHE => {
+                Some(message.clone())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("\"Web\""), "{warnings:?}");
+}

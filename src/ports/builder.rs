@@ -57,4 +57,32 @@ pub struct BuildRequest {
     /// sub-registry credentials over the node's.
     pub registry_auth: Vec<(String, BasicAuth)>,
     pub destination: Destination,
+    /// The fleet's shared build cache for this build's source (`[builder.cache]`), if any.
+    pub cache: Option<BuildCache>,
+}
+
+/// Where a build imports its cache from and exports it to: one source's repository in the
+/// fleet's cache registry. Its credentials are the node's and go only to the cache registry
+/// (the BuildKit session's Auth for that host, or the engine's push), never into the build's
+/// arguments or steps.
+#[derive(Debug, Clone)]
+pub struct BuildCache {
+    /// `host[:port]`.
+    pub registry: String,
+    /// Plain HTTP to the registry (configured so; loopback registries are plain HTTP to
+    /// BuildKit and the engine anyway).
+    pub plain_http: bool,
+    /// The source's repository, rendered.
+    pub repository: String,
+    pub auth: Option<BasicAuth>,
+    /// Import the cache (not with the job's `no_cache`); the build's cache is exported either
+    /// way.
+    pub import: bool,
+}
+
+impl BuildCache {
+    /// `registry/repository:tag`.
+    pub fn reference(&self, tag: &str) -> String {
+        format!("{}/{}:{tag}", self.registry, self.repository)
+    }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::job::{JobEvent, Redactor};
 use crate::secret::Secret;
 
-pub use builder::{BuildRequest, Builder, CachePrune};
+pub use builder::{BuildCache, BuildRequest, Builder, CachePrune};
 pub use importer::{CredentialResolver, ImportRequest, Importer};
 pub use queue::{
     CancelRequests, Conflict, Delivery, DeliveryHandle, EventBus, JobQueue, JobStates, QueueError,

@@ -263,6 +263,7 @@ impl ScriptedStages {
             allowed_frontends: Vec::new(),
             insecure_registries: Vec::new(),
             destinations: crate::pipeline::destination::oci_layout_settings(store),
+            build_cache: None,
         }
     }
 }

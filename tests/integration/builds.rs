@@ -168,6 +168,9 @@ fn stages(backend: Backend, engine: &Engine, config: &Config) -> Stages {
         allowed_frontends: config.builder.allowed_frontends.clone(),
         insecure_registries: Vec::new(),
         destinations: DestinationSettings::new(config.destination.clone()),
+        build_cache: config.builder.cache.as_ref().map(|c| {
+            factoryd::pipeline::BuildCacheSettings::load(c).expect("the cache's password file")
+        }),
     }
 }
 
@@ -509,6 +512,7 @@ impl<'a> DirBuild<'a> {
                 tag: tag.clone(),
                 source_id: "src".into(),
             },
+            cache: None,
         };
         let result = builder_for(backend, engine).build(request, &cx).await;
         LocalBuild {
@@ -1242,6 +1246,7 @@ async fn unreachable_engine_is_transient(backend: Backend) {
             tag: "x:1".into(),
             source_id: "src".into(),
         },
+        cache: None,
     };
     let e = builder.build(request, &cx).await.expect_err("no engine");
     assert_failure(&e, ErrorClass::Transient, ErrorCode::Unavailable, &[]);

@@ -118,7 +118,9 @@ async fn inspect(docker: &Docker, image: &str) -> Result<(u64, Vec<String>), Job
     Ok((info.size.unwrap_or(0).max(0) as u64, vec![platform]))
 }
 
-async fn push(
+/// Tags `image` as `target:tag` and has the engine push it with `credentials`; the pushed
+/// manifest's digest.
+pub(super) async fn push(
     docker: &Docker,
     image: &str,
     target: &str,
@@ -203,7 +205,7 @@ fn push_error(message: &str, engine: bool) -> JobError {
     )
 }
 
-async fn untag(docker: &Docker, reference: &str) {
+pub(super) async fn untag(docker: &Docker, reference: &str) {
     let options = RemoveImageOptions {
         force: false,
         noprune: true,

@@ -30,6 +30,8 @@ use crate::ports::BasicAuth;
 
 /// Which credentials a build carries, without holding them: a SHA-256 over the sorted
 /// (host, user, password) triples, the build secrets (id, value) and the SSH key forwarded.
+/// The shared build cache's credentials (`[builder.cache]`) do not count: they are the node's,
+/// the same in every build this process runs, so they could never tell two builds apart.
 /// Secrets and keys count because BuildKit merges a `RUN` step of two concurrent builds whose
 /// inputs are the same, and a secret or SSH mount is not among those inputs: the merged step
 /// would run with one build's secret for both.

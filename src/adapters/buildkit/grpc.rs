@@ -42,11 +42,10 @@ use tracing::debug;
 
 use super::cache::{signed_limit, unshared_bytes};
 use super::log_events::{follow, BuildLog, Followed};
+use super::progress::CacheProgress;
 use super::session::{ContextUpload, FileReceiver, SessionServices};
 use super::ssh_agent::Agent;
-use super::{
-    auth_by_host, context_body, context_written, engine_unavailable, progress, BuildInput,
-};
+use super::{context_body, context_written, engine_unavailable, progress, BuildInput};
 use crate::config::DaemonAddr;
 use crate::error::{error_chain, ErrorCode, JobError, Stage};
 use crate::job::BuildOptions;
@@ -160,17 +159,26 @@ fn control_api_refused(who: &str, what: &str, status: &Status) -> String {
     }
 }
 
-/// Builds `image` into the engine's store through the control API.
+/// Builds `image` into the engine's store through the control API; what the progress said of
+/// the shared cache.
 pub(super) async fn build_image(
     host: &DaemonAddr,
     image: &str,
     input: BuildInput<'_>,
     cx: &StageContext,
-) -> Result<(), JobError> {
+) -> Result<CacheProgress, JobError> {
     let channel = control_channel(host).await?;
     solve(channel, input, Exporter::moby(image), cx)
         .await
-        .map(|_| ())
+        .map(|solved| solved.cache)
+}
+
+/// A build BuildKit finished.
+pub(super) struct Solved {
+    /// The exporter's response attributes (`containerimage.digest`, …).
+    pub(super) exporter_response: HashMap<String, String>,
+    /// What the progress said of the shared cache.
+    pub(super) cache: CacheProgress,
 }
 
 /// Where BuildKit puts the built image.
@@ -193,27 +201,32 @@ impl Exporter {
     }
 }
 
-/// Runs one build on `channel` with our own session; the exporter's response attributes
-/// (`containerimage.digest`, …) when it succeeds.
+/// Runs one build on `channel` with our own session, importing and exporting the shared cache
+/// `input` names.
 pub(super) async fn solve(
     channel: Channel,
     input: BuildInput<'_>,
     exporter: Exporter,
     cx: &StageContext,
-) -> Result<HashMap<String, String>, JobError> {
+) -> Result<Solved, JobError> {
     let session_id = format!("factoryd-{}", random_hex(12));
     let build_ref = format!("factoryd-{}", random_hex(12));
+    let mut attrs = frontend_attrs(
+        input.context.dockerfile(),
+        &format!("{UPLOAD_CONTEXT_PREFIX}{session_id}"),
+        input.options,
+    );
+    if let Some(plan) = input.cache {
+        plan.add_frontend_attrs(&mut attrs);
+    }
     let solve_request = SolveRequest {
         r#ref: build_ref.clone(),
         session: session_id.clone(),
         frontend: "dockerfile.v0".to_owned(),
-        frontend_attrs: frontend_attrs(
-            input.context.dockerfile(),
-            &format!("{UPLOAD_CONTEXT_PREFIX}{session_id}"),
-            input.options,
-        ),
+        frontend_attrs: attrs,
         exporter_deprecated: exporter.name.to_owned(),
         exporter_attrs_deprecated: exporter.attrs,
+        cache: input.cache.map(|plan| plan.solve_options()),
         ..SolveRequest::default()
     };
 
@@ -221,12 +234,9 @@ pub(super) async fn solve(
         Some(key) => Some(Agent::start(key, &cx.workspace).await?),
         None => None,
     };
+    let session_auth = input.session_auth();
     let (body, writer) = context_body(input.context);
-    let mut services = SessionServices::new(
-        auth_by_host(input.registry_auth),
-        &input.options.secrets,
-        agent,
-    );
+    let mut services = SessionServices::new(session_auth, &input.options.secrets, agent);
     services.upload = Some(ContextUpload {
         body: Mutex::new(Some(body.boxed())),
     });
@@ -289,7 +299,10 @@ pub(super) async fn solve(
     match solved {
         Some(Ok(answer)) => {
             context_written(writer, cx).await?;
-            Ok(answer.exporter_response)
+            Ok(Solved {
+                exporter_response: answer.exporter_response,
+                cache: log.assembler().cache_progress(),
+            })
         }
         Some(Err(status)) => {
             // A context that could not be written (an unsafe entry, a limit) ends the upload

@@ -22,6 +22,7 @@
 
 mod cache;
 pub mod export;
+mod fleet_cache;
 mod gate;
 pub mod grpc;
 mod log_events;
@@ -261,25 +262,41 @@ async fn build_and_export(
         options,
         registry_auth,
         destination,
+        cache,
     } = request;
+    let plan = cache.map(|c| fleet_cache::CachePlan::new(c, fleet_cache::CacheKind::Inline));
     let input = BuildInput {
         context,
         options: &options,
         registry_auth: &registry_auth,
+        cache: plan.as_ref(),
     };
     let built = match via {
         Via::Build => build_image(&docker, &host, &image, input, cx).await,
         Via::ControlApi => grpc::build_image(&host, &image, input, cx).await,
     };
     let result = match built {
-        Ok(()) => {
+        Ok(progress) => {
             if cx.cancel.is_cancelled() {
                 Err(JobError::cancelled(Stage::Build))
             } else {
                 cx.emit(JobEvent::Stage {
                     stage: Stage::Export,
                 });
-                export::export(&docker, &stores, &image, &destination, cx).await
+                let exported = export::export(&docker, &stores, &image, &destination, cx).await;
+                // The cache is pushed once the job's image is where it belongs; its failure
+                // is a warning.
+                if let (Ok(_), Some(plan)) = (&exported, &plan) {
+                    let pushed = fleet_cache::push_inline(&docker, &image, plan, cx).await;
+                    if !cx.cancel.is_cancelled() {
+                        fleet_cache::report(plan, &progress, &pushed, cx);
+                    }
+                }
+                if cx.cancel.is_cancelled() {
+                    Err(JobError::cancelled(Stage::Export))
+                } else {
+                    exported
+                }
             }
         }
         Err(e) => Err(e),
@@ -345,29 +362,52 @@ struct BuildInput<'a> {
     context: SealedContext,
     options: &'a BuildOptions,
     registry_auth: &'a [(String, BasicAuth)],
+    /// The shared cache this build imports and exports, as its backend keeps it.
+    cache: Option<&'a fleet_cache::CachePlan>,
 }
 
+impl BuildInput<'_> {
+    /// The session's registry credentials: the `FROM` registries' and the cache's.
+    fn session_auth(&self) -> HashMap<String, BasicAuth> {
+        let mut by_host = auth_by_host(self.registry_auth);
+        if let Some(plan) = self.cache {
+            plan.offer_credentials(&mut by_host);
+        }
+        by_host
+    }
+}
+
+/// Builds `image` into the engine's store through `/build`; what the progress said of the
+/// shared cache.
 async fn build_image(
     docker: &Docker,
     host: &DaemonAddr,
     image: &str,
     input: BuildInput<'_>,
     cx: &StageContext,
-) -> Result<(), JobError> {
+) -> Result<progress::CacheProgress, JobError> {
+    let session_auth = input.session_auth();
     let BuildInput {
         context,
         options,
-        registry_auth,
+        cache,
+        ..
     } = input;
     let session_id = format!("factoryd-{}", random_hex(12));
+    let mut build_args: HashMap<String, String> = options.args.clone().into_iter().collect();
+    let mut cache_from = None;
+    if let Some(plan) = cache {
+        plan.engine_build_options(&mut cache_from, &mut build_args);
+    }
     let build_options = BuildImageOptions {
         dockerfile: context.dockerfile().to_owned(),
         t: Some(image.to_owned()),
         pull: Some("1".to_owned()),
         nocache: options.no_cache,
+        cachefrom: cache_from,
         rm: true,
         forcerm: true,
-        buildargs: Some(options.args.clone().into_iter().collect()),
+        buildargs: Some(build_args),
         target: options.target.clone().unwrap_or_default(),
         platform: options.platform.clone().unwrap_or_default(),
         version: BuilderVersion::BuilderBuildKit,
@@ -381,8 +421,7 @@ async fn build_image(
         Some(key) => Some(ssh_agent::Agent::start(key, &cx.workspace).await?),
         None => None,
     };
-    let services =
-        session::SessionServices::new(auth_by_host(registry_auth), &options.secrets, agent);
+    let services = session::SessionServices::new(session_auth, &options.secrets, agent);
     let _session = session::open_engine_session(host, &session_id, services).await?;
     let (body, writer) = context_body(context);
     let stream = docker.build_image(build_options, None, Some(bollard::body_stream(body)));
@@ -407,7 +446,7 @@ async fn build_image(
     // failure better than the engine's view of a cut upload.
     context_written(writer, cx).await?;
     match outcome {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(log.assembler().cache_progress()),
         Err(e) => Err(engine_error(e, log.assembler())),
     }
 }

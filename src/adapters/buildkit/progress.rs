@@ -15,11 +15,41 @@ use crate::error::{ErrorCode, JobError, Stage};
 /// How many of the failed step's last output lines the failure message quotes.
 pub const TAIL_LINES: usize = 20;
 
+/// The vertex BuildKit runs a cache import in: this, then the cache's reference.
+const CACHE_IMPORT_VERTEX: &str = "importing cache manifest from ";
+
+/// Whether `name` is the vertex of a registry cache export: `exporting content cache` since
+/// BuildKit 0.11, `exporting cache` before.
+fn is_cache_export_vertex(name: &str) -> bool {
+    name == "exporting content cache" || name == "exporting cache"
+}
+
+/// What a build's progress told of a shared cache (the engine's inline cache export is not in
+/// it: factoryd pushes that image itself).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CacheProgress {
+    pub import: CacheStep,
+    pub export: CacheStep,
+    /// Steps BuildKit reported `CACHED`: found in the builder's own cache or the imported one.
+    pub cached_steps: usize,
+}
+
+/// How one cache vertex ended.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum CacheStep {
+    /// Not in the progress: not asked for, or the build ended before it.
+    #[default]
+    NotSeen,
+    Done,
+    Failed(String),
+}
+
 #[derive(Default)]
 struct VertexState {
     number: usize,
     announced: bool,
     finished: bool,
+    cached: bool,
     /// Bytes after the last newline, per stream (stdout 1, stderr 2).
     partial: HashMap<i64, Vec<u8>>,
     /// The step's last output lines, for the failure message.
@@ -69,6 +99,7 @@ impl LogAssembler {
             }
             if v.cached && !state.finished {
                 state.finished = true;
+                state.cached = true;
                 out.push(format!("#{n} CACHED"));
             }
             if !v.error.is_empty() && state.error.is_none() {
@@ -118,14 +149,43 @@ impl LogAssembler {
         }
     }
 
-    /// The failed step's name and its last output lines, when a step failed.
+    /// The failed step's name and its last output lines, when a step failed. A failed cache
+    /// import or export is not a step: BuildKit builds on without the cache (and an import
+    /// fails on every source's first build, when there is no cache yet).
     pub fn failed_step(&self) -> Option<(String, Vec<String>)> {
         self.order.iter().find_map(|digest| {
             let state = self.vertices.get(digest)?;
             state.error.as_ref()?;
             let name = self.names.get(digest).cloned().unwrap_or_default();
+            if name.starts_with(CACHE_IMPORT_VERTEX) || is_cache_export_vertex(&name) {
+                return None;
+            }
             Some((name, state.tail.iter().cloned().collect()))
         })
+    }
+
+    /// How the build's cache import and registry cache export went, and how many steps came
+    /// from a cache.
+    pub fn cache_progress(&self) -> CacheProgress {
+        let mut progress = CacheProgress::default();
+        for digest in &self.order {
+            let (Some(state), Some(name)) = (self.vertices.get(digest), self.names.get(digest))
+            else {
+                continue;
+            };
+            progress.cached_steps += usize::from(state.cached);
+            let step = match (&state.error, state.finished) {
+                (Some(error), _) => CacheStep::Failed(error.clone()),
+                (None, true) => CacheStep::Done,
+                (None, false) => CacheStep::NotSeen,
+            };
+            if name.starts_with(CACHE_IMPORT_VERTEX) {
+                progress.import = step;
+            } else if is_cache_export_vertex(name) {
+                progress.export = step;
+            }
+        }
+        progress
     }
 }
 
@@ -308,6 +368,73 @@ mod tests {
         assert_eq!(e.class, ErrorClass::Permanent);
         assert!(e.message.contains("line 29"), "{}", e.message);
         assert!(!e.message.contains("line 9\n"), "{}", e.message);
+    }
+
+    /// Regression guard: with a shared cache, a source's first build fails its cache import
+    /// ("not found"); a later failing `RUN` must still be the failed step.
+    #[test]
+    fn a_failed_cache_import_is_not_the_failed_step_and_is_reported_as_the_imports() {
+        let mut a = LogAssembler::default();
+        let mut out = Vec::new();
+        let import = "importing cache manifest from 127.0.0.1:5000/buildcache/web:cache";
+        a.push(
+            &StatusResponse {
+                vertexes: vec![
+                    vertex(
+                        "i",
+                        import,
+                        true,
+                        true,
+                        "127.0.0.1:5000/buildcache/web:cache: not found",
+                    ),
+                    Vertex {
+                        cached: true,
+                        ..vertex("c", "[1/3] COPY . /", false, false, "")
+                    },
+                    vertex("r", "[2/3] RUN false", true, true, "exit code: 1"),
+                ],
+                ..Default::default()
+            },
+            &mut out,
+        );
+        let (name, _) = a.failed_step().expect("the RUN failed");
+        assert_eq!(name, "[2/3] RUN false");
+        let progress = a.cache_progress();
+        assert_eq!(
+            progress.import,
+            CacheStep::Failed("127.0.0.1:5000/buildcache/web:cache: not found".to_owned())
+        );
+        assert_eq!(progress.export, CacheStep::NotSeen);
+        assert_eq!(progress.cached_steps, 1);
+    }
+
+    #[test]
+    fn a_cache_export_is_reported_by_the_names_old_and_new_buildkit_give_it() {
+        for name in ["exporting content cache", "exporting cache"] {
+            let mut a = LogAssembler::default();
+            let mut out = Vec::new();
+            a.push(
+                &StatusResponse {
+                    vertexes: vec![vertex("e", name, true, true, "")],
+                    ..Default::default()
+                },
+                &mut out,
+            );
+            assert_eq!(a.cache_progress().export, CacheStep::Done, "{name}");
+            a.push(
+                &StatusResponse {
+                    vertexes: vec![vertex("f", name, true, true, "connection refused")],
+                    ..Default::default()
+                },
+                &mut out,
+            );
+            assert_eq!(
+                a.cache_progress().export,
+                CacheStep::Failed("connection refused".to_owned()),
+                "{name}"
+            );
+            assert_eq!(a.failed_step(), None, "{name}");
+        }
     }
 
     #[test]

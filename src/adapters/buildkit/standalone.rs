@@ -26,8 +26,9 @@ use serde::Deserialize;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::export::local_io;
+use super::fleet_cache::{self, CacheKind, CachePlan};
 use super::gate::{CredentialSet, Gate};
-use super::grpc::{self, Exporter};
+use super::grpc::{self, Exporter, Solved};
 use super::{answer_within, cache, on_build_thread, redacted, BuildInput};
 use crate::adapters::oci::client::{read_capped, RegistryClient};
 use crate::adapters::oci_layout::{OciLayoutStore, OciLayoutStores};
@@ -111,7 +112,9 @@ async fn build_to_destination(
         options,
         mut registry_auth,
         destination,
+        cache,
     } = request;
+    let plan = cache.map(|c| CachePlan::new(c, CacheKind::Registry));
     let reference = destination.reference();
     match &destination {
         Destination::Registry {
@@ -134,9 +137,12 @@ async fn build_to_destination(
                 context,
                 options: &options,
                 registry_auth: &registry_auth,
+                cache: plan.as_ref(),
             };
-            let response = grpc::solve(channel, input, exporter, cx).await?;
-            let digest = response
+            let solved = grpc::solve(channel, input, exporter, cx).await?;
+            report_cache(plan.as_ref(), &solved, cx);
+            let digest = solved
+                .exporter_response
                 .get("containerimage.digest")
                 .cloned()
                 .ok_or_else(|| {
@@ -179,8 +185,10 @@ async fn build_to_destination(
                 context,
                 options: &options,
                 registry_auth: &registry_auth,
+                cache: plan.as_ref(),
             };
-            grpc::solve(channel, input, exporter, cx).await?;
+            let solved = grpc::solve(channel, input, exporter, cx).await?;
+            report_cache(plan.as_ref(), &solved, cx);
             if cx.cancel.is_cancelled() {
                 return Err(JobError::cancelled(Stage::Build));
             }
@@ -208,6 +216,14 @@ async fn build_to_destination(
                 platforms: facts.platforms,
             })
         }
+    }
+}
+
+/// What became of the shared cache in a build BuildKit finished: the registry cache export
+/// ran in the solve (`ignore-error`, so a failed one did not fail it).
+fn report_cache(plan: Option<&CachePlan>, solved: &Solved, cx: &StageContext) {
+    if let Some(plan) = plan {
+        fleet_cache::report(plan, &solved.cache, &solved.cache.export, cx);
     }
 }
 
