@@ -93,7 +93,10 @@ macro_rules! backend_tests {
         #[$test]
         $(#[$doc])*
         async fn $name() {
-            if standalone_missing(concat!("builds::", stringify!($name))) {
+            // The test's name as libtest gives it: its module path without the crate's.
+            let module = module_path!();
+            let module = module.split_once("::").map_or(module, |(_, rest)| rest);
+            if standalone_missing(&format!("{module}::{}", stringify!($name))) {
                 return;
             }
             $body(Backend::Standalone).await;
@@ -2127,3 +2130,6 @@ backend_tests! {
     Buildkitd: buildkitd_build_ssh_gives_run_an_agent_with_the_jobs_key_and_without_it_none,
     Standalone: standalone_buildkitd_build_ssh_gives_run_an_agent_with_the_jobs_key_and_without_it_none,
 }
+
+/// The fleet's shared build cache (`[builder.cache]`), in `builds/cache.rs`.
+mod cache;

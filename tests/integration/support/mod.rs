@@ -112,6 +112,7 @@ impl Drop for ChildGuard {
     }
 }
 
+pub mod buildkitd;
 pub mod docker;
 pub mod failure;
 pub mod git_servers;
