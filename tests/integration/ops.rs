@@ -243,6 +243,8 @@ fn credentials_drop_in_environment_validates_with_the_shipped_config() {
             ("FACTORYD__DESTINATION__KIND", "registry"),
             ("FACTORYD__DESTINATION__REGISTRY", "registry.example.com"),
             ("FACTORYD__DESTINATION__USERNAME", "factoryd"),
+            ("FACTORYD__BUILDER__CACHE__REGISTRY", "cache.example.com"),
+            ("FACTORYD__BUILDER__CACHE__USERNAME", "factoryd"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned())),
     );
