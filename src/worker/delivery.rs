@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use super::claim::ClaimOutcome;
@@ -25,6 +26,8 @@ struct Claimed {
     revision: Arc<tokio::sync::Mutex<u64>>,
     /// Earlier attempts that ended with their worker gone.
     lost_attempts: u32,
+    /// When the winning claim was sent: the lease it wrote runs from (no earlier than) here.
+    sent_at: Instant,
 }
 
 impl Worker {
@@ -62,7 +65,10 @@ impl Worker {
         let sink = self.ports.events.sink(&job.id, delivery.attempt);
         let attempt = Attempt::new(job, delivery.attempt, sink);
         let ran = self.attempt(&attempt, &delivery, &claimed).await;
-        if ran.stopped != Some(StopReason::LostClaim) {
+        if !matches!(
+            ran.stopped,
+            Some(StopReason::LostClaim | StopReason::LeaseUnconfirmed)
+        ) {
             self.count(|s| s.finished += 1);
         }
 
@@ -83,6 +89,9 @@ impl Worker {
             self.settle_as(delivery, Outcome::RunningHere).await;
             return None;
         }
+        // Taken before the claim's wall-clock time is read (in `claims`), so that the lease
+        // counted from here never ends later than the one written.
+        let sent_at = Instant::now();
         match self.claims(attempt, 0).claim(&job.id).await {
             Ok(ClaimOutcome::Claimed {
                 revision,
@@ -91,6 +100,7 @@ impl Worker {
                 return Some(Claimed {
                     revision: Arc::new(tokio::sync::Mutex::new(revision)),
                     lost_attempts,
+                    sent_at,
                 })
             }
             Ok(ClaimOutcome::AlreadyDone(result)) => {
@@ -150,7 +160,7 @@ impl Worker {
         let heartbeat = tokio::spawn(Arc::clone(self).heartbeat(
             job.id.clone(),
             (attempt.number, claimed.lost_attempts),
-            Arc::clone(&claimed.revision),
+            (Arc::clone(&claimed.revision), claimed.sent_at),
             Arc::clone(&delivery.handle),
             attempt.stop.clone(),
         ));
@@ -331,29 +341,57 @@ impl Worker {
     /// Keeps a running attempt's message and claim alive: an in-progress ack and a lease
     /// refresh every `heartbeat`. Stops the attempt when the record asks for a cancel, or when
     /// the lease was lost to another worker.
+    ///
+    /// It is also the attempt's fence: a worker cut off from the state store cannot learn that
+    /// another worker took its job over, and its stages would go on to push the image and its
+    /// report would try to publish a result once the network is back. So the attempt may run
+    /// only while its lease is confirmed: when no claim or refresh sent in the last
+    /// [`WorkerSettings::fence_after`](super::WorkerSettings::fence_after) has been confirmed,
+    /// the attempt is stopped — before the lease can have lapsed for any other worker — and
+    /// handed back.
     async fn heartbeat(
         self: Arc<Self>,
         job_id: String,
         (attempt, lost_attempts): (u32, u32),
-        revision: Arc<tokio::sync::Mutex<u64>>,
+        (revision, claim_sent_at): (Arc<tokio::sync::Mutex<u64>>, Instant),
         delivery: Arc<dyn DeliveryHandle>,
         stop: crate::pipeline::attempt::Stop,
     ) {
+        let fence_after = self.settings.fence_after();
+        let mut confirmed_at = claim_sent_at;
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
         ticker.tick().await;
         loop {
-            ticker.tick().await;
-            if let Err(e) = delivery.in_progress().await {
-                debug!(job.id = %job_id, error = %e, "In-progress ack failed.");
-            }
-            let mut rev = revision.lock().await;
-            match self
-                .claims(attempt, lost_attempts)
-                .refresh(&job_id, *rev)
-                .await
-            {
-                Ok(Some((new, cancel))) => {
-                    *rev = new;
+            let beat = async {
+                ticker.tick().await;
+                if let Err(e) = delivery.in_progress().await {
+                    debug!(job.id = %job_id, error = %e, "In-progress ack failed.");
+                }
+                let mut rev = revision.lock().await;
+                let sent_at = Instant::now();
+                let refreshed = self
+                    .claims(attempt, lost_attempts)
+                    .refresh(&job_id, *rev)
+                    .await;
+                if let Ok(Some((new, _))) = &refreshed {
+                    *rev = *new;
+                }
+                (sent_at, refreshed)
+            };
+            let (sent_at, refreshed) = tokio::select! {
+                beat = beat => beat,
+                _ = tokio::time::sleep_until(confirmed_at + fence_after) => {
+                    record(Event::LeaseUnconfirmed {
+                        job_id: &job_id,
+                        unconfirmed: confirmed_at.elapsed(),
+                    });
+                    stop.stop(StopReason::LeaseUnconfirmed);
+                    return;
+                }
+            };
+            match refreshed {
+                Ok(Some((_, cancel))) => {
+                    confirmed_at = sent_at;
                     if cancel {
                         stop.stop(StopReason::Requested);
                     }

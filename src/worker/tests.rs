@@ -736,3 +736,163 @@ async fn a_job_is_run_again_below_the_lost_attempts_limit_or_with_the_check_off(
         assert!(r.results.dead_letters().is_empty());
     }
 }
+
+/// The state store as a worker cut off from the network sees it: every call fails while `cut`
+/// is set. Other workers reach the same store (`inner`) meanwhile.
+struct CutOff {
+    inner: MemStates,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutOff {
+    fn check(&self) -> Result<(), crate::ports::QueueError> {
+        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::ports::QueueError::new("kv", "cut off"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl JobStates for CutOff {
+    async fn get(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<(bytes::Bytes, u64)>, crate::ports::QueueError> {
+        self.check()?;
+        self.inner.get(job_id).await
+    }
+
+    async fn create(
+        &self,
+        job_id: &str,
+        value: bytes::Bytes,
+    ) -> Result<Result<u64, crate::ports::Conflict>, crate::ports::QueueError> {
+        self.check()?;
+        self.inner.create(job_id, value).await
+    }
+
+    async fn update(
+        &self,
+        job_id: &str,
+        value: bytes::Bytes,
+        revision: u64,
+    ) -> Result<Result<u64, crate::ports::Conflict>, crate::ports::QueueError> {
+        self.check()?;
+        self.inner.update(job_id, value, revision).await
+    }
+}
+
+/// An import that works for `takes`, then pushes its tag (the irreversible step), noting when
+/// it pushed; a cancel stops it at once, noted too.
+struct TimedImport {
+    takes: Duration,
+    started: std::sync::Mutex<Vec<tokio::time::Instant>>,
+    pushed: std::sync::Mutex<Vec<tokio::time::Instant>>,
+    stopped: std::sync::Mutex<Vec<tokio::time::Instant>>,
+}
+
+#[async_trait::async_trait]
+impl crate::ports::Importer for TimedImport {
+    async fn import(
+        &self,
+        _: crate::ports::ImportRequest<'_>,
+        cx: &StageContext,
+    ) -> Result<crate::job::ImageInfo, JobError> {
+        let now = tokio::time::Instant::now;
+        self.started.lock().unwrap().push(now());
+        tokio::select! {
+            _ = tokio::time::sleep(self.takes) => {
+                self.pushed.lock().unwrap().push(now());
+                Err(JobError::new(Stage::Import, ErrorCode::Unavailable, "pushed; result unused"))
+            }
+            _ = cx.cancel.cancelled() => {
+                self.stopped.lock().unwrap().push(now());
+                Err(JobError::cancelled(Stage::Import))
+            }
+        }
+    }
+}
+
+/// Regression: a worker cut off from the state store mid-job (a network partition) could not
+/// refresh its lease, yet its import ran on; after its lease lapsed and another worker took the
+/// job over, the cut-off worker, back on the network, pushed the job's tag over the new owner's
+/// (only its result was held back, by the compare-and-set of the terminal state). Now the
+/// attempt stops itself once its lease has gone unconfirmed for `lease − heartbeat` (40 s of
+/// 60), before any other worker may take over, and pushes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_worker_cut_off_mid_job_stops_it_before_its_lease_lapses_and_never_pushes_after_a_takeover(
+) {
+    let work_root = tempfile::tempdir().unwrap();
+    let (queue, states, results) = (
+        MemQueue::new(ACK_WAIT, 5),
+        MemStates::new(),
+        MemResults::new(),
+    );
+    let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let import = Arc::new(TimedImport {
+        takes: Duration::from_secs(70),
+        started: Default::default(),
+        pushed: Default::default(),
+        stopped: Default::default(),
+    });
+    let ports = QueuePorts {
+        queue: Arc::new(queue.clone()),
+        states: Arc::new(CutOff {
+            inner: states.clone(),
+            cut: Arc::clone(&cut),
+        }),
+        results: Arc::new(results.clone()),
+        events: Arc::new(MemEvents::new()),
+        cancels: Arc::new(MemCancels::new()),
+    };
+    let mut stages = ScriptedStages::new().stages(work_root.path().join("store"));
+    stages.importer = import.clone();
+    let worker = new_worker(settings(work_root.path()), ports, stages);
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(Arc::clone(&worker).run(shutdown.clone()));
+
+    assert!(queue.publish(Kind::Import, "j1", import_job("j1")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = import.started.lock().unwrap()[0];
+    cut.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    // Once the lease has lapsed, node-b takes the job over; then node-a is back.
+    tokio::time::sleep_until(started + ACK_WAIT + Duration::from_secs(1)).await;
+    let takeover = Claims {
+        states: &states,
+        worker: "node-b",
+        lease: ACK_WAIT,
+        now_ms: worker.clock.now_ms(),
+        attempt: 2,
+        lost_attempts: 0,
+    };
+    assert!(matches!(
+        takeover.claim("j1").await.unwrap(),
+        ClaimOutcome::Claimed { .. }
+    ));
+    cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    // Past the moment the import would have pushed (70 s), before node-a's next heartbeat
+    // (80 s) could have learnt of the takeover.
+    tokio::time::sleep_until(started + Duration::from_secs(75)).await;
+
+    assert!(
+        import.pushed.lock().unwrap().is_empty(),
+        "pushed after the takeover"
+    );
+    let stopped = import.stopped.lock().unwrap().clone();
+    assert_eq!(stopped.len(), 1, "stopped once");
+    let after = stopped[0] - started;
+    assert!(
+        after >= Duration::from_secs(39) && after <= Duration::from_secs(41),
+        "stopped {after:?} after the start: lease − heartbeat, before the lease lapsed"
+    );
+    assert_eq!(import.started.lock().unwrap().len(), 1);
+    assert!(
+        results.all().is_empty(),
+        "no result from the cut-off worker"
+    );
+    assert_eq!(states.record("j1").unwrap()["worker"], "node-b");
+    shutdown.cancel();
+    handle.await.unwrap();
+}
