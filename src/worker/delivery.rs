@@ -7,6 +7,7 @@
 //! message is settled, so a crash in between re-publishes rather than loses it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
@@ -18,7 +19,10 @@ use super::Worker;
 use crate::error::{ErrorClass, ErrorCode, JobError, Stage};
 use crate::job::{self, DeadLetter, Job, JobEvent, JobResult, Redactor};
 use crate::pipeline::attempt::{redacted_info, Attempt, Ran, StopReason};
-use crate::ports::{Delivery, DeliveryHandle, Settle};
+use crate::ports::{Delivery, DeliveryHandle, QueueError, Settle};
+
+/// How often a write to a job's record is tried again while the state store does not answer.
+const STORE_RETRY: Duration = Duration::from_millis(500);
 
 /// A job this worker won the claim of.
 struct Claimed {
@@ -215,7 +219,17 @@ impl Worker {
                 _ => {}
             }
             if d.settle.is_some() {
-                if let Err(e) = claims.release(&job.id, revision).await {
+                // An attempt fenced off by its unconfirmed lease most likely met a state store
+                // that is out of reach for a while (a partition, a leader election): keep
+                // trying to hand the job back, so that the next claim does not count this
+                // attempt as lost. The release is a compare-and-set on our revision, so it is
+                // refused once another worker has taken the job over.
+                let patience = match ran.stopped {
+                    Some(StopReason::LeaseUnconfirmed) => self.settings.lease,
+                    _ => Duration::ZERO,
+                };
+                let released = until_answered(patience, || claims.release(&job.id, revision));
+                if let Err(e) = released.await {
                     debug!(error = %e, "Cannot release the claim; it will lapse.");
                 }
             }
@@ -224,7 +238,14 @@ impl Worker {
 
         let result = self.runner.result(attempt, &ran, d.retries_exhausted);
         debug_assert_eq!(result.status, status);
-        let reported = match claims.finish(&job.id, revision, &result).await {
+        // The work is done: a state store out of reach for a moment (a leader election) must
+        // not undo it, nor leave the record running for the next claim to count as a lost
+        // attempt. The finish is a compare-and-set on our revision, so retrying it is safe: it
+        // is refused once another worker has taken the job over.
+        let finished = until_answered(self.settings.lease, || {
+            claims.finish(&job.id, revision, &result)
+        });
+        let reported = match finished.await {
             Ok(true) => {
                 attempt.emit(JobEvent::Finished { status });
                 let publishing = tokio::time::Instant::now();
@@ -442,6 +463,22 @@ impl Worker {
         };
         if let Err(e) = delivery.handle.settle(settle).await {
             warn!(job.id = %delivery.subject_job_id, error = %e, ?settle, "Cannot settle the message; it will be redelivered.");
+        }
+    }
+}
+
+/// Runs `write` (a compare-and-set on this worker's revision of a job's record) until the state
+/// store answers, for up to `patience`; after that, its last error.
+async fn until_answered<T, W, F>(patience: Duration, mut write: W) -> Result<T, QueueError>
+where
+    W: FnMut() -> F,
+    F: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let give_up = Instant::now() + patience;
+    loop {
+        match write().await {
+            Err(_) if Instant::now() < give_up => tokio::time::sleep(STORE_RETRY).await,
+            answered => return answered,
         }
     }
 }
