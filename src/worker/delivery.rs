@@ -21,7 +21,7 @@ use crate::job::{self, DeadLetter, Job, JobEvent, JobResult, Redactor};
 use crate::pipeline::attempt::{redacted_info, Attempt, Ran, StopReason};
 use crate::ports::{Delivery, DeliveryHandle, QueueError, Settle};
 
-/// How often a write to a job's record is tried again while the state store does not answer.
+/// How often a write (a job's record, a result) is tried again while it is not answered.
 const STORE_RETRY: Duration = Duration::from_millis(500);
 
 /// A job this worker won the claim of.
@@ -440,9 +440,14 @@ impl Worker {
         )
     }
 
-    /// Publishes a result; false (logged) when the message system did not confirm it.
+    /// Publishes a result; false (logged) when the message system did not confirm it. A
+    /// publish the results stream does not acknowledge (its leader is being elected) is tried
+    /// again for up to a lease rather than left to a redelivery a whole `ack_wait` later: the
+    /// stream drops a second copy of a result (`Nats-Msg-Id`), so a retry never stores one
+    /// twice.
     async fn publish(&self, result: &JobResult) -> bool {
-        match self.ports.results.publish(result).await {
+        let published = until_answered(self.settings.lease, || self.ports.results.publish(result));
+        match published.await {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(job.id = %result.job_id, error = %e, "Cannot publish the result; the job will be redelivered and the result published again.");
@@ -467,8 +472,9 @@ impl Worker {
     }
 }
 
-/// Runs `write` (a compare-and-set on this worker's revision of a job's record) until the state
-/// store answers, for up to `patience`; after that, its last error.
+/// Runs `write` (a compare-and-set on this worker's revision of a job's record, or an
+/// idempotent publish) until the message system answers, for up to `patience`; after that, its
+/// last error.
 async fn until_answered<T, W, F>(patience: Duration, mut write: W) -> Result<T, QueueError>
 where
     W: FnMut() -> F,

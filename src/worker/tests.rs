@@ -405,7 +405,8 @@ async fn a_result_that_cannot_be_published_is_published_on_redelivery_without_re
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
     r.publish("j1");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Longer than the worker tries again (a lease): the message is left for redelivery.
+    tokio::time::sleep(ACK_WAIT + Duration::from_secs(5)).await;
     assert_eq!(r.stages.runs("j1"), 1);
     assert!(
         r.settles("j1").is_empty(),
@@ -1007,4 +1008,29 @@ async fn a_store_out_of_reach_when_a_job_ends_delays_its_result_without_rerun_or
     let settles: Vec<Settle> = r.queue.settled().into_iter().map(|s| s.settle).collect();
     assert_eq!(settles, [Settle::Ack]);
     r.stop().await;
+}
+
+/// A results stream that does not acknowledge for a moment (its leader is being elected) used
+/// to leave the job's message for redelivery a whole `ack_wait` later; now the worker publishes
+/// again until it is acknowledged (for up to a lease), then acks.
+#[tokio::test(start_paused = true)]
+async fn a_result_publish_unanswered_for_a_moment_is_tried_again_not_left_for_redelivery() {
+    let mut r = rig();
+    r.results
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    r.publish("j1");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        r.settles("j1").is_empty(),
+        "not settled before the result is out"
+    );
+    r.results
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].status, Status::Succeeded);
+    assert_eq!(r.settles("j1"), [Settle::Ack]);
+    assert_eq!(r.queue.settled()[0].attempt, 1, "no redelivery");
 }
