@@ -34,6 +34,9 @@ pub enum StopReason {
     Shutdown,
     /// Our lease lapsed and another worker took the job: stop quietly.
     LostClaim,
+    /// The worker could not confirm its lease in time (cut off from the state store): it
+    /// stops before another worker may take the job over, and hands the job back.
+    LeaseUnconfirmed,
 }
 
 /// Stops a running attempt and remembers why; the first reason wins.
@@ -274,9 +277,10 @@ impl AttemptRunner {
             (Err(e), None) => Err(e),
             // The attempt was stopped: whatever the stage reported, the reason decides the class.
             (Err(e), Some(StopReason::Requested)) => Err(JobError::cancelled(e.stage)),
-            (Err(e), Some(StopReason::Shutdown | StopReason::LostClaim)) => {
-                Err(JobError::shutdown(e.stage))
-            }
+            (
+                Err(e),
+                Some(StopReason::Shutdown | StopReason::LostClaim | StopReason::LeaseUnconfirmed),
+            ) => Err(JobError::shutdown(e.stage)),
             (Err(e), Some(StopReason::Timeout)) => Err(JobError::permanent(
                 e.stage,
                 ErrorCode::Timeout,

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub build_log_lines: IntCounter,
     pub nats_connected: IntGauge,
     pub nats_reconnects: IntCounter,
+    pub lease_fences: IntCounter,
     pub events_dropped: IntCounter,
     pub work_root_free_bytes: IntGauge,
     pub builder_cache_bytes: IntGauge,
@@ -110,6 +111,13 @@ impl Metrics {
             IntCounter::new(
                 "factoryd_nats_reconnects_total",
                 "Times the worker connected to NATS again after losing its connection.",
+            ),
+        );
+        let lease_fences = register(
+            &r,
+            IntCounter::new(
+                "factoryd_lease_fences_total",
+                "Running attempts stopped because their lease could not be confirmed in time.",
             ),
         );
         let events_dropped = register(
@@ -213,6 +221,7 @@ impl Metrics {
             build_log_lines,
             nats_connected,
             nats_reconnects,
+            lease_fences,
             events_dropped,
             work_root_free_bytes,
             builder_cache_bytes,

@@ -258,7 +258,8 @@ impl Claims<'_> {
     }
 
     /// Writes the terminal state and result. `Ok(false)`: the job is no longer ours, so the
-    /// caller must not publish.
+    /// caller must not publish. A record that already holds this very result (an earlier try
+    /// of this finish was stored, but its answer was lost) counts as written.
     pub async fn finish(
         &self,
         job_id: &str,
@@ -270,14 +271,23 @@ impl Claims<'_> {
             crate::job::Status::Failed => RecordState::Failed,
             crate::job::Status::Cancelled => RecordState::Cancelled,
         };
-        Ok(self
+        let written = self
             .update_owned(job_id, revision, |r| {
                 r.state = state;
                 r.lease_until_ms = 0;
                 r.result = Some(result.clone());
             })
-            .await?
-            .is_some())
+            .await?;
+        if written.is_some() {
+            return Ok(true);
+        }
+        Ok(match self.states.get(job_id).await? {
+            Some((bytes, _)) => {
+                let record = JobRecord::decode(&bytes)?;
+                record.state == state && record.result.as_ref() == Some(result)
+            }
+            None => false,
+        })
     }
 
     /// Gives the job back (for a retry or to another worker) without waiting for the lease.
@@ -401,6 +411,35 @@ mod tests {
         ));
         assert_eq!(a.refresh("j", revision).await.unwrap(), None);
         assert!(!a.release("j", revision).await.unwrap());
+    }
+
+    /// A finish retried after its first try was stored but its answer lost (a timeout) is
+    /// refused by the compare-and-set, yet finds its own result in the record: it counts as
+    /// written, so the result is published. Another result there is not ours.
+    #[tokio::test]
+    async fn a_finish_whose_answer_was_lost_counts_as_written_when_retried() {
+        let states = MemStates::new();
+        let a = claims(&states, "a", 0);
+        let ClaimOutcome::Claimed { revision, .. } = a.claim("j").await.unwrap() else {
+            panic!()
+        };
+        let result = |attempt| JobResult {
+            v: 1,
+            job_id: "j".into(),
+            source_id: "s".into(),
+            status: crate::job::Status::Succeeded,
+            attempt,
+            worker: "a".into(),
+            image: None,
+            revision: None,
+            error: None,
+            timings_ms: Default::default(),
+            started_at: time::OffsetDateTime::UNIX_EPOCH,
+            finished_at: time::OffsetDateTime::UNIX_EPOCH,
+        };
+        assert!(a.finish("j", revision, &result(1)).await.unwrap());
+        assert!(a.finish("j", revision, &result(1)).await.unwrap());
+        assert!(!a.finish("j", revision, &result(2)).await.unwrap());
     }
 
     #[tokio::test]

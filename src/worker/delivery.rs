@@ -7,7 +7,9 @@
 //! message is settled, so a crash in between re-publishes rather than loses it.
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use super::claim::ClaimOutcome;
@@ -17,7 +19,10 @@ use super::Worker;
 use crate::error::{ErrorClass, ErrorCode, JobError, Stage};
 use crate::job::{self, DeadLetter, Job, JobEvent, JobResult, Redactor};
 use crate::pipeline::attempt::{redacted_info, Attempt, Ran, StopReason};
-use crate::ports::{Delivery, DeliveryHandle, Settle};
+use crate::ports::{Delivery, DeliveryHandle, QueueError, Settle};
+
+/// How often a write (a job's record, a result) is tried again while it is not answered.
+const STORE_RETRY: Duration = Duration::from_millis(500);
 
 /// A job this worker won the claim of.
 struct Claimed {
@@ -25,6 +30,8 @@ struct Claimed {
     revision: Arc<tokio::sync::Mutex<u64>>,
     /// Earlier attempts that ended with their worker gone.
     lost_attempts: u32,
+    /// When the winning claim was sent: the lease it wrote runs from (no earlier than) here.
+    sent_at: Instant,
 }
 
 impl Worker {
@@ -62,7 +69,10 @@ impl Worker {
         let sink = self.ports.events.sink(&job.id, delivery.attempt);
         let attempt = Attempt::new(job, delivery.attempt, sink);
         let ran = self.attempt(&attempt, &delivery, &claimed).await;
-        if ran.stopped != Some(StopReason::LostClaim) {
+        if !matches!(
+            ran.stopped,
+            Some(StopReason::LostClaim | StopReason::LeaseUnconfirmed)
+        ) {
             self.count(|s| s.finished += 1);
         }
 
@@ -83,6 +93,9 @@ impl Worker {
             self.settle_as(delivery, Outcome::RunningHere).await;
             return None;
         }
+        // Taken before the claim's wall-clock time is read (in `claims`), so that the lease
+        // counted from here never ends later than the one written.
+        let sent_at = Instant::now();
         match self.claims(attempt, 0).claim(&job.id).await {
             Ok(ClaimOutcome::Claimed {
                 revision,
@@ -91,6 +104,7 @@ impl Worker {
                 return Some(Claimed {
                     revision: Arc::new(tokio::sync::Mutex::new(revision)),
                     lost_attempts,
+                    sent_at,
                 })
             }
             Ok(ClaimOutcome::AlreadyDone(result)) => {
@@ -150,7 +164,7 @@ impl Worker {
         let heartbeat = tokio::spawn(Arc::clone(self).heartbeat(
             job.id.clone(),
             (attempt.number, claimed.lost_attempts),
-            Arc::clone(&claimed.revision),
+            (Arc::clone(&claimed.revision), claimed.sent_at),
             Arc::clone(&delivery.handle),
             attempt.stop.clone(),
         ));
@@ -205,7 +219,17 @@ impl Worker {
                 _ => {}
             }
             if d.settle.is_some() {
-                if let Err(e) = claims.release(&job.id, revision).await {
+                // An attempt fenced off by its unconfirmed lease most likely met a state store
+                // that is out of reach for a while (a partition, a leader election): keep
+                // trying to hand the job back, so that the next claim does not count this
+                // attempt as lost. The release is a compare-and-set on our revision, so it is
+                // refused once another worker has taken the job over.
+                let patience = match ran.stopped {
+                    Some(StopReason::LeaseUnconfirmed) => self.settings.lease,
+                    _ => Duration::ZERO,
+                };
+                let released = until_answered(patience, || claims.release(&job.id, revision));
+                if let Err(e) = released.await {
                     debug!(error = %e, "Cannot release the claim; it will lapse.");
                 }
             }
@@ -214,7 +238,14 @@ impl Worker {
 
         let result = self.runner.result(attempt, &ran, d.retries_exhausted);
         debug_assert_eq!(result.status, status);
-        let reported = match claims.finish(&job.id, revision, &result).await {
+        // The work is done: a state store out of reach for a moment (a leader election) must
+        // not undo it, nor leave the record running for the next claim to count as a lost
+        // attempt. The finish is a compare-and-set on our revision, so retrying it is safe: it
+        // is refused once another worker has taken the job over.
+        let finished = until_answered(self.settings.lease, || {
+            claims.finish(&job.id, revision, &result)
+        });
+        let reported = match finished.await {
             Ok(true) => {
                 attempt.emit(JobEvent::Finished { status });
                 let publishing = tokio::time::Instant::now();
@@ -331,29 +362,57 @@ impl Worker {
     /// Keeps a running attempt's message and claim alive: an in-progress ack and a lease
     /// refresh every `heartbeat`. Stops the attempt when the record asks for a cancel, or when
     /// the lease was lost to another worker.
+    ///
+    /// It is also the attempt's fence: a worker cut off from the state store cannot learn that
+    /// another worker took its job over, and its stages would go on to push the image and its
+    /// report would try to publish a result once the network is back. So the attempt may run
+    /// only while its lease is confirmed: when no claim or refresh sent in the last
+    /// [`WorkerSettings::fence_after`](super::WorkerSettings::fence_after) has been confirmed,
+    /// the attempt is stopped — before the lease can have lapsed for any other worker — and
+    /// handed back.
     async fn heartbeat(
         self: Arc<Self>,
         job_id: String,
         (attempt, lost_attempts): (u32, u32),
-        revision: Arc<tokio::sync::Mutex<u64>>,
+        (revision, claim_sent_at): (Arc<tokio::sync::Mutex<u64>>, Instant),
         delivery: Arc<dyn DeliveryHandle>,
         stop: crate::pipeline::attempt::Stop,
     ) {
+        let fence_after = self.settings.fence_after();
+        let mut confirmed_at = claim_sent_at;
         let mut ticker = tokio::time::interval(self.settings.heartbeat);
         ticker.tick().await;
         loop {
-            ticker.tick().await;
-            if let Err(e) = delivery.in_progress().await {
-                debug!(job.id = %job_id, error = %e, "In-progress ack failed.");
-            }
-            let mut rev = revision.lock().await;
-            match self
-                .claims(attempt, lost_attempts)
-                .refresh(&job_id, *rev)
-                .await
-            {
-                Ok(Some((new, cancel))) => {
-                    *rev = new;
+            let beat = async {
+                ticker.tick().await;
+                if let Err(e) = delivery.in_progress().await {
+                    debug!(job.id = %job_id, error = %e, "In-progress ack failed.");
+                }
+                let mut rev = revision.lock().await;
+                let sent_at = Instant::now();
+                let refreshed = self
+                    .claims(attempt, lost_attempts)
+                    .refresh(&job_id, *rev)
+                    .await;
+                if let Ok(Some((new, _))) = &refreshed {
+                    *rev = *new;
+                }
+                (sent_at, refreshed)
+            };
+            let (sent_at, refreshed) = tokio::select! {
+                beat = beat => beat,
+                _ = tokio::time::sleep_until(confirmed_at + fence_after) => {
+                    record(Event::LeaseUnconfirmed {
+                        job_id: &job_id,
+                        unconfirmed: confirmed_at.elapsed(),
+                    });
+                    stop.stop(StopReason::LeaseUnconfirmed);
+                    return;
+                }
+            };
+            match refreshed {
+                Ok(Some((_, cancel))) => {
+                    confirmed_at = sent_at;
                     if cancel {
                         stop.stop(StopReason::Requested);
                     }
@@ -381,9 +440,14 @@ impl Worker {
         )
     }
 
-    /// Publishes a result; false (logged) when the message system did not confirm it.
+    /// Publishes a result; false (logged) when the message system did not confirm it. A
+    /// publish the results stream does not acknowledge (its leader is being elected) is tried
+    /// again for up to a lease rather than left to a redelivery a whole `ack_wait` later: the
+    /// stream drops a second copy of a result (`Nats-Msg-Id`), so a retry never stores one
+    /// twice.
     async fn publish(&self, result: &JobResult) -> bool {
-        match self.ports.results.publish(result).await {
+        let published = until_answered(self.settings.lease, || self.ports.results.publish(result));
+        match published.await {
             Ok(()) => true,
             Err(e) => {
                 tracing::error!(job.id = %result.job_id, error = %e, "Cannot publish the result; the job will be redelivered and the result published again.");
@@ -404,6 +468,23 @@ impl Worker {
         };
         if let Err(e) = delivery.handle.settle(settle).await {
             warn!(job.id = %delivery.subject_job_id, error = %e, ?settle, "Cannot settle the message; it will be redelivered.");
+        }
+    }
+}
+
+/// Runs `write` (a compare-and-set on this worker's revision of a job's record, or an
+/// idempotent publish) until the message system answers, for up to `patience`; after that, its
+/// last error.
+async fn until_answered<T, W, F>(patience: Duration, mut write: W) -> Result<T, QueueError>
+where
+    W: FnMut() -> F,
+    F: std::future::Future<Output = Result<T, QueueError>>,
+{
+    let give_up = Instant::now() + patience;
+    loop {
+        match write().await {
+            Err(_) if Instant::now() < give_up => tokio::time::sleep(STORE_RETRY).await,
+            answered => return answered,
         }
     }
 }

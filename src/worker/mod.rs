@@ -92,6 +92,15 @@ impl WorkerSettings {
         }
     }
 
+    /// How long a running attempt may go without confirming its lease before the worker stops
+    /// it itself: `lease − heartbeat` after the last confirmed claim or refresh was sent. Other
+    /// workers take the job over only once the lease has lapsed on their own clocks, so the
+    /// remaining `heartbeat` (ack_wait / 3) is the margin for clock offsets between nodes and
+    /// for the stop to take effect.
+    pub fn fence_after(&self) -> Duration {
+        self.lease.saturating_sub(self.heartbeat)
+    }
+
     fn policy(&self) -> Policy {
         Policy {
             retry: self.retry,

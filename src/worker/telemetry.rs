@@ -44,6 +44,12 @@ pub enum Event<'a> {
     },
     /// The job was given up without running: its earlier attempts' workers vanished.
     Poisoned { kind: Kind, lost_attempts: u32 },
+    /// A running attempt is stopped because its lease went `unconfirmed` for too long (the
+    /// worker is cut off from the state store); it is handed back.
+    LeaseUnconfirmed {
+        job_id: &'a str,
+        unconfirmed: Duration,
+    },
 }
 
 /// Counts and logs `event`.
@@ -123,6 +129,17 @@ pub fn record(event: Event<'_>) {
             error!(
                 lost_attempts,
                 "Gave the job up as poison: its earlier attempts ended with their worker gone."
+            );
+        }
+        Event::LeaseUnconfirmed {
+            job_id,
+            unconfirmed,
+        } => {
+            m.lease_fences.inc();
+            warn!(
+                job.id = %job_id,
+                unconfirmed_ms = unconfirmed.as_millis() as u64,
+                "Cannot confirm the job's lease; stopping it before another worker may take it over."
             );
         }
     }

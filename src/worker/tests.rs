@@ -405,7 +405,8 @@ async fn a_result_that_cannot_be_published_is_published_on_redelivery_without_re
         .failing
         .store(true, std::sync::atomic::Ordering::SeqCst);
     r.publish("j1");
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Longer than the worker tries again (a lease): the message is left for redelivery.
+    tokio::time::sleep(ACK_WAIT + Duration::from_secs(5)).await;
     assert_eq!(r.stages.runs("j1"), 1);
     assert!(
         r.settles("j1").is_empty(),
@@ -735,4 +736,301 @@ async fn a_job_is_run_again_below_the_lost_attempts_limit_or_with_the_check_off(
         assert_eq!(r.stages.runs("j1"), 1);
         assert!(r.results.dead_letters().is_empty());
     }
+}
+
+/// The state store as a worker cut off from the network sees it: every call fails while `cut`
+/// is set. Other workers reach the same store (`inner`) meanwhile.
+struct CutOff {
+    inner: MemStates,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutOff {
+    fn check(&self) -> Result<(), crate::ports::QueueError> {
+        if self.cut.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(crate::ports::QueueError::new("kv", "cut off"));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl JobStates for CutOff {
+    async fn get(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<(bytes::Bytes, u64)>, crate::ports::QueueError> {
+        self.check()?;
+        self.inner.get(job_id).await
+    }
+
+    async fn create(
+        &self,
+        job_id: &str,
+        value: bytes::Bytes,
+    ) -> Result<Result<u64, crate::ports::Conflict>, crate::ports::QueueError> {
+        self.check()?;
+        self.inner.create(job_id, value).await
+    }
+
+    async fn update(
+        &self,
+        job_id: &str,
+        value: bytes::Bytes,
+        revision: u64,
+    ) -> Result<Result<u64, crate::ports::Conflict>, crate::ports::QueueError> {
+        self.check()?;
+        self.inner.update(job_id, value, revision).await
+    }
+}
+
+/// An import that works for `takes`, then pushes its tag (the irreversible step), noting when
+/// it pushed; a cancel stops it at once, noted too.
+struct TimedImport {
+    takes: Duration,
+    started: std::sync::Mutex<Vec<tokio::time::Instant>>,
+    pushed: std::sync::Mutex<Vec<tokio::time::Instant>>,
+    stopped: std::sync::Mutex<Vec<tokio::time::Instant>>,
+}
+
+#[async_trait::async_trait]
+impl crate::ports::Importer for TimedImport {
+    async fn import(
+        &self,
+        _: crate::ports::ImportRequest<'_>,
+        cx: &StageContext,
+    ) -> Result<crate::job::ImageInfo, JobError> {
+        let now = tokio::time::Instant::now;
+        self.started.lock().unwrap().push(now());
+        tokio::select! {
+            _ = tokio::time::sleep(self.takes) => {
+                self.pushed.lock().unwrap().push(now());
+                Ok(crate::job::ImageInfo {
+                    reference: "registry.test/src:j1".into(),
+                    digest: format!("sha256:{}", "1".repeat(64)),
+                    source_digest: None,
+                    size_bytes: 0,
+                    platforms: Vec::new(),
+                })
+            }
+            _ = cx.cancel.cancelled() => {
+                self.stopped.lock().unwrap().push(now());
+                Err(JobError::cancelled(Stage::Import))
+            }
+        }
+    }
+}
+
+/// Regression: a worker cut off from the state store mid-job (a network partition) could not
+/// refresh its lease, yet its import ran on; after its lease lapsed and another worker took the
+/// job over, the cut-off worker, back on the network, pushed the job's tag over the new owner's
+/// (only its result was held back, by the compare-and-set of the terminal state). Now the
+/// attempt stops itself once its lease has gone unconfirmed for `lease − heartbeat` (40 s of
+/// 60), before any other worker may take over, and pushes nothing.
+/// A worker whose state store can be cut off (`cut`), running imports that take `takes`.
+struct CutOffRig {
+    queue: MemQueue,
+    states: MemStates,
+    results: MemResults,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    import: Arc<TimedImport>,
+    worker: Arc<Worker>,
+    shutdown: CancellationToken,
+    handle: JoinHandle<()>,
+    _work_root: tempfile::TempDir,
+}
+
+impl CutOffRig {
+    fn start(takes: Duration) -> CutOffRig {
+        let work_root = tempfile::tempdir().unwrap();
+        let (queue, states, results) = (
+            MemQueue::new(ACK_WAIT, 5),
+            MemStates::new(),
+            MemResults::new(),
+        );
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let import = Arc::new(TimedImport {
+            takes,
+            started: Default::default(),
+            pushed: Default::default(),
+            stopped: Default::default(),
+        });
+        let ports = QueuePorts {
+            queue: Arc::new(queue.clone()),
+            states: Arc::new(CutOff {
+                inner: states.clone(),
+                cut: Arc::clone(&cut),
+            }),
+            results: Arc::new(results.clone()),
+            events: Arc::new(MemEvents::new()),
+            cancels: Arc::new(MemCancels::new()),
+        };
+        let mut stages = ScriptedStages::new().stages(work_root.path().join("store"));
+        stages.importer = import.clone();
+        let worker = new_worker(settings(work_root.path()), ports, stages);
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(Arc::clone(&worker).run(shutdown.clone()));
+        CutOffRig {
+            queue,
+            states,
+            results,
+            cut,
+            import,
+            worker,
+            shutdown,
+            handle,
+            _work_root: work_root,
+        }
+    }
+
+    fn set_cut(&self, cut: bool) {
+        self.cut.store(cut, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.handle.await.unwrap();
+    }
+}
+
+/// Regression: a worker cut off from the state store mid-job (a network partition) could not
+/// refresh its lease, yet its import ran on; after its lease lapsed and another worker took the
+/// job over, the cut-off worker, back on the network, pushed the job's tag over the new owner's
+/// (only its result was held back, by the compare-and-set of the terminal state). Now the
+/// attempt stops itself once its lease has gone unconfirmed for `lease − heartbeat` (40 s of
+/// 60), before any other worker may take over, and pushes nothing.
+#[tokio::test(start_paused = true)]
+async fn a_worker_cut_off_mid_job_stops_it_before_its_lease_lapses_and_never_pushes_after_a_takeover(
+) {
+    let r = CutOffRig::start(Duration::from_secs(70));
+    assert!(r.queue.publish(Kind::Import, "j1", import_job("j1")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = r.import.started.lock().unwrap()[0];
+    r.set_cut(true);
+
+    // Once the lease has lapsed, node-b takes the job over; then node-a is back.
+    tokio::time::sleep_until(started + ACK_WAIT + Duration::from_secs(1)).await;
+    let takeover = Claims {
+        states: &r.states,
+        worker: "node-b",
+        lease: ACK_WAIT,
+        now_ms: r.worker.clock.now_ms(),
+        attempt: 2,
+        lost_attempts: 0,
+    };
+    assert!(matches!(
+        takeover.claim("j1").await.unwrap(),
+        ClaimOutcome::Claimed { .. }
+    ));
+    r.set_cut(false);
+    // Past the moment the import would have pushed (70 s), before node-a's next heartbeat
+    // (80 s) could have learnt of the takeover.
+    tokio::time::sleep_until(started + Duration::from_secs(75)).await;
+
+    assert!(
+        r.import.pushed.lock().unwrap().is_empty(),
+        "pushed after the takeover"
+    );
+    let stopped = r.import.stopped.lock().unwrap().clone();
+    assert_eq!(stopped.len(), 1, "stopped once");
+    let after = stopped[0] - started;
+    assert!(
+        after >= Duration::from_secs(39) && after <= Duration::from_secs(41),
+        "stopped {after:?} after the start: lease − heartbeat, before the lease lapsed"
+    );
+    assert_eq!(r.import.started.lock().unwrap().len(), 1);
+    assert!(
+        r.results.all().is_empty(),
+        "no result from the cut-off worker"
+    );
+    assert_eq!(r.states.record("j1").unwrap()["worker"], "node-b");
+    r.stop().await;
+}
+
+/// A fenced-off attempt whose state store answers again before its lease would have lapsed
+/// (a short outage, a leader election) hands the job back in its record, so its next claim —
+/// here this worker's own — counts no lost attempt: outages do not push healthy jobs toward
+/// `worker.max_lost_attempts` and the dead-letter stream.
+#[tokio::test(start_paused = true)]
+async fn a_fenced_attempt_hands_its_job_back_when_the_store_answers_again_and_is_not_counted_lost()
+{
+    let r = CutOffRig::start(Duration::from_secs(600));
+    assert!(r.queue.publish(Kind::Import, "j1", import_job("j1")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = r.import.started.lock().unwrap()[0];
+    r.set_cut(true);
+    tokio::time::sleep_until(started + Duration::from_secs(45)).await;
+    assert_eq!(r.import.stopped.lock().unwrap().len(), 1, "fenced off");
+    r.set_cut(false);
+    tokio::time::sleep_until(started + Duration::from_secs(47)).await;
+
+    assert_eq!(r.import.started.lock().unwrap().len(), 2, "run again");
+    let record = r.states.record("j1").unwrap();
+    assert_eq!(
+        (&record["state"], &record["worker"], &record["attempt"]),
+        (&"running".into(), &"node-a".into(), &2.into())
+    );
+    assert!(record.get("lost_attempts").is_none(), "{record}");
+    r.stop().await;
+}
+
+/// A state store out of reach at the moment a job ends (a leader election) used to undo the
+/// job: "cannot store the terminal state", no result, the message left to be redelivered, the
+/// record left running for the next claim to count as a lost attempt, and the job run again.
+/// Now the finish is tried again until the store answers (for up to a lease): one run, one
+/// result, no lost attempt.
+#[tokio::test(start_paused = true)]
+async fn a_store_out_of_reach_when_a_job_ends_delays_its_result_without_rerun_or_lost_attempt() {
+    let r = CutOffRig::start(Duration::from_secs(30));
+    assert!(r.queue.publish(Kind::Import, "j1", import_job("j1")));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let started = r.import.started.lock().unwrap()[0];
+    // Cut just after the heartbeat at 20 s: the run ends (30 s) long before the fence (60 s).
+    tokio::time::sleep_until(started + Duration::from_secs(25)).await;
+    r.set_cut(true);
+    tokio::time::sleep_until(started + Duration::from_secs(40)).await;
+    assert!(r.results.all().is_empty(), "no result while cut off");
+    r.set_cut(false);
+    let results = r.results.wait_for(1).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(42),
+        "published {:?} after the start",
+        started.elapsed()
+    );
+    assert_eq!(
+        (results[0].status, results[0].attempt),
+        (Status::Succeeded, 1)
+    );
+    assert_eq!(r.import.started.lock().unwrap().len(), 1, "run once");
+    let record = r.states.record("j1").unwrap();
+    assert_eq!(record["state"], "succeeded");
+    assert!(record.get("lost_attempts").is_none(), "{record}");
+    let settles: Vec<Settle> = r.queue.settled().into_iter().map(|s| s.settle).collect();
+    assert_eq!(settles, [Settle::Ack]);
+    r.stop().await;
+}
+
+/// A results stream that does not acknowledge for a moment (its leader is being elected) used
+/// to leave the job's message for redelivery a whole `ack_wait` later; now the worker publishes
+/// again until it is acknowledged (for up to a lease), then acks.
+#[tokio::test(start_paused = true)]
+async fn a_result_publish_unanswered_for_a_moment_is_tried_again_not_left_for_redelivery() {
+    let mut r = rig();
+    r.results
+        .failing
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    r.publish("j1");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(
+        r.settles("j1").is_empty(),
+        "not settled before the result is out"
+    );
+    r.results
+        .failing
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let results = r.results.wait_for(1).await;
+    r.stop().await;
+    assert_eq!(results[0].status, Status::Succeeded);
+    assert_eq!(r.settles("j1"), [Settle::Ack]);
+    assert_eq!(r.queue.settled()[0].attempt, 1, "no redelivery");
 }

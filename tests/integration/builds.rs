@@ -3,7 +3,7 @@
 //! options, the context's rules, failures, secrets in logs, cancellation, export to an OCI
 //! layout and to a registry. Base images are made here from busybox-static; no internet.
 //! The `standalone_buildkitd_*` tests run the same on the standalone buildkitd that
-//! `FACTORYD_TEST_BUILDKITD` names, and are ignored without it (`build.rs`).
+//! `FACTORYD_TEST_BUILDKITD` names, and report themselves skipped without it.
 
 use std::path::Path;
 use std::sync::atomic::Ordering;

@@ -7,6 +7,8 @@
 
 mod builds;
 mod cli;
+#[cfg(feature = "test-util")]
+mod fleet;
 mod import_auth;
 mod import_credentials;
 mod import_transfer;

@@ -261,7 +261,7 @@ pub(crate) async fn wait_results(
 /// Every stored result was published once: the stream never replaced one (at most one
 /// message per subject, so a second publish that got past de-duplication would bump the
 /// sequence without adding a message).
-async fn assert_one_result_each(nats: &Nats, expected: usize) {
+pub(crate) async fn assert_one_result_each(nats: &Nats, expected: usize) {
     let state = stream_state(nats, &nats.names.results_stream).await;
     assert_eq!(state.messages as usize, expected, "results stored");
     assert_eq!(state.last_sequence as usize, expected, "results published");
@@ -270,7 +270,7 @@ async fn assert_one_result_each(nats: &Nats, expected: usize) {
 }
 
 /// A stream's state, retried for a while (a leader election can delay the answer).
-async fn stream_state(nats: &Nats, name: &str) -> async_nats::jetstream::stream::State {
+pub(crate) async fn stream_state(nats: &Nats, name: &str) -> async_nats::jetstream::stream::State {
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
         let info = async {

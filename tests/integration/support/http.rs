@@ -1,15 +1,16 @@
 //! Small HTTP servers for the import tests, on threads: a fixed-answer server (credential
-//! webhooks), a hostile registry that echoes the credentials it is sent, and a
-//! fault-injecting proxy in front of a real registry.
+//! webhooks), a hostile registry that echoes the credentials it is sent, a fault-injecting
+//! proxy in front of a real registry, and a proxy that notes which client asked for what (and
+//! can hold one client's blob downloads).
 //!
 //! Both speak just enough HTTP/1.1: every answer closes its connection (`Connection: close`),
 //! so each request arrives on a fresh connection and can be looked at on its own.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -28,7 +29,13 @@ impl Drop for Acceptor {
 }
 
 fn serve(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Acceptor {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    serve_on(IpAddr::from([127, 0, 0, 1]), handler)
+}
+
+/// Serves on a port the kernel picks on `ip`, in the calling thread's network namespace (the
+/// threads it starts inherit it, so their upstream connections leave from there too).
+fn serve_on(ip: IpAddr, handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Acceptor {
+    let listener = TcpListener::bind((ip, 0)).expect("bind");
     let addr = listener.local_addr().expect("local addr");
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
@@ -248,32 +255,7 @@ impl FaultProxy {
                 held.fetch_add(1, Ordering::SeqCst);
                 thread::sleep(delay);
             }
-            let Ok(mut server) = TcpStream::connect(&upstream) else {
-                return;
-            };
-            // Force one request per connection, so the next one is seen by this proxy.
-            let mut lines: Vec<&str> = head
-                .trim_end_matches("\r\n\r\n")
-                .split("\r\n")
-                .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-                .collect();
-            lines.push("Connection: close");
-            let new_head = format!("{}\r\n\r\n", lines.join("\r\n"));
-            if server.write_all(new_head.as_bytes()).is_err() || server.write_all(&rest).is_err() {
-                return;
-            }
-            let (Ok(mut client_reader), Ok(mut server_writer)) =
-                (client.try_clone(), server.try_clone())
-            else {
-                return;
-            };
-            let upload = thread::spawn(move || {
-                let _ = std::io::copy(&mut client_reader, &mut server_writer);
-                let _ = server_writer.shutdown(Shutdown::Write);
-            });
-            let _ = std::io::copy(&mut server, &mut client);
-            let _ = client.shutdown(Shutdown::Both);
-            let _ = upload.join();
+            forward(client, &head, &rest, &upstream);
         });
         FaultProxy {
             acceptor,
@@ -297,5 +279,150 @@ impl FaultProxy {
     /// ones included. They hold the requests' `Authorization` headers: never print them.
     pub fn request_heads(&self) -> Vec<String> {
         self.heads.lock().expect("request heads").clone()
+    }
+}
+
+/// Sends one request (its `head` and the body bytes read with it, `rest`) to `upstream` on a
+/// connection of its own, then relays both ways until either side is done.
+fn forward(mut client: TcpStream, head: &str, rest: &[u8], upstream: &str) {
+    let Ok(mut server) = TcpStream::connect(upstream) else {
+        return;
+    };
+    // Force one request per connection, so the next one is seen by this proxy.
+    let mut lines: Vec<&str> = head
+        .trim_end_matches("\r\n\r\n")
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
+    lines.push("Connection: close");
+    let new_head = format!("{}\r\n\r\n", lines.join("\r\n"));
+    if server.write_all(new_head.as_bytes()).is_err() || server.write_all(rest).is_err() {
+        return;
+    }
+    let (Ok(mut client_reader), Ok(mut server_writer)) = (client.try_clone(), server.try_clone())
+    else {
+        return;
+    };
+    let upload = thread::spawn(move || {
+        let _ = std::io::copy(&mut client_reader, &mut server_writer);
+        let _ = server_writer.shutdown(Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut server, &mut client);
+    let _ = client.shutdown(Shutdown::Both);
+    let _ = upload.join();
+}
+
+/// A proxy in front of a registry that notes each request's client address and request line,
+/// in order of arrival; holds every manifest and blob GET for a delay (a registry slow to
+/// answer, for a steady pace of jobs; [`WatchProxy::set_delay`]), and, once
+/// [`WatchProxy::hold_first_blob_client`] is called, holds the blob GETs of the first client
+/// that asks for a blob until [`WatchProxy::release`] (a job stopped at a known point).
+pub struct WatchProxy {
+    acceptor: Acceptor,
+    seen: Arc<Mutex<Vec<(IpAddr, String)>>>,
+    gate: Arc<Gate>,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+#[derive(Default)]
+struct Gate {
+    armed: AtomicBool,
+    /// The client whose blob GETs are held, once one asked.
+    held_client: Mutex<Option<IpAddr>>,
+    held: AtomicUsize,
+    released: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl WatchProxy {
+    /// A proxy on a port of `ip` (in the calling thread's network namespace) to `upstream`.
+    pub fn start(ip: IpAddr, upstream: &str, delay: Duration) -> WatchProxy {
+        let upstream = upstream.to_owned();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let gate = Arc::new(Gate::default());
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(delay.as_millis() as u64));
+        let (noted, g, slow) = (seen.clone(), gate.clone(), delay_ms.clone());
+        let acceptor = serve_on(ip, move |mut client| {
+            let Some((head, rest)) = read_head(&mut client) else {
+                return;
+            };
+            let Ok(peer) = client.peer_addr() else { return };
+            let request_line = head.lines().next().unwrap_or("").to_owned();
+            noted
+                .lock()
+                .expect("requests seen")
+                .push((peer.ip(), request_line.clone()));
+            let is_get = request_line.starts_with("GET ");
+            let is_blob_get = is_get && request_line.contains("/blobs/sha256:");
+            if is_blob_get && g.armed.load(Ordering::SeqCst) {
+                let holds = *g
+                    .held_client
+                    .lock()
+                    .expect("held client")
+                    .get_or_insert(peer.ip())
+                    == peer.ip();
+                if holds {
+                    g.held.fetch_add(1, Ordering::SeqCst);
+                    let mut released = g.released.lock().expect("gate");
+                    while !*released {
+                        released = g.opened.wait(released).expect("gate");
+                    }
+                }
+            }
+            let delay = Duration::from_millis(slow.load(Ordering::SeqCst));
+            if !delay.is_zero() && (is_blob_get || (is_get && request_line.contains("/manifests/")))
+            {
+                thread::sleep(delay);
+            }
+            forward(client, &head, &rest, &upstream);
+        });
+        WatchProxy {
+            acceptor,
+            seen,
+            gate,
+            delay_ms,
+        }
+    }
+
+    /// Holds each later manifest and blob GET for `delay`.
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms
+            .store(delay.as_millis() as u64, Ordering::SeqCst);
+    }
+
+    pub fn host(&self) -> String {
+        self.acceptor.addr.to_string()
+    }
+
+    /// From now on, the first client to GET a blob has its blob GETs held until
+    /// [`WatchProxy::release`].
+    pub fn hold_first_blob_client(&self) {
+        self.gate.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// The client whose blob GETs are held, once one of them is (none before).
+    pub fn holding(&self) -> Option<IpAddr> {
+        if self.gate.held.load(Ordering::SeqCst) == 0 {
+            return None;
+        }
+        *self.gate.held_client.lock().expect("held client")
+    }
+
+    /// Lets the held requests (and any later ones of that client) through.
+    pub fn release(&self) {
+        *self.gate.released.lock().expect("gate") = true;
+        self.gate.opened.notify_all();
+    }
+
+    /// Every request so far: the client's address and the request line, oldest first.
+    pub fn seen(&self) -> Vec<(IpAddr, String)> {
+        self.seen.lock().expect("requests seen").clone()
+    }
+}
+
+impl Drop for WatchProxy {
+    fn drop(&mut self) {
+        // Held handler threads end instead of waiting for ever.
+        self.release();
     }
 }

@@ -8,11 +8,12 @@
 pub mod http;
 pub mod import;
 pub mod nats;
+pub mod netns;
 pub mod prometheus;
 pub mod registry;
 pub mod run;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -33,6 +34,50 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free port on 127.0.0.1 in {PORTS:?}");
+}
+
+/// Where a server the harness starts runs: this process's own network, on loopback (most
+/// tests), or a host of a [`netns::TestNet`] (its own network namespace and address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// `None`: the test process's own network namespace.
+    pub netns: Option<String>,
+    pub ip: Ipv4Addr,
+}
+
+impl Host {
+    pub fn loopback() -> Host {
+        Host {
+            netns: None,
+            ip: Ipv4Addr::LOCALHOST,
+        }
+    }
+
+    /// A command running `program` on this host. In a namespace that is `ip netns exec NS
+    /// program`, and `ip` execs the program, so the child's PID is the program's own.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            None => Command::new(program),
+            Some(netns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", netns, program]);
+                cmd
+            }
+        }
+    }
+
+    /// A port for a server to bind on this host: a free one on loopback; `fixed` in a
+    /// namespace, which is the test's alone (so no other test can hold that port there).
+    pub fn port(&self, fixed: u16) -> u16 {
+        match self.netns {
+            None => free_port(),
+            Some(_) => fixed,
+        }
+    }
+
+    pub fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((self.ip, port))
+    }
 }
 
 /// Waits until something accepts TCP connections on `addr`, or panics after `timeout`.
@@ -115,6 +160,8 @@ impl Drop for ChildGuard {
 pub mod buildkitd;
 pub mod docker;
 pub mod failure;
+#[cfg(feature = "test-util")]
+pub mod fleet;
 pub mod git_servers;
 pub mod http_files;
 pub mod sources;

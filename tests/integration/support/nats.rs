@@ -1,32 +1,42 @@
-//! `nats-server -js` on free loopback ports: one server, or a 3-node cluster; and a client
-//! side for tests (publish jobs, read results) built on factoryd's own NATS adapter.
+//! `nats-server -js` on free loopback ports: one server, or a 3-node cluster (also one server
+//! per host of a test network); and a client side for tests (publish jobs, read results) built
+//! on factoryd's own NATS adapter.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use super::{free_port, require_program, wait_for_port, ChildGuard};
+use super::{free_port, require_program, wait_for_port, ChildGuard, Host};
 
 pub struct NatsServer {
+    pub host: Host,
     pub port: u16,
     extra_args: Vec<String>,
     pub cluster_port: u16,
     pub name: String,
     store: PathBuf,
-    routes: Vec<u16>,
+    /// Cluster route URLs (every node's, its own included).
+    routes: Vec<String>,
     guard: Option<ChildGuard>,
 }
 
 impl NatsServer {
     /// A single JetStream server with its store under `dir`.
     pub fn start(dir: &Path) -> NatsServer {
-        Self::start_node("n0", dir, free_port(), &[])
+        Self::start_node(
+            "n0",
+            dir,
+            Host::loopback(),
+            (free_port(), free_port()),
+            &[],
+            &[],
+        )
     }
 
     /// A single JetStream server with extra command-line arguments (e.g. `--auth TOKEN`).
     pub fn start_with(dir: &Path, args: &[&str]) -> NatsServer {
         require_program("nats-server", "nats-server");
         let mut s = NatsServer {
+            host: Host::loopback(),
             port: free_port(),
             extra_args: args.iter().map(|a| a.to_string()).collect(),
             cluster_port: free_port(),
@@ -39,11 +49,19 @@ impl NatsServer {
         s
     }
 
-    fn start_node(name: &str, dir: &Path, cluster_port: u16, routes: &[u16]) -> NatsServer {
+    fn start_node(
+        name: &str,
+        dir: &Path,
+        host: Host,
+        (port, cluster_port): (u16, u16),
+        routes: &[String],
+        extra_args: &[String],
+    ) -> NatsServer {
         require_program("nats-server", "nats-server");
         let mut s = NatsServer {
-            port: free_port(),
-            extra_args: Vec::new(),
+            host,
+            port,
+            extra_args: extra_args.to_vec(),
             cluster_port,
             name: name.to_owned(),
             store: dir.join(name),
@@ -55,24 +73,17 @@ impl NatsServer {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new("nats-server");
-        cmd.args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
+        let ip = self.host.ip.to_string();
+        let mut cmd = self.host.command("nats-server");
+        cmd.args(["-js", "-a", &ip, "-p", &self.port.to_string()])
             .arg("-sd")
             .arg(&self.store)
             .args(["-n", &self.name])
             .args(&self.extra_args);
         if !self.routes.is_empty() {
-            let routes: Vec<String> = self
-                .routes
-                .iter()
-                .map(|p| format!("nats://127.0.0.1:{p}"))
-                .collect();
             cmd.args(["--cluster_name", "factoryd-test"])
-                .args([
-                    "--cluster",
-                    &format!("nats://127.0.0.1:{}", self.cluster_port),
-                ])
-                .args(["--routes", &routes.join(",")]);
+                .args(["--cluster", &format!("nats://{ip}:{}", self.cluster_port)])
+                .args(["--routes", &self.routes.join(",")]);
         }
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -81,11 +92,11 @@ impl NatsServer {
             .expect("open the nats-server log");
         cmd.stdout(std::process::Stdio::null()).stderr(log);
         self.guard = Some(ChildGuard::spawn("nats-server", &mut cmd));
-        wait_for_port(([127, 0, 0, 1], self.port).into(), Duration::from_secs(10));
+        wait_for_port(self.host.addr(self.port), Duration::from_secs(10));
     }
 
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        format!("nats://{}:{}", self.host.ip, self.port)
     }
 
     pub fn stop(&mut self) {
@@ -110,9 +121,44 @@ impl NatsServer {
 
 /// Three JetStream servers in one cluster on loopback.
 pub fn cluster(dir: &Path) -> Vec<NatsServer> {
-    let cluster_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    (0..3)
-        .map(|i| NatsServer::start_node(&format!("n{i}"), dir, cluster_ports[i], &cluster_ports))
+    cluster_on(
+        dir,
+        &[Host::loopback(), Host::loopback(), Host::loopback()],
+        "",
+    )
+}
+
+/// One JetStream server per host, in one cluster; server `i` is named `n{i}`. In a namespace a
+/// server listens on 4222 (clients) and 6222 (routes) of its host's address, with `config`
+/// (nats-server configuration text, e.g. ping and write-deadline settings) when not empty.
+pub fn cluster_on(dir: &Path, hosts: &[Host], config: &str) -> Vec<NatsServer> {
+    let ports: Vec<(u16, u16)> = hosts.iter().map(|h| (h.port(4222), h.port(6222))).collect();
+    let routes: Vec<String> = hosts
+        .iter()
+        .zip(&ports)
+        .map(|(h, (_, cluster))| format!("nats://{}:{cluster}", h.ip))
+        .collect();
+    let extra_args = if config.is_empty() {
+        Vec::new()
+    } else {
+        let path = dir.join("nats-server.conf");
+        std::fs::write(&path, config).expect("write the nats-server config");
+        vec!["-c".to_owned(), path.display().to_string()]
+    };
+    hosts
+        .iter()
+        .zip(&ports)
+        .enumerate()
+        .map(|(i, (host, (port, cluster)))| {
+            NatsServer::start_node(
+                &format!("n{i}"),
+                dir,
+                host.clone(),
+                (*port, *cluster),
+                &routes,
+                &extra_args,
+            )
+        })
         .collect()
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 
-use super::{assert_success, free_port, require_program, wait_for_port, ChildGuard};
+use super::{assert_success, free_port, require_program, wait_for_port, ChildGuard, Host};
 
 pub enum Auth {
     None,
@@ -27,7 +27,7 @@ impl Auth {
     }
 }
 
-/// A running `docker-registry` on a free loopback port.
+/// A running `docker-registry` on a free loopback port (or on a [`Host`] of a test network).
 pub struct Registry {
     pub host: String,
     pub dir: tempfile::TempDir,
@@ -37,9 +37,19 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
+        Registry::start_on(&Host::loopback(), 5000, auth)
+    }
+
+    /// A registry on `host`, on port `port` there (a free port instead on loopback). Token
+    /// auth only on loopback: its token service listens there.
+    pub fn start_on(host: &Host, port: u16, auth: Auth) -> Registry {
         require_program("docker-registry", "docker-registry");
+        assert!(
+            host.netns.is_none() || !matches!(auth, Auth::Token(_)),
+            "token auth needs a loopback registry"
+        );
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = free_port();
+        let port = host.port(port);
         let mut token_service = None;
         let auth_yaml = match &auth {
             Auth::None => String::new(),
@@ -76,25 +86,23 @@ impl Registry {
             }
         };
         let config = format!(
-            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: factoryd-test\n{auth_yaml}",
-            dir.path().join("data").display()
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {}\n  secret: factoryd-test\n{auth_yaml}",
+            dir.path().join("data").display(),
+            host.addr(port),
         );
         let config_path = dir.path().join("config.yml");
         std::fs::write(&config_path, config).expect("write registry config");
         let registry = ChildGuard::spawn(
             "docker-registry",
-            Command::new("docker-registry")
+            host.command("docker-registry")
                 .arg("serve")
                 .arg(&config_path)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         );
-        wait_for_port(
-            SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(20),
-        );
+        wait_for_port(host.addr(port), Duration::from_secs(20));
         Registry {
-            host: format!("127.0.0.1:{port}"),
+            host: host.addr(port).to_string(),
             dir,
             _registry: registry,
             _token_service: token_service,
