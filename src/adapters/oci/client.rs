@@ -542,9 +542,10 @@ impl RegistryClient {
         if response.status().is_success() {
             return Ok(());
         }
-        Err(self
+        let err = self
             .status_error(response, &format!("manifest push {repository}:{reference}"))
-            .await)
+            .await;
+        Err(manifest_push_error(err))
     }
 
     /// A classified error for an unexpected status, quoting the registry's own words (redacted).
@@ -566,6 +567,19 @@ impl RegistryClient {
         if let Some(after) = retry_after {
             err = err.with_retry_after(after);
         }
+        err
+    }
+}
+
+/// A refused manifest PUT whose registry does not know a blob the push has just sent
+/// (`MANIFEST_BLOB_UNKNOWN`, HTTP 400) is transient: jobs pushing the same blobs at the same
+/// moment, or a registry whose storage catches up later, make it happen (the fleet tests met
+/// it on first pushes), and the next attempt uploads what is missing. Any other refusal keeps
+/// its class.
+fn manifest_push_error(err: JobError) -> JobError {
+    if err.message.contains("MANIFEST_BLOB_UNKNOWN") || err.message.contains("BLOB_UNKNOWN:") {
+        err.with_class(ErrorClass::Transient)
+    } else {
         err
     }
 }
@@ -707,6 +721,21 @@ mod tests {
             br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
         assert_eq!(registry_message(body), "MANIFEST_UNKNOWN: manifest unknown");
         assert_eq!(registry_message(&[b'x'; 1000]).len(), MAX_QUOTED);
+    }
+
+    #[test]
+    fn a_manifest_naming_a_blob_the_registry_does_not_know_yet_is_retried() {
+        let refused = |text: &str| {
+            JobError::permanent(
+                STAGE,
+                ErrorCode::InvalidJob,
+                format!("manifest push r:t on registry h: HTTP 400 ({text})"),
+            )
+        };
+        let blob = manifest_push_error(refused("MANIFEST_BLOB_UNKNOWN: blob unknown to registry"));
+        assert_eq!(blob.class, ErrorClass::Transient, "{blob}");
+        let invalid = manifest_push_error(refused("MANIFEST_INVALID: manifest invalid"));
+        assert_eq!(invalid.class, ErrorClass::Permanent, "{invalid}");
     }
 
     #[test]
