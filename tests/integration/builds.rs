@@ -2049,23 +2049,24 @@ backend_tests! {
     Standalone: standalone_buildkitd_a_build_secret_reaches_run_and_is_in_no_layer_history_event_or_result,
 }
 
-/// The host's `ssh-add` with the libraries it loads, as files of a context under `tools/`
-/// (copied to the same paths in the image), so a `RUN` in the busybox base can ask the
-/// forwarded agent what it holds.
-fn add_ssh_add_tools(dir: &Path) {
+/// The host's `programs` with the libraries they load, as files of a context under `tools/`
+/// (copied to the same paths in the image), so a `RUN` in the busybox base can run them.
+fn add_host_tools(dir: &Path, programs: &[&str]) {
     let ldd = std::process::Command::new("ldd")
-        .arg("/usr/bin/ssh-add")
+        .args(programs)
         .output()
         .expect("ldd");
-    assert_success(&ldd, "ldd /usr/bin/ssh-add");
-    let mut files = vec!["/usr/bin/ssh-add".to_owned()];
+    assert_success(&ldd, "ldd");
+    let mut files: Vec<String> = programs.iter().map(|p| (*p).to_owned()).collect();
     for line in String::from_utf8_lossy(&ldd.stdout).lines() {
         let path = line
             .split_whitespace()
-            .find(|part| part.starts_with('/'))
+            .find(|part| part.starts_with('/') && !part.ends_with(':'))
             .map(str::to_owned);
         files.extend(path);
     }
+    files.sort();
+    files.dedup();
     for file in files {
         let to = dir.join("tools").join(file.trim_start_matches('/'));
         std::fs::create_dir_all(to.parent().unwrap()).unwrap();
@@ -2089,7 +2090,7 @@ async fn build_ssh_forwards_the_jobs_key_only(backend: Backend) {
         base.host
     );
     let dir = dir_with(&[("Dockerfile", &dockerfile)]);
-    add_ssh_add_tools(dir.path());
+    add_host_tools(dir.path(), &["/usr/bin/ssh-add"]);
     let options = BuildOptions {
         ssh: Some(factoryd::job::SshKey {
             private_key: Secret::new(key.private.clone()),
@@ -2122,6 +2123,82 @@ async fn build_ssh_forwards_the_jobs_key_only(backend: Backend) {
 
     let err = plain_build_fails(backend, &engine, dir.path(), &base).await;
     assert!(err.message.to_lowercase().contains("ssh"), "{err}");
+}
+
+/// Issue 11: with `build.ssh`, a `RUN` reaches a private git server over SSH with the job's
+/// key through the forwarded agent (`git ls-remote` against the test sshd, which admits only
+/// that key); without it the same step is refused by the server. Standalone buildkitd only: its
+/// `RUN` steps share the host's network, where the test sshd listens on loopback (the engine's
+/// run on the test bridge).
+async fn build_ssh_reaches_a_private_git_server(backend: Backend) {
+    let engine = Engine::shared();
+    let base = base_registry(&engine, "marker-ls-remote");
+    let work = tempfile::tempdir().unwrap();
+    let passphrase = "ls-remote-pass-31";
+    let key = crate::support::git_servers::ssh_key(work.path(), "job", "ed25519", passphrase);
+    let sshd_dir = work.path().join("sshd");
+    std::fs::create_dir_all(&sshd_dir).unwrap();
+    let server = crate::support::git_servers::SshServer::start(&sshd_dir, &[&key.public]);
+    let repo_work = work.path().join("app");
+    std::fs::create_dir_all(&repo_work).unwrap();
+    git(&repo_work, &["init", "-q", "-b", "main"]);
+    std::fs::write(repo_work.join("README"), "private\n").unwrap();
+    git(&repo_work, &["add", "-A"]);
+    git(&repo_work, &["commit", "-q", "-m", "private"]);
+    let bare = work.path().join("repos/app.git");
+    clone_bare(&repo_work, &bare);
+    let head = git(&repo_work, &["rev-parse", "HEAD"]).trim().to_owned();
+    let url = format!(
+        "ssh://{}@127.0.0.1:{}{}",
+        server.user,
+        server.port,
+        bare.display()
+    );
+    let dockerfile = format!(
+        "FROM {}/base/busybox:1\n\
+         COPY tools/ /\n\
+         RUN --mount=type=ssh GIT_SSH_COMMAND='ssh -o StrictHostKeyChecking=no \
+         -o UserKnownHostsFile=/dev/null -o BatchMode=yes' /usr/bin/git ls-remote {url} \
+         > /ls-remote\n",
+        base.host
+    );
+    let dir = dir_with(&[("Dockerfile", &dockerfile)]);
+    add_host_tools(dir.path(), &["/usr/bin/git", "/usr/bin/ssh"]);
+    std::fs::create_dir_all(dir.path().join("tools/etc")).unwrap();
+    std::fs::write(
+        dir.path().join("tools/etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\n",
+    )
+    .unwrap();
+    let options = BuildOptions {
+        ssh: Some(factoryd::job::SshKey {
+            private_key: Secret::new(key.private.clone()),
+            passphrase: Some(Secret::new(passphrase)),
+        }),
+        no_cache: true,
+        ..BuildOptions::default()
+    };
+    let built = DirBuild::new(backend, &engine, dir.path())
+        .options(options)
+        .auth(base_auth(&base.host))
+        .secrets(&[passphrase, &key.private])
+        .run()
+        .await;
+    if let Err(e) = &built.result {
+        panic!("the build reaching the git server with the job's key: {e}");
+    }
+    let listed = run_from_layout(&engine, built.layout.path(), &built.tag, &["/ls-remote"]);
+    assert!(
+        listed.contains(&format!("{head}\trefs/heads/main")),
+        "git ls-remote through the agent: {listed:?}"
+    );
+    let err = plain_build_fails(backend, &engine, dir.path(), &base).await;
+    assert_eq!(err.code, ErrorCode::BuildStepFailed, "{err}");
+}
+
+backend_tests! {
+    build_ssh_reaches_a_private_git_server =>
+    Standalone: standalone_buildkitd_build_ssh_lets_run_git_ls_remote_a_private_server_and_without_it_not,
 }
 
 backend_tests! {
