@@ -962,16 +962,15 @@ async fn an_absolute_symlink_in_a_git_context_is_built_as_that_link() {
             "context_dir": "/", "build_file": "/Dockerfile",
         }),
     );
-    let (result, recorder) = run(
-        Backend::Docker,
-        &engine,
-        &config,
-        job,
-        &root.path().join("work"),
-    )
-    .await;
-    result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
-    assert_links_kept_and_host_files_absent(&layout, "src-links:job-git-links", &links, &host);
+    let links_job = LinksJob {
+        engine: &engine,
+        config: &config,
+        work: &root.path().join("work"),
+        layout: &layout,
+    };
+    links_job
+        .builds(job, "src-links:job-git-links", &links, &host)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -998,16 +997,40 @@ async fn an_absolute_symlink_in_a_targz_context_is_built_as_that_link() {
         "src-links",
         json!({"targz_url": url, "context_dir": "/", "build_file": "/Dockerfile"}),
     );
-    let (result, recorder) = run(
-        Backend::Docker,
-        &engine,
-        &config,
-        job,
-        &root.path().join("work"),
-    )
-    .await;
-    result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
-    assert_links_kept_and_host_files_absent(&layout, "src-links:job-targz-links", &links, &host);
+    let links_job = LinksJob {
+        engine: &engine,
+        config: &config,
+        work: &root.path().join("work"),
+        layout: &layout,
+    };
+    links_job
+        .builds(job, "src-links:job-targz-links", &links, &host)
+        .await;
+}
+
+/// A docker-file job whose context holds links, run through the whole pipeline on the docker
+/// backend into the OCI layout at `layout`.
+struct LinksJob<'a> {
+    engine: &'a Engine,
+    config: &'a Config,
+    work: &'a Path,
+    layout: &'a Path,
+}
+
+impl LinksJob<'_> {
+    /// Runs `job`; the image `tag` must hold `links` as links and no host file's content.
+    async fn builds(
+        &self,
+        job: serde_json::Value,
+        tag: &str,
+        links: &[(&str, &str)],
+        host: &HostFile,
+    ) {
+        let (result, recorder) =
+            run(Backend::Docker, self.engine, self.config, job, self.work).await;
+        result.unwrap_or_else(|e| panic!("build failed: {e}\n{:?}", log_lines(&recorder)));
+        assert_links_kept_and_host_files_absent(self.layout, tag, links, host);
+    }
 }
 
 /// Builds `FROM <a private base>`, `ARG TOKEN`, then `run` with the build arg `TOKEN` set to
