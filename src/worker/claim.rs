@@ -164,17 +164,6 @@ impl Claims<'_> {
                     if record.cancel {
                         return Ok(ClaimOutcome::CancelledBeforeStart { revision });
                     }
-                    if record.state == RecordState::Running
-                        && record.worker.as_deref() == Some(self.worker)
-                        && record.attempt == self.attempt
-                    {
-                        // This very claim, written by a try whose answer was lost: not a lost
-                        // attempt.
-                        return Ok(ClaimOutcome::Claimed {
-                            revision,
-                            lost_attempts: record.lost_attempts,
-                        });
-                    }
                     let lease_live = record.lease_until_ms > self.now_ms;
                     if record.state == RecordState::Running
                         && lease_live
@@ -387,26 +376,6 @@ mod tests {
         }
     }
 
-    /// A claim tried again because its first try was not answered finds the record that try
-    /// wrote: it is this claim, not a lost attempt of its own.
-    #[tokio::test]
-    async fn a_claim_whose_answer_was_lost_is_recognised_by_the_next_try() {
-        let states = MemStates::new();
-        let a = claims(&states, "a", 1_000);
-        a.claim("j").await.unwrap();
-        let again = claims(&states, "a", 1_500);
-        let ClaimOutcome::Claimed {
-            revision,
-            lost_attempts: 0,
-        } = again.claim("j").await.unwrap()
-        else {
-            panic!("the same claim, no lost attempt")
-        };
-        let record = states.record("j").unwrap();
-        assert_eq!(record["lost_attempts"].as_u64().unwrap_or(0), 0, "{record}");
-        assert!(again.refresh("j", revision).await.unwrap().is_some());
-    }
-
     #[tokio::test]
     async fn a_lapsed_lease_is_taken_over_and_a_live_one_is_not() {
         let states = MemStates::new();
@@ -544,12 +513,8 @@ mod tests {
                 ..
             }
         ));
-        // A worker restarted finds its own running record (on the message's next delivery):
-        // its attempt was lost too.
-        let c_again = Claims {
-            attempt: 2,
-            ..claims(&states, "c", 63_000)
-        };
+        // A worker restarted finds its own running record: its attempt was lost too.
+        let c_again = claims(&states, "c", 63_000);
         assert!(matches!(
             c_again.claim("j").await.unwrap(),
             ClaimOutcome::Claimed {

@@ -23,8 +23,6 @@ use crate::ports::{Delivery, DeliveryHandle, QueueError, Settle};
 
 /// How often a write (a job's record, a result) is tried again while it is not answered.
 const STORE_RETRY: Duration = Duration::from_millis(500);
-/// How long, in leases, a claim is tried again while the state store does not answer.
-const CLAIM_PATIENCE_LEASES: u32 = 10;
 
 /// A job this worker won the claim of.
 struct Claimed {
@@ -95,27 +93,10 @@ impl Worker {
             self.settle_as(delivery, Outcome::RunningHere).await;
             return None;
         }
-        // A state store that does not answer (a partition, a leader election, NATS still
-        // routing to a server cut off) must not use up the job's deliveries, each a failed
-        // claim: the claim is tried again, the message kept in progress, for up to
-        // CLAIM_PATIENCE_LEASES leases, or until the message is no longer this worker's. (A try
-        // whose answer was lost is recognised by the next: `claims` knows its own record.)
-        let give_up = Instant::now() + self.settings.lease * CLAIM_PATIENCE_LEASES;
-        let (sent_at, claimed) = loop {
-            // Taken before the claim's wall-clock time is read (in `claims`), so that the
-            // lease counted from here never ends later than the one written.
-            let sent_at = Instant::now();
-            match self.claims(attempt, 0).claim(&job.id).await {
-                Err(e)
-                    if Instant::now() < give_up && delivery.handle.in_progress().await.is_ok() =>
-                {
-                    debug!(error = %e, "The state store does not answer the claim; trying again.");
-                    tokio::time::sleep(STORE_RETRY).await;
-                }
-                claimed => break (sent_at, claimed),
-            }
-        };
-        match claimed {
+        // Taken before the claim's wall-clock time is read (in `claims`), so that the lease
+        // counted from here never ends later than the one written.
+        let sent_at = Instant::now();
+        match self.claims(attempt, 0).claim(&job.id).await {
             Ok(ClaimOutcome::Claimed {
                 revision,
                 lost_attempts,

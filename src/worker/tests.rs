@@ -1010,37 +1010,6 @@ async fn a_store_out_of_reach_when_a_job_ends_delays_its_result_without_rerun_or
     r.stop().await;
 }
 
-/// A state store that does not answer a claim (a partition, NATS still routing to a server cut
-/// off) used to nak the message: every delivery went on a failed claim, and an outage of a
-/// minute dead-lettered the job (seen in the fleet tests). Now the claim is tried again with
-/// the message kept in progress, and the job runs on its first delivery once the store answers.
-#[tokio::test(start_paused = true)]
-async fn a_claim_the_store_does_not_answer_is_tried_again_without_using_up_deliveries() {
-    let r = CutOffRig::start(Duration::from_secs(1));
-    r.set_cut(true);
-    assert!(r.queue.publish(Kind::Import, "j1", import_job("j1")));
-    tokio::time::sleep(Duration::from_secs(90)).await;
-    assert!(
-        r.queue.settled().is_empty(),
-        "not settled while the store is cut off"
-    );
-    assert!(
-        r.import.started.lock().unwrap().is_empty(),
-        "not run unclaimed"
-    );
-    r.set_cut(false);
-    let results = r.results.wait_for(1).await;
-    assert_eq!(
-        (results[0].status, results[0].attempt),
-        (Status::Succeeded, 1)
-    );
-    let settles: Vec<Settle> = r.queue.settled().into_iter().map(|s| s.settle).collect();
-    assert_eq!(settles, [Settle::Ack]);
-    let record = r.states.record("j1").unwrap();
-    assert!(record.get("lost_attempts").is_none(), "{record}");
-    r.stop().await;
-}
-
 /// A results stream that does not acknowledge for a moment (its leader is being elected) used
 /// to leave the job's message for redelivery a whole `ack_wait` later; now the worker publishes
 /// again until it is acknowledged (for up to a lease), then acks.
