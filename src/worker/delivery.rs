@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use super::claim::ClaimOutcome;
@@ -228,7 +229,9 @@ impl Worker {
                     Some(StopReason::LeaseUnconfirmed) => self.settings.lease,
                     _ => Duration::ZERO,
                 };
-                let released = until_answered(patience, || claims.release(&job.id, revision));
+                let released = until_answered(patience, &self.grace_over, || {
+                    claims.release(&job.id, revision)
+                });
                 if let Err(e) = released.await {
                     debug!(error = %e, "Cannot release the claim; it will lapse.");
                 }
@@ -242,7 +245,7 @@ impl Worker {
         // not undo it, nor leave the record running for the next claim to count as a lost
         // attempt. The finish is a compare-and-set on our revision, so retrying it is safe: it
         // is refused once another worker has taken the job over.
-        let finished = until_answered(self.settings.lease, || {
+        let finished = until_answered(self.settings.lease, &self.grace_over, || {
             claims.finish(&job.id, revision, &result)
         });
         let reported = match finished.await {
@@ -446,7 +449,9 @@ impl Worker {
     /// stream drops a second copy of a result (`Nats-Msg-Id`), so a retry never stores one
     /// twice.
     async fn publish(&self, result: &JobResult) -> bool {
-        let published = until_answered(self.settings.lease, || self.ports.results.publish(result));
+        let published = until_answered(self.settings.lease, &self.grace_over, || {
+            self.ports.results.publish(result)
+        });
         match published.await {
             Ok(()) => true,
             Err(e) => {
@@ -474,16 +479,34 @@ impl Worker {
 
 /// Runs `write` (a compare-and-set on this worker's revision of a job's record, or an
 /// idempotent publish) until the message system answers, for up to `patience`; after that, its
-/// last error.
-async fn until_answered<T, W, F>(patience: Duration, mut write: W) -> Result<T, QueueError>
+/// last error. Once `grace_over` fires (the shutdown's grace period ended) it tries no more: a
+/// try under way is given up, and a write begun after it (the hand-back of a job stopped
+/// then) is tried once. The message is redelivered and the write made again by whoever takes
+/// it.
+async fn until_answered<T, W, F>(
+    patience: Duration,
+    grace_over: &CancellationToken,
+    mut write: W,
+) -> Result<T, QueueError>
 where
     W: FnMut() -> F,
     F: std::future::Future<Output = Result<T, QueueError>>,
 {
     let give_up = Instant::now() + patience;
+    let over = || QueueError::new("write", "the worker's grace period is over");
+    if grace_over.is_cancelled() {
+        return write().await;
+    }
     loop {
-        match write().await {
-            Err(_) if Instant::now() < give_up => tokio::time::sleep(STORE_RETRY).await,
+        let answered = tokio::select! {
+            answered = write() => answered,
+            _ = grace_over.cancelled() => return Err(over()),
+        };
+        match answered {
+            Err(_) if Instant::now() < give_up => tokio::select! {
+                _ = tokio::time::sleep(STORE_RETRY) => {}
+                _ = grace_over.cancelled() => return Err(over()),
+            },
             answered => return answered,
         }
     }
@@ -509,5 +532,46 @@ fn receive(delivery: &Delivery) -> Result<Job, (String, JobError)> {
             let msg = format!("invalid job: {}", problems.to_string().replace('\n', "; "));
             Err((String::new(), invalid(msg)))
         }
+    }
+}
+
+#[cfg(test)]
+mod grace_tests {
+    use super::*;
+
+    /// A write that never answers is given up when the grace period ends, not a lease later;
+    /// one begun after that is tried once.
+    #[tokio::test(start_paused = true)]
+    async fn an_unanswered_write_gives_up_when_the_grace_period_ends() {
+        let grace_over = CancellationToken::new();
+        let tries = std::sync::atomic::AtomicU32::new(0);
+        let never = || async {
+            tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<Result<(), QueueError>>().await
+        };
+        let started = Instant::now();
+        let end = {
+            let grace_over = grace_over.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                grace_over.cancel();
+            }
+        };
+        let (answered, ()) = tokio::join!(
+            until_answered(Duration::from_secs(60), &grace_over, never),
+            end
+        );
+        assert!(answered.is_err());
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+
+        let once = || async {
+            tries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err::<(), _>(QueueError::new("write", "refused"))
+        };
+        let before = tries.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(until_answered(Duration::from_secs(60), &grace_over, once)
+            .await
+            .is_err());
+        assert_eq!(tries.load(std::sync::atomic::Ordering::SeqCst), before + 1);
     }
 }

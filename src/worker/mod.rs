@@ -142,6 +142,9 @@ pub struct Worker {
     clock: Arc<dyn Clock>,
     /// The attempts running now, by job id: how a cancel request or the shutdown stops one.
     running: Mutex<HashMap<String, Stop>>,
+    /// Fires when the shutdown's grace period is over: writes still waiting for an answer (a
+    /// result, a record) give up, so the worker exits; their messages are redelivered.
+    grace_over: CancellationToken,
     stats: Mutex<WorkerStats>,
 }
 
@@ -163,6 +166,7 @@ impl Worker {
             readiness,
             clock,
             running: Mutex::new(HashMap::new()),
+            grace_over: CancellationToken::new(),
             stats: Mutex::new(WorkerStats::default()),
         })
     }
@@ -305,6 +309,7 @@ impl Worker {
                 jobs = ids.len(),
                 "Grace period over; handing running jobs back to the queue."
             );
+            self.grace_over.cancel();
             for id in ids {
                 self.cancel_running(&id, StopReason::Shutdown);
             }

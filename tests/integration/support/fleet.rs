@@ -547,7 +547,15 @@ impl Fleet {
             let (status, took) = self.terminate_worker(i).await;
             let node = &self.nodes[i];
             assert_eq!(status.code(), Some(0), "{}:\n{}", node.name, node.log());
-            assert!(took < grace, "{} took {took:?} to stop", node.name);
+            // Within its grace period, and a moment for what ends it: right after a heal the
+            // cluster may still elect leaders, and a write of the worker's (a result it found
+            // already stored and publishes again) waits for an answer until the grace period
+            // is over; then it gives up and the worker exits.
+            assert!(
+                took < grace + Duration::from_secs(3),
+                "{} took {took:?} to stop",
+                node.name
+            );
         }
     }
 }
