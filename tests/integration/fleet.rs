@@ -149,8 +149,15 @@ fn a_worker_cut_off_mid_job_loses_it_to_a_takeover_and_neither_pushes_nor_publis
     if crate::support::netns::unavailable("fleet::a_worker_cut_off_mid_job_loses_it_to_a_takeover_and_neither_pushes_nor_publishes_after_it") {
         return;
     }
+    // A lease of 20 s, not the fleet's 6 s: when the cut-off node's server led the state
+    // bucket, nats-server 2.9.10 goes on routing requests to it until the route's write
+    // deadline fires (~90 s here, whatever the ping settings), and every claim meanwhile fails;
+    // its message is put back with a delay that grows with the delivery (capped at two
+    // leases), so with 6 s leases the job's five deliveries ran out within that stall and it
+    // was dead-lettered. With 20 s they span it, as the defaults (60 s) do by far.
     let mut fleet = Fleet::start(FleetConfig {
         import_slots: 1,
+        ack_wait_secs: 20,
         ..FleetConfig::default()
     });
     fleet.seed("app/slow:1", &[1 << 20]);
@@ -191,7 +198,7 @@ fn a_worker_cut_off_mid_job_loses_it_to_a_takeover_and_neither_pushes_nor_publis
             stopped_after < lease,
             "stopped {stopped_after:?} after the cut: not before its lease ({lease:?}) lapsed"
         );
-        let results = wait_results(&watcher, &["cut".into()], Duration::from_secs(90)).await;
+        let results = wait_results(&watcher, &["cut".into()], Duration::from_secs(240)).await;
         let result = &results["cut"];
         assert_eq!(result.status, Status::Succeeded, "{result:?}");
         let taker = result.worker.clone();
